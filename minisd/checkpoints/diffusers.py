@@ -1,0 +1,137 @@
+"""The diffusers hub layout: one folder per component (unet/, vae/, text_encoder/, tokenizer/,
+scheduler/), each with a config.json and its weights under diffusers/transformers key names.
+
+Each component has a rule table (native name template <-> diffusers name template, see remap.py),
+a loader that reads the folder into a minisd model, and a saver that writes a folder that
+diffusers and transformers load.
+"""
+
+from pathlib import Path
+
+import torch
+
+from minisd.checkpoints.files import find_weights, read_json, read_state_dict, write_json, write_state_dict
+from minisd.checkpoints.remap import Rule, export, load_into
+from minisd.table import Stage, UNetTable
+from minisd.unet import UNet
+
+# ---- U-Net ------------------------------------------------------------------------------
+
+# Config values that minisd's U-Net assumes. SD-v1/v2 and every BK-SDM student use exactly these;
+# a config with anything else (class embeddings, a time-conditioning projection...) is another model.
+UNET_FIXED = {
+    "center_input_sample": False, "flip_sin_to_cos": True, "freq_shift": 0, "downsample_padding": 1,
+    "mid_block_scale_factor": 1, "act_fn": "silu", "norm_eps": 1e-5, "only_cross_attention": False,
+    "dual_cross_attention": False, "class_embed_type": None, "addition_embed_type": None,
+    "num_class_embeds": None, "resnet_time_scale_shift": "default", "time_embedding_type": "positional",
+    "time_cond_proj_dim": None, "encoder_hid_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
+    "attention_type": "default", "resnet_out_scale_factor": 1.0, "timestep_post_act": None,
+}
+
+
+def _per_stage(value, n: int, what: str) -> list:
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * n
+    if len(values) != n:
+        raise ValueError(f"U-Net config: {what} has {len(values)} entries for {n} stages")
+    return values
+
+
+def unet_table_from_config(cfg: dict, name: str = "unet") -> UNetTable:
+    """Read a diffusers UNet2DConditionModel config.json into a stage/block table."""
+    bad = [f"{k}={cfg[k]!r}" for k, v in UNET_FIXED.items() if k in cfg and cfg[k] != v]
+    if bad:
+        raise ValueError(f"U-Net config not supported by minisd (SD-v1/v2 U-Nets only): {', '.join(bad)}")
+    channels = cfg.get("block_out_channels", (320, 640, 1280, 1280))
+    n = len(channels)
+    down_types = cfg.get("down_block_types", ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",))
+    up_types = cfg.get("up_block_types", ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+    attention = ["CrossAttn" in t for t in down_types]
+    if len(down_types) != n or attention[::-1] != ["CrossAttn" in t for t in up_types]:
+        raise ValueError(f"U-Net config: down_block_types {down_types} and up_block_types {up_types} "
+                         f"do not mirror each other over {n} stages")
+    layers = _per_stage(cfg.get("layers_per_block", 2), n, "layers_per_block")
+    # SD's configs put the head count in `attention_head_dim` (a long-standing diffusers misnomer);
+    # newer configs may set `num_attention_heads` instead, which then wins.
+    heads = _per_stage(cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8), n, "attention_head_dim")
+    mid_type = cfg.get("mid_block_type", "UNetMidBlock2DCrossAttn")
+    if mid_type not in ("UNetMidBlock2DCrossAttn", None):
+        raise ValueError(f"U-Net config: mid_block_type {mid_type!r} not supported (UNetMidBlock2DCrossAttn or null)")
+    depth = cfg.get("transformer_layers_per_block", 1)
+    if not isinstance(depth, int):
+        raise ValueError(f"U-Net config: transformer_layers_per_block must be one number, not {depth!r}")
+    stages = tuple(Stage(c, a, h, down=tuple(range(k)), up=tuple(range(k + 1)))
+                   for c, a, h, k in zip(channels, attention, heads, layers))
+    sample = cfg.get("sample_size", 64)
+    return UNetTable(name, stages, mid=mid_type is not None, context_dim=cfg.get("cross_attention_dim", 1280),
+                     linear_proj=cfg.get("use_linear_projection", False), upcast_attention=cfg.get("upcast_attention", False),
+                     teacher_down=max(layers), teacher_up=max(layers) + 1, in_channels=cfg.get("in_channels", 4),
+                     out_channels=cfg.get("out_channels", 4), depth=depth, groups=cfg.get("norm_num_groups", 32),
+                     sample_size=sample if isinstance(sample, int) else sample[0])
+
+
+def unet_config_from_table(table: UNetTable) -> dict:
+    """A diffusers UNet2DConditionModel config.json for a table (students included)."""
+    for s, st in enumerate(table.stages):
+        if len(st.up) != len(st.down) + 1:
+            raise ValueError(f"table {table.name}, stage {s}: diffusers needs one more up block than down blocks "
+                             f"(has {len(st.down)} down, {len(st.up)} up)")
+    layers = [len(st.down) for st in table.stages]
+    heads = [st.heads for st in table.stages]
+    return {
+        "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.27.0",
+        **UNET_FIXED, "norm_num_groups": table.groups,
+        "sample_size": table.sample_size, "in_channels": table.in_channels, "out_channels": table.out_channels,
+        "block_out_channels": [st.channels for st in table.stages],
+        "down_block_types": ["CrossAttnDownBlock2D" if st.attention else "DownBlock2D" for st in table.stages],
+        "up_block_types": ["CrossAttnUpBlock2D" if st.attention else "UpBlock2D" for st in reversed(table.stages)],
+        "mid_block_type": "UNetMidBlock2DCrossAttn" if table.mid else None,
+        "layers_per_block": layers[0] if len(set(layers)) == 1 else layers,
+        "attention_head_dim": heads[0] if len(set(heads)) == 1 else heads,
+        "cross_attention_dim": table.context_dim, "use_linear_projection": table.linear_proj,
+        "upcast_attention": table.upcast_attention, "transformer_layers_per_block": table.depth,
+    }
+
+
+def unet_rules(table: UNetTable) -> list[Rule]:
+    n = len(table.stages)
+    up = []
+    for s in range(n):  # diffusers numbers up blocks in execution order: innermost stage first
+        up += [(f"up.{s}.blocks.{{b}}.res.", f"up_blocks.{n - 1 - s}.resnets.{{b}}."),
+               (f"up.{s}.blocks.{{b}}.attn.", f"up_blocks.{n - 1 - s}.attentions.{{b}}."),
+               (f"up.{s}.upsample.", f"up_blocks.{n - 1 - s}.upsamplers.0.")]
+    return [
+        ("time_embed.0.", "time_embedding.linear_1."),
+        ("time_embed.2.", "time_embedding.linear_2."),
+        ("norm_out.", "conv_norm_out."),
+        ("down.{s}.blocks.{b}.res.", "down_blocks.{s}.resnets.{b}."),
+        ("down.{s}.blocks.{b}.attn.", "down_blocks.{s}.attentions.{b}."),
+        ("down.{s}.downsample.", "down_blocks.{s}.downsamplers.0."),
+        ("mid.res1.", "mid_block.resnets.0."),
+        ("mid.attn.", "mid_block.attentions.0."),
+        ("mid.res2.", "mid_block.resnets.1."),
+        *up,
+        ("to_out.", "to_out.0."),          # diffusers wraps the output Linear with a Dropout
+        ("ff.proj.", "ff.net.0.proj."),    # GEGLU's projection
+        ("ff.out.", "ff.net.2."),
+    ]
+
+
+def load_unet(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+              variant: str | None = None) -> UNet:
+    folder = Path(folder)
+    table = unet_table_from_config(read_json(folder / "config.json"), name=folder.parent.name or "unet")
+    path = find_weights(folder, ("diffusion_pytorch_model",), variant)
+    with torch.device("meta"):
+        unet = UNet(table)
+    return load_into(unet, read_state_dict(path), unet_rules(table), what=f"U-Net weights {path}", dtype=dtype, device=device)
+
+
+def save_unet(unet: UNet, folder: str | Path) -> None:
+    folder = Path(folder)
+    write_json(folder / "config.json", unet_config_from_table(unet.table))
+    write_state_dict(folder / "diffusion_pytorch_model.safetensors", export(unet, unet_rules(unet.table)))
+
+
+# ---- VAE --------------------------------------------------------------------------------
+
+# ---- CLIP text encoder and tokenizer -----------------------------------------------------

@@ -1,0 +1,81 @@
+"""Reading and writing weight files and JSON configs.
+
+Weights are read from .safetensors (preferred), PyTorch .bin, or original .ckpt files. Pickled
+files are opened with `torch.load(weights_only=True)`, never full unpickling, so a checkpoint
+cannot run code. Everything is written atomically: to a temporary name, then renamed.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors in a weight file, on the CPU, as stored (dtype unchanged)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weight file not found: {path}")
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    try:
+        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"cannot read {path} as a PyTorch checkpoint ({type(e).__name__}: {e}). "
+                         "Only plain tensor checkpoints load; convert others to .safetensors first.") from None
+    return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)} if isinstance(sd, dict) else sd
+
+
+def find_weights(folder: str | Path, stems: tuple[str, ...], variant: str | None = None) -> Path:
+    """The weight file of a diffusers/transformers component folder.
+
+    stems: file names without suffix, e.g. ("diffusion_pytorch_model",) or ("model", "pytorch_model").
+    variant: "fp16" prefers `NAME.fp16.safetensors`. safetensors is preferred over .bin.
+    """
+    folder = Path(folder)
+    variants = ([f".{variant}"] if variant else []) + [""]
+    for v in variants:
+        for suffix in (".safetensors", ".bin"):
+            for stem in stems:
+                p = folder / f"{stem}{v}{suffix}"
+                if p.is_file():
+                    return p
+    raise FileNotFoundError(f"no weights in {folder}: expected one of "
+                            + ", ".join(f"{s}.safetensors" for s in stems) + " (or .bin)")
+
+
+def read_json(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+    _atomic(Path(path), write)
+
+
+def write_state_dict(path: str | Path, sd: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Save tensors as .safetensors (contiguous, no shared storage, as the format requires)."""
+    sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+    _atomic(Path(path), lambda tmp: save_file(sd, str(tmp), metadata=metadata or {"format": "pt"}))

@@ -1,0 +1,124 @@
+"""The SD U-Net (LDM's `UNetModel`), built from a stage/block table (minisd/table.py).
+
+One loop over the table builds every stage; the same loop runs the forward pass. The down path
+hands every block's output (and conv_in's, and each downsampler's) to the up path, which
+concatenates them back in reverse order as skip connections. Counting those hand-overs is all
+it takes to know each up block's input width, so any BK-SDM removal builds without special cases.
+
+Native parameter names follow the table: `down.{stage}.blocks.{block}.res|attn`,
+`down.{stage}.downsample`, `mid.res1|attn|res2`, `up.{stage}.blocks.{block}.res|attn`,
+`up.{stage}.upsample`. `up.{stage}` is indexed by stage like `down`, so up.0 runs last.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minisd.blocks import Downsample, ResBlock, SpatialTransformer, Upsample, group_norm, timestep_embedding
+from minisd.table import Stage, UNetTable
+
+
+class Block(nn.Module):
+    """A ResBlock, then a SpatialTransformer where the stage has attention."""
+
+    def __init__(self, in_ch: int, stage: Stage, table: UNetTable):
+        super().__init__()
+        self.res = ResBlock(in_ch, stage.channels, table.temb_dim, groups=table.groups)
+        self.attn = (SpatialTransformer(stage.channels, stage.heads, table.context_dim, table.depth,
+                                        table.linear_proj, table.upcast_attention, table.groups)
+                     if stage.attention else None)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = self.res(x, temb)
+        return x if self.attn is None else self.attn(x, context)
+
+
+class DownStage(nn.Module):
+    def __init__(self, blocks: list[Block], downsample: Downsample | None):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.downsample = downsample
+
+
+class UpStage(nn.Module):
+    def __init__(self, blocks: list[Block], upsample: Upsample | None):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.upsample = upsample
+
+
+class MidBlock(nn.Module):
+    def __init__(self, table: UNetTable):
+        super().__init__()
+        ch, t = table.stages[-1].channels, table
+        self.res1 = ResBlock(ch, ch, t.temb_dim, groups=t.groups)
+        self.attn = SpatialTransformer(ch, t.mid_heads, t.context_dim, t.depth, t.linear_proj, t.upcast_attention, t.groups)
+        self.res2 = ResBlock(ch, ch, t.temb_dim, groups=t.groups)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return self.res2(self.attn(self.res1(x, temb), context), temb)
+
+
+class UNet(nn.Module):
+    def __init__(self, table: UNetTable):
+        super().__init__()
+        self.table = table
+        n, ch = len(table.stages), table.stages[0].channels
+        self.conv_in = nn.Conv2d(table.in_channels, ch, 3, padding=1)
+        self.time_embed = nn.Sequential(nn.Linear(ch, table.temb_dim), nn.SiLU(), nn.Linear(table.temb_dim, table.temb_dim))
+
+        skips = [ch]  # channels of each tensor the down path hands to the up path, in order
+        down = []
+        for s, stage in enumerate(table.stages):
+            blocks = []
+            for _ in stage.down:
+                blocks.append(Block(ch, stage, table))
+                ch = stage.channels
+                skips.append(ch)
+            downsample = Downsample(ch) if s < n - 1 else None
+            if downsample:
+                skips.append(ch)
+            down.append(DownStage(blocks, downsample))
+        self.down = nn.ModuleList(down)
+        self.mid = MidBlock(table) if table.mid else None
+
+        up = []
+        for s in reversed(range(n)):
+            stage = table.stages[s]
+            blocks = []
+            for _ in stage.up:
+                blocks.append(Block(ch + skips.pop(), stage, table))
+                ch = stage.channels
+            up.append(UpStage(blocks, Upsample(ch) if s > 0 else None))
+        if skips:
+            raise ValueError(f"table {table.name}: the up path takes {sum(len(s.up) for s in table.stages)} skip "
+                             f"connections but the down path gives {sum(len(s.down) for s in table.stages) + n}; "
+                             "each stage needs one more up block than down blocks (the downsampler's output)")
+        self.up = nn.ModuleList(reversed(up))  # stored by stage index, like self.down
+        self.norm_out = group_norm(ch, 1e-5, table.groups)
+        self.conv_out = nn.Conv2d(ch, table.out_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
+        """x: latents [B, 4, h, w]; t: timesteps (scalar or [B]); context: text states [B, 77, D]."""
+        t = torch.as_tensor(t, device=x.device)
+        t = t.expand(x.shape[0]) if t.numel() == 1 else t.reshape(-1)
+        temb = self.time_embed(timestep_embedding(t, self.table.stages[0].channels).to(x.dtype))
+
+        x = self.conv_in(x)
+        skips = [x]
+        for stage in self.down:
+            for block in stage.blocks:
+                x = block(x, temb, context)
+                skips.append(x)
+            if stage.downsample is not None:
+                x = stage.downsample(x)
+                skips.append(x)
+        if self.mid is not None:
+            x = self.mid(x, temb, context)
+        for stage in reversed(self.up):
+            for block in stage.blocks:
+                x = block(torch.cat([x, skips.pop()], dim=1), temb, context)
+            if stage.upsample is not None:
+                # upsample to the size of the skip it meets next, so odd latent sizes work too
+                x = stage.upsample(x, size=skips[-1].shape[-2:])
+        return self.conv_out(F.silu(self.norm_out(x)))

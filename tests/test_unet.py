@@ -1,0 +1,145 @@
+"""U-Net parity: diffusers' UNet2DConditionModel with random weights, saved in hub layout,
+loaded through minisd's stage/block table and key rules, must give the same output."""
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from reference import perturb_, rel_diff
+from safetensors.torch import load_file, save_file
+
+from minisd.checkpoints.diffusers import load_unet, save_unet, unet_config_from_table, unet_table_from_config
+from minisd.checkpoints.remap import CheckpointError
+from minisd.table import SD_V1, SD_V2, TEACHERS, VARIANTS, count_params, describe, variant
+
+# The real configs, as the hub repos ship them (CompVis/stable-diffusion-v1-4 unet/config.json).
+SD_V1_CONFIG = dict(
+    sample_size=64, in_channels=4, out_channels=4, block_out_channels=[320, 640, 1280, 1280], layers_per_block=2,
+    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"], mid_block_type="UNetMidBlock2DCrossAttn",
+    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, attention_head_dim=8, cross_attention_dim=768,
+    norm_num_groups=32, act_fn="silu", flip_sin_to_cos=True, freq_shift=0, downsample_padding=1)
+# stabilityai/stable-diffusion-2-1-base
+SD_V2_CONFIG = dict(SD_V1_CONFIG, attention_head_dim=[5, 10, 20, 20], cross_attention_dim=1024, use_linear_projection=True)
+# nota-ai/bk-sdm-{base,small,tiny} and bk-sdm-v2-*: the teacher's config with these changes
+BK_CHANGES = {
+    "sd": {},
+    "base": dict(layers_per_block=1),
+    "small": dict(layers_per_block=1, mid_block_type=None),
+    "tiny": dict(layers_per_block=1, mid_block_type=None, block_out_channels=[320, 640, 1280],
+                 down_block_types=["CrossAttnDownBlock2D"] * 3, up_block_types=["CrossAttnUpBlock2D"] * 3),
+}
+PARAMS = {  # diffusers' parameter counts for these configs (shared/BKSDM.md)
+    ("v1", "sd"): 859_520_964, ("v1", "base"): 579_384_964, ("v1", "small"): 482_346_884, ("v1", "tiny"): 323_384_964,
+    ("v2", "sd"): 865_910_724, ("v2", "base"): 583_480_964, ("v2", "small"): 485_787_524, ("v2", "tiny"): 326_825_604,
+}
+
+
+def real_config(family: str, name: str) -> dict:
+    cfg = dict(SD_V1_CONFIG if family == "v1" else SD_V2_CONFIG, **BK_CHANGES[name])
+    if name == "tiny" and family == "v2":
+        cfg["attention_head_dim"] = [5, 10, 20]
+    return cfg
+
+
+def reduced_config(family: str, name: str) -> dict:
+    """The same architecture at an eighth of the width, for fast tests."""
+    cfg = real_config(family, name)
+    cfg["block_out_channels"] = [c // 8 for c in cfg["block_out_channels"]]  # 40/80/160/160
+    cfg.update(norm_num_groups=8, cross_attention_dim=cfg["cross_attention_dim"] // 8)
+    return cfg
+
+
+def check_parity(cfg: dict, tmp_path, size: int = 16, batch: int = 2) -> float:
+    torch.manual_seed(0)
+    ref = perturb_(UNet2DConditionModel(**cfg)).eval()
+    ref.save_pretrained(tmp_path)
+    mine = load_unet(tmp_path).eval()
+    x = torch.randn(batch, 4, size, size)
+    t = torch.tensor([981, 1][:batch])
+    context = torch.randn(batch, 77, cfg["cross_attention_dim"])
+    with torch.no_grad():
+        expected = ref(x, t, context).sample
+        got = mine(x, t, context)
+    return rel_diff(expected, got)
+
+
+@pytest.mark.parametrize("family", ["v1", "v2"])
+@pytest.mark.parametrize("name", list(BK_CHANGES))
+def test_parity_reduced_width(family, name, tmp_path):
+    assert check_parity(reduced_config(family, name), tmp_path) <= 1e-4
+
+
+@pytest.mark.slow
+def test_parity_full_size_sd_v1(tmp_path):
+    """The real 0.86B SD-v1.4 U-Net, at a small latent: the proof that real checkpoints load."""
+    assert check_parity(real_config("v1", "sd"), tmp_path, size=16, batch=1) <= 1e-4
+
+
+@pytest.mark.slow
+def test_parity_full_size_bk_tiny(tmp_path):
+    assert check_parity(real_config("v1", "tiny"), tmp_path, size=16, batch=1) <= 1e-4
+
+
+@pytest.mark.parametrize("family", ["v1", "v2"])
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_param_counts_from_table(family, name):
+    table = variant(TEACHERS[family], name)
+    assert count_params(table)["total"] == PARAMS[family, name]
+    with torch.device("meta"):
+        reference = UNet2DConditionModel(**real_config(family, name))
+    assert sum(p.numel() for p in reference.parameters()) == PARAMS[family, name]
+
+
+@pytest.mark.parametrize("family", ["v1", "v2"])
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_student_tables_write_the_hub_configs(family, name):
+    """A BK-SDM table writes the config nota-ai's repos ship, and reads back to the same shape."""
+    table = variant(TEACHERS[family], name)
+    cfg = unet_config_from_table(table)
+    for key, value in real_config(family, name).items():
+        expected = value if not isinstance(value, list) or len(set(value)) > 1 else value[0]
+        if key in ("down_block_types", "up_block_types", "block_out_channels"):
+            expected = value
+        assert cfg[key] == expected, key
+    back = unet_table_from_config(cfg)
+    assert [(s.channels, s.attention, s.heads, len(s.down), len(s.up)) for s in back.stages] == \
+           [(s.channels, s.attention, s.heads, len(s.down), len(s.up)) for s in table.stages]
+    assert back.mid == table.mid and back.linear_proj == table.linear_proj
+
+
+def test_save_loads_in_diffusers(tmp_path):
+    torch.manual_seed(1)
+    ref = perturb_(UNet2DConditionModel(**reduced_config("v2", "small"))).eval()
+    ref.save_pretrained(tmp_path / "ref")
+    mine = load_unet(tmp_path / "ref").eval()
+    save_unet(mine, tmp_path / "mine")
+    again = UNet2DConditionModel.from_pretrained(tmp_path / "mine").eval()
+    x, context = torch.randn(1, 4, 16, 16), torch.randn(1, 77, 128)
+    with torch.no_grad():
+        assert torch.equal(ref(x, 500, context).sample, again(x, 500, context).sample)
+
+
+def test_strict_loading_names_every_bad_key(tmp_path):
+    UNet2DConditionModel(**reduced_config("v1", "tiny")).save_pretrained(tmp_path)
+    path = tmp_path / "diffusion_pytorch_model.safetensors"
+    sd = load_file(path)
+    del sd["down_blocks.1.attentions.0.proj_in.weight"]
+    sd["down_blocks.1.attentions.0.extra.weight"] = torch.zeros(1)
+    sd["conv_in.bias"] = torch.zeros(3)
+    save_file(sd, path)
+    with pytest.raises(CheckpointError) as err:
+        load_unet(tmp_path)
+    message = str(err.value)
+    assert "missing keys (1)" in message and "down_blocks.1.attentions.0.proj_in.weight" in message
+    assert "unexpected keys (1)" in message and "down_blocks.1.attentions.0.extra.weight" in message
+    assert "conv_in.bias: checkpoint (3,), model (40,)" in message
+
+
+def test_unsupported_config_is_refused():
+    with pytest.raises(ValueError, match="class_embed_type='timestep'"):
+        unet_table_from_config(dict(SD_V1_CONFIG, class_embed_type="timestep"))
+
+
+def test_table_printout_shows_removals():
+    text = describe(variant(SD_V1, "tiny"), SD_V1)
+    assert "+0 -1" in text and "+0 -1 +2" in text and "(stage removed)" in text and "323,384,964" in text
+    assert "removed" in describe(variant(SD_V2, "small"), SD_V2)
