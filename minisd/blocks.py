@@ -177,5 +177,5 @@ class Upsample(nn.Module):
         # nearest upsampling is not implemented for bf16 on some backends: go through fp32
         dtype = x.dtype
         y = x.float() if dtype == torch.bfloat16 else x
-        y = F.interpolate(y, size=size, mode="nearest") if size is not None else F.interpolate(y, scale_factor=2.0, mode="nearest")
+        y = F.interpolate(y, size=size, scale_factor=None if size else 2.0, mode="nearest")
         return self.conv(y.to(dtype))

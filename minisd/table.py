@@ -93,6 +93,22 @@ def variant(teacher: UNetTable, name: str, down=None, up=None, mid=None, stages=
     return dataclasses.replace(teacher, name=label, stages=new_stages, mid=spec["mid"])
 
 
+def _shape(table: UNetTable) -> tuple:
+    """What decides a U-Net's weights: everything but names, kept indices and run-time settings."""
+    return (tuple((s.channels, s.attention, s.heads, len(s.down), len(s.up)) for s in table.stages), table.mid,
+            table.context_dim, table.linear_proj, table.in_channels, table.out_channels, table.depth, table.groups)
+
+
+def identify(table: UNetTable) -> str:
+    """The name of the SD or BK-SDM table with this architecture ("sd-v1-small"), or "custom"."""
+    for teacher in (SD_V1, SD_V2):
+        for name in VARIANTS:
+            known = variant(teacher, name)
+            if _shape(known) == _shape(table):
+                return known.name
+    return "custom"
+
+
 def count_params(table: UNetTable) -> dict[str, int]:
     """Parameters per part (`stem`, `stage s`, `mid`) and in `total`, from the table alone."""
     from minisd.unet import UNet  # the U-Net module is built from this table; import here to avoid a cycle

@@ -6,14 +6,18 @@ a loader that reads the folder into a minisd model, and a saver that writes a fo
 diffusers and transformers load.
 """
 
+import dataclasses
 from pathlib import Path
 
 import torch
 
 from minisd.checkpoints.files import find_weights, read_json, read_state_dict, write_json, write_state_dict
 from minisd.checkpoints.remap import Rule, export, load_into
-from minisd.table import Stage, UNetTable
+from minisd.clip import CLIPTextConfig, CLIPTextEncoder
+from minisd.table import Stage, UNetTable, identify
+from minisd.tokenizer import CLIPTokenizer
 from minisd.unet import UNet
+from minisd.vae import AutoencoderKL, VAEConfig
 
 # ---- U-Net ------------------------------------------------------------------------------
 
@@ -119,7 +123,8 @@ def unet_rules(table: UNetTable) -> list[Rule]:
 def load_unet(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
               variant: str | None = None) -> UNet:
     folder = Path(folder)
-    table = unet_table_from_config(read_json(folder / "config.json"), name=folder.parent.name or "unet")
+    table = unet_table_from_config(read_json(folder / "config.json"))
+    table = dataclasses.replace(table, name=identify(table))
     path = find_weights(folder, ("diffusion_pytorch_model",), variant)
     with torch.device("meta"):
         unet = UNet(table)
@@ -134,4 +139,151 @@ def save_unet(unet: UNet, folder: str | Path) -> None:
 
 # ---- VAE --------------------------------------------------------------------------------
 
+
+# Native names: see minisd/vae.py. Both number the decoder's levels in execution order.
+VAE_RULES: list[Rule] = [
+    ("down.{i}.res.", "down_blocks.{i}.resnets."),
+    ("down.{i}.downsample.", "down_blocks.{i}.downsamplers.0."),
+    ("up.{i}.res.", "up_blocks.{i}.resnets."),
+    ("up.{i}.upsample.", "up_blocks.{i}.upsamplers.0."),
+    ("mid.res1.", "mid_block.resnets.0."),
+    ("mid.res2.", "mid_block.resnets.1."),
+    ("mid.attn.norm.", "mid_block.attentions.0.group_norm."),
+    ("mid.attn.to_out.", "mid_block.attentions.0.to_out.0."),  # diffusers wraps the output Linear with a Dropout
+    ("mid.attn.", "mid_block.attentions.0."),
+    ("norm_out.", "conv_norm_out."),
+]
+
+# Older diffusers saved the VAE's attention as query/key/value/proj_attn, and the SD-v1/v2 hub repos
+# still hold those names; diffusers renames them on load (ModelMixin._fix_state_dict_keys_on_load).
+# The more specific rules come first, so they win over VAE_RULES' "mid.attn." (remap.py: first match).
+VAE_LEGACY_RULES: list[Rule] = [
+    ("mid.attn.to_q.", "mid_block.attentions.0.query."),
+    ("mid.attn.to_k.", "mid_block.attentions.0.key."),
+    ("mid.attn.to_v.", "mid_block.attentions.0.value."),
+    ("mid.attn.to_out.", "mid_block.attentions.0.proj_attn."),
+    *VAE_RULES,
+]
+
+
+def load_vae(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+             variant: str | None = None) -> AutoencoderKL:
+    """Read a diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model[.variant].safetensors/.bin)."""
+    folder = Path(folder)
+    config = VAEConfig.from_diffusers(read_json(folder / "config.json"))
+    path = find_weights(folder, ("diffusion_pytorch_model",), variant)
+    state_dict = read_state_dict(path)
+    legacy = "encoder.mid_block.attentions.0.query.weight" in state_dict
+    with torch.device("meta"):
+        vae = AutoencoderKL(config)
+    return load_into(vae, state_dict, VAE_LEGACY_RULES if legacy else VAE_RULES, what=f"VAE weights {path}",
+                     dtype=dtype, device=device)
+
+
+def save_vae(vae: AutoencoderKL, folder: str | Path) -> None:
+    """Write config.json and diffusion_pytorch_model.safetensors (current diffusers names)."""
+    folder = Path(folder)
+    write_json(folder / "config.json", vae.config.to_diffusers())
+    write_state_dict(folder / "diffusion_pytorch_model.safetensors", export(vae, VAE_RULES))
+
+
 # ---- CLIP text encoder and tokenizer -----------------------------------------------------
+
+
+# transformers' CLIPTextModel names (text_encoder/model.safetensors). Native names: minisd/clip.py.
+TEXT_RULES: list[Rule] = [
+    ("token_embedding.", "text_model.embeddings.token_embedding."),
+    ("position_embedding.", "text_model.embeddings.position_embedding."),
+    ("layers.{i}.", "text_model.encoder.layers.{i}."),
+    ("norm1.", "layer_norm1."),
+    ("norm2.", "layer_norm2."),
+    ("attn.to_q.", "self_attn.q_proj."),
+    ("attn.to_k.", "self_attn.k_proj."),
+    ("attn.to_v.", "self_attn.v_proj."),
+    ("attn.to_out.", "self_attn.out_proj."),
+    ("fc1.", "mlp.fc1."),
+    ("fc2.", "mlp.fc2."),
+    ("final_norm.", "text_model.final_layer_norm."),
+]
+# transformers < 4.31 saved the position-id buffer (torch.arange(77)); minisd computes it.
+TEXT_IGNORE = (r"text_model\.embeddings\.position_ids$",)
+
+
+def with_text_model_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Put CLIPTextModel keys under `text_model.`, where the hub repos and most single files have them.
+
+    transformers >= 5 flattened CLIPTextModel and saves its keys without the prefix; so do some
+    SD-v1 single files. Both forms load; minisd writes the prefixed one, which all versions read.
+    """
+    if any(k.startswith("text_model.") for k in state_dict):
+        return state_dict
+    return {"text_model." + k: v for k, v in state_dict.items()}
+
+
+def load_text_encoder(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                      variant: str | None = None) -> CLIPTextEncoder:
+    """Read a transformers CLIPTextModel folder (config.json + model[.variant].safetensors/.bin)."""
+    folder = Path(folder)
+    config = CLIPTextConfig.from_transformers(read_json(folder / "config.json"))
+    path = find_weights(folder, ("model", "pytorch_model"), variant)
+    with torch.device("meta"):
+        encoder = CLIPTextEncoder(config)
+    return load_into(encoder, with_text_model_prefix(read_state_dict(path)), TEXT_RULES, ignore=TEXT_IGNORE,
+                     what=f"text encoder weights {path}", dtype=dtype, device=device)
+
+
+def save_text_encoder(encoder: CLIPTextEncoder, folder: str | Path) -> None:
+    """Write config.json and model.safetensors, which transformers' CLIPTextModel loads."""
+    folder = Path(folder)
+    write_json(folder / "config.json", encoder.cfg.to_transformers())
+    write_state_dict(folder / "model.safetensors", export(encoder, TEXT_RULES))
+
+
+def load_tokenizer(folder: str | Path) -> CLIPTokenizer:
+    """Read a tokenizer folder (vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json)."""
+    return CLIPTokenizer.from_folder(folder)
+
+
+def save_tokenizer(tokenizer: CLIPTokenizer, folder: str | Path) -> None:
+    tokenizer.save(folder)
+
+
+# ---- The whole pipeline folder -----------------------------------------------------------
+
+COMPONENT_DIRS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def model_index(scheduler_class: str) -> dict:
+    """model_index.json as StableDiffusionPipeline.save_pretrained writes it, without a safety checker."""
+    return {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.27.0",
+            "scheduler": ["diffusers", scheduler_class], "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"], "safety_checker": [None, None],
+            "feature_extractor": [None, None], "requires_safety_checker": False}
+
+
+def load_folder(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                variant: str | None = None) -> dict:
+    """Every component of a diffusers-layout pipeline folder, as a dict of minisd objects."""
+    folder = Path(folder)
+    missing = [f"{c}/" for c in COMPONENT_DIRS if not (folder / c).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"{folder} is not a diffusers-layout pipeline folder: it has no {', '.join(missing)} "
+                                "(expected model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
+    return dict(tokenizer=load_tokenizer(folder / "tokenizer"),
+                text_encoder=load_text_encoder(folder / "text_encoder", dtype, device, variant),
+                unet=load_unet(folder / "unet", dtype, device, variant),
+                vae=load_vae(folder / "vae", dtype, device, variant),
+                scheduler_config=read_json(folder / "scheduler" / "scheduler_config.json"))
+
+
+def save_folder(components: dict, folder: str | Path) -> None:
+    """Write a pipeline folder that both minisd and diffusers' StableDiffusionPipeline load."""
+    folder = Path(folder)
+    save_unet(components["unet"], folder / "unet")
+    save_vae(components["vae"], folder / "vae")
+    save_text_encoder(components["text_encoder"], folder / "text_encoder")
+    save_tokenizer(components["tokenizer"], folder / "tokenizer")
+    scheduler = components["scheduler_config"]
+    write_json(folder / "scheduler" / "scheduler_config.json", scheduler)
+    write_json(folder / "model_index.json", model_index(scheduler.get("_class_name", "PNDMScheduler")))

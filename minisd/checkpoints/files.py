@@ -15,19 +15,32 @@ from safetensors.torch import load_file, save_file
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors in a weight file, on the CPU, as stored (dtype unchanged)."""
+def read_checkpoint(path: str | Path) -> dict:
+    """A weight file's top-level dict, on the CPU, as stored (tensors keep their dtype).
+
+    A .ckpt may hold more than tensors (`state_dict`, `global_step`...): those come back too.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weight file not found: {path}")
     if path.suffix == ".safetensors":
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as e:
+            raise ValueError(f"cannot read {path} as safetensors ({type(e).__name__}: {e})") from None
     try:
-        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+        data = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"cannot read {path} as a PyTorch checkpoint ({type(e).__name__}: {e}). "
                          "Only plain tensor checkpoints load; convert others to .safetensors first.") from None
-    return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)} if isinstance(sd, dict) else sd
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a {type(data).__name__}, not a dict of tensors")
+    return data
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a weight file, on the CPU, as stored (dtype unchanged)."""
+    return {k: v for k, v in read_checkpoint(path).items() if isinstance(v, torch.Tensor)}
 
 
 def find_weights(folder: str | Path, stems: tuple[str, ...], variant: str | None = None) -> Path:
@@ -73,6 +86,11 @@ def write_json(path: str | Path, data: dict) -> None:
             json.dump(data, f, indent=2, sort_keys=True)
             f.write("\n")
     _atomic(Path(path), write)
+
+
+def write_checkpoint(path: str | Path, data: dict) -> None:
+    """Save a dict of tensors (and plain values) with torch.save, loadable with weights_only=True."""
+    _atomic(Path(path), lambda tmp: torch.save(data, str(tmp)))
 
 
 def write_state_dict(path: str | Path, sd: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:

@@ -10,6 +10,10 @@ template matches there is applied and the scan moves past the match; where none 
 one segment is copied unchanged. So every part of a key is rewritten at most once, and the
 order of the rules only matters where two of them could match at the same place.
 
+A rule may carry a third element, an inner rule table: after it matches, the rest of the key
+is translated with those rules alone. That scopes renames to one kind of block, e.g. LDM's
+`in_layers.0` -> `norm1` inside ResBlocks without touching a transformer block's own `norm1`.
+
 Loading is strict (as in nanoGPT's `from_pretrained`): every key the model needs must be
 present with the right shape, and every key in the file must be used or explicitly ignored.
 All problems are gathered into one `CheckpointError` that names each key.
@@ -21,7 +25,7 @@ from typing import Callable, Iterable
 
 import torch
 
-Rule = tuple[str, str]
+Rule = tuple  # (native, layout) or (native, layout, inner rules)
 ShapeFix = Callable[[str, torch.Tensor, torch.Size], torch.Tensor]
 
 
@@ -38,10 +42,13 @@ def _template_regex(template: str) -> re.Pattern:
     return re.compile(pattern)
 
 
-@functools.lru_cache(maxsize=64)
-def _compile(rules: tuple[Rule, ...], reverse: bool) -> list[tuple[re.Pattern, str]]:
-    return [(_template_regex(layout if reverse else native), native if reverse else layout)
-            for native, layout in rules]
+@functools.lru_cache(maxsize=256)
+def _compile(rules: tuple[Rule, ...], reverse: bool) -> list[tuple[re.Pattern, str, tuple]]:
+    compiled = []
+    for native, layout, *inner in rules:
+        source, target = (layout, native) if reverse else (native, layout)
+        compiled.append((_template_regex(source), target, tuple(inner[0]) if inner else None))
+    return compiled
 
 
 def rename(key: str, rules: Iterable[Rule], reverse: bool = False) -> str:
@@ -49,11 +56,13 @@ def rename(key: str, rules: Iterable[Rule], reverse: bool = False) -> str:
     compiled = _compile(tuple(rules), reverse)
     out, pos = [], 0
     while pos < len(key):
-        for regex, target in compiled:
+        for regex, target, inner in compiled:
             m = regex.match(key, pos)
             if m:
                 out.append(target.format(**m.groupdict()))
                 pos = m.end()
+                if inner is not None:  # the rest of the key belongs to the inner table
+                    return "".join(out) + rename(key[pos:], inner, reverse)
                 break
         else:
             end = key.find(".", pos)

@@ -1,0 +1,50 @@
+"""Convert a checkpoint between layouts: a diffusers folder <-> one original-layout (LDM) file.
+
+    python -m minisd.convert sd-v1-4.ckpt weights/sd-v1-4                # single file -> diffusers folder
+    python -m minisd.convert nota-ai/bk-sdm-small bk-sdm-small.safetensors  # hub id or folder -> single file
+    python -m minisd.convert v2-1_512-ema-pruned.safetensors out --prediction-type epsilon
+
+The destination's suffix picks the layout: .safetensors or .ckpt writes a single file, anything
+else a diffusers folder. Both load in minisd and in diffusers.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from minisd.checkpoints.remap import CheckpointError
+from minisd.pipeline import load_pipeline
+from minisd.table import VARIANTS
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", help="hub id, diffusers folder, or .safetensors/.ckpt single file")
+    parser.add_argument("dest", help="a .safetensors/.ckpt path (single file) or a folder (diffusers layout)")
+    parser.add_argument("--family", choices=["v1", "v2"], help="single-file source: SD family (default: detected)")
+    parser.add_argument("--variant", choices=sorted(VARIANTS), help="single-file source: U-Net variant (default: detected)")
+    parser.add_argument("--prediction-type", choices=["epsilon", "v_prediction"],
+                        help="single-file source: what the U-Net predicts (default: detected as diffusers does)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the written weights")
+    args = parser.parse_args(argv)
+    try:
+        pipe = load_pipeline(args.source, dtype=DTYPES[args.dtype], family=args.family, variant=args.variant,
+                             prediction_type=args.prediction_type)
+        dest = Path(args.dest)
+        if dest.suffix in (".safetensors", ".ckpt"):
+            pipe.save_single_file(dest)
+        else:
+            pipe.save(dest)
+    except (FileNotFoundError, ValueError, CheckpointError, ConnectionError) as e:
+        print(f"minisd.convert: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {dest} ({pipe.unet.table.name}, {pipe.scheduler_config.get('prediction_type', 'epsilon')})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
