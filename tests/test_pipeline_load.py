@@ -2,6 +2,7 @@
 them), on single original-layout files (SD-v1, SD-v2, BK-SDM), and `pipe.save` back to both."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -119,6 +120,8 @@ def single_file(parts: dict, family: str, tmp_path, **extra) -> dict:
     unet = load_unet(tmp_path / "unet")
     sd = {**unet_to_ldm(unet), **vae_to_ldm(load_vae(tmp_path / "vae")),
           **text_encoder_to_ldm(load_text_encoder(tmp_path / "text_encoder"), family)}
+    for name in ("unet", "vae", "text_encoder"):
+        shutil.rmtree(tmp_path / name)  # several GB at full size; the disk may be small
     # diffusers' own converter must read minisd's U-Net keys back to the reference weights
     converted = convert_ldm_unet_checkpoint(dict(sd), dict(parts["unet"].config))
     assert converted.keys() == parts["unet"].state_dict().keys()
@@ -138,6 +141,7 @@ def test_single_file_sd_v1_full_size(tmp_path):
     save_file(sd, tmp_path / "sd-v1.safetensors")
     del sd
     pipe = minisd.load_pipeline(tmp_path / "sd-v1.safetensors")
+    (tmp_path / "sd-v1.safetensors").unlink()
     assert pipe.unet.table.name == "sd-v1" and pipe.scheduler_config["prediction_type"] == "epsilon"
     assert pipe.tokenizer.pad_token == "<|endoftext|>"
     assert_same_outputs(pipe, parts)
