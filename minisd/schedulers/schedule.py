@@ -1,0 +1,101 @@
+"""The training noise schedule: betas, cumulative alphas, the forward process and the v target.
+
+DDPM (Ho et al. 2020, arXiv 2006.11239) noises data in T = 1000 steps with variances beta_t; all
+that training and sampling need is their running product alpha_bar_t = prod_s (1 - beta_s), the
+share of signal left at step t (eq. 4). SD trains with the "scaled_linear" betas of the LDM repo:
+beta_t is linear in sqrt between 0.00085 and 0.012 (configs/stable-diffusion/v1-inference.yaml).
+Betas are computed exactly as diffusers computes them (float32 linspace), so that timesteps index
+the same alphas in both.
+"""
+
+import torch
+
+# diffusers' defaults (the DDPM paper's linear schedule), used where a config lacks the key
+DEFAULT_NUM_TRAIN_TIMESTEPS = 1000
+DEFAULT_BETA_START, DEFAULT_BETA_END = 0.0001, 0.02
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def option(config: dict, key: str, supported: tuple, default=None):
+    """config[key], or diffusers' default where the key is absent (`default`, else supported[0]).
+
+    A value minisd does not implement is refused by name rather than silently sampled wrongly.
+    """
+    value = config.get(key, supported[0] if default is None else default)
+    if value not in supported:
+        raise ValueError(f"scheduler config {key}={value!r} is not supported by minisd "
+                         f"(supported: {', '.join(map(repr, supported))})")
+    return value
+
+
+def explicit(config: dict) -> dict:
+    """The config without the keys that diffusers marks as filled-in defaults.
+
+    A live diffusers scheduler's config (`dict(scheduler.config)`) lists under `_use_default_values`
+    the keys its class filled in, and `X.from_config` drops them so that X applies its own defaults:
+    PNDM's default "leading" spacing does not carry over to Euler. Saved JSON files have no such list.
+    """
+    defaults = config.get("_use_default_values", ())
+    return {key: value for key, value in config.items() if key not in defaults}
+
+
+class NoiseSchedule:
+    """betas [T] and alphas_cumprod [T] (float32), and the model's prediction type."""
+
+    def __init__(self, betas: torch.Tensor, prediction_type: str = "epsilon"):
+        self.betas = betas
+        self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        self.prediction_type = prediction_type
+        # Karras et al. 2022 (arXiv 2206.00364) view the same process as x0 + sigma * eps: dividing
+        # x_t by sqrt(alpha_bar_t) gives sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t)
+        self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
+
+    @classmethod
+    def from_config(cls, config: dict) -> "NoiseSchedule":
+        """From a diffusers scheduler_config.json dict (any scheduler class); unknown keys are ignored."""
+        config = explicit(config)
+        option(config, "rescale_betas_zero_snr", (False,))
+        prediction_type = option(config, "prediction_type", PREDICTION_TYPES)
+        if config.get("trained_betas") is not None:  # diffusers lets explicit betas override beta_schedule
+            return cls(torch.tensor(config["trained_betas"], dtype=torch.float32), prediction_type)
+        schedule = option(config, "beta_schedule", ("linear", "scaled_linear"))
+        start = config.get("beta_start", DEFAULT_BETA_START)
+        end = config.get("beta_end", DEFAULT_BETA_END)
+        steps = config.get("num_train_timesteps", DEFAULT_NUM_TRAIN_TIMESTEPS)
+        if schedule == "linear":
+            betas = torch.linspace(start, end, steps, dtype=torch.float32)
+        else:  # "scaled_linear": linear in sqrt(beta), then squared (the LDM repo's "linear")
+            betas = torch.linspace(start**0.5, end**0.5, steps, dtype=torch.float32) ** 2
+        return cls(betas, prediction_type)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return len(self.betas)
+
+    def scales(self, t, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """sqrt(alpha_bar_t) and sqrt(1 - alpha_bar_t), shaped to broadcast over x [B, C, H, W]."""
+        alpha_bar = self.alphas_cumprod.to(x.device, x.dtype)[torch.as_tensor(t, device=x.device)]
+        alpha_bar = alpha_bar.reshape(-1, *[1] * (x.ndim - 1))  # t [B] or scalar -> [B or 1, 1, 1, 1]
+        return alpha_bar**0.5, (1 - alpha_bar) ** 0.5
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
+        """A sample of q(x_t | x_0) (Ho et al. 2020, eq. 4): sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise."""
+        signal, noise_scale = self.scales(t, x0)
+        return signal * x0 + noise_scale * noise
+
+    def velocity(self, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
+        """The v target (Salimans & Ho 2022, arXiv 2202.00512, Sec. 4):
+        sqrt(alpha_bar_t) noise - sqrt(1 - alpha_bar_t) x0."""
+        signal, noise_scale = self.scales(t, x0)
+        return signal * noise - noise_scale * x0
+
+    def sigmas_at(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """Karras' sigma at (possibly fractional) timesteps, linear between training steps.
+
+        Interpolated in float64 and rounded to float32, as diffusers does with np.interp.
+        """
+        t = timesteps.double()
+        low = t.floor().long()
+        high = (low + 1).clamp(max=self.num_train_timesteps - 1)
+        sigmas = self.sigmas.double()
+        return (sigmas[low] + (t - low) * (sigmas[high] - sigmas[low])).float()
