@@ -1,4 +1,11 @@
-"""A Stable Diffusion pipeline: tokenizer, text encoder, U-Net, VAE and scheduler config.
+"""A Stable Diffusion pipeline: tokenizer, text encoder, U-Net, VAE and a sampler.
+
+Calling it turns prompts into images as diffusers' StableDiffusionPipeline does, step for step, so
+the same weights, settings and seed give the same image: encode the prompt and the negative prompt,
+draw the initial latents from a CPU generator, denoise with classifier-free guidance (Ho & Salimans,
+2022: eps = eps_uncond + guidance * (eps_cond - eps_uncond)), decode with the VAE. With an init
+image it is SDEdit (Meng et al., 2021, arXiv 2108.01073): noise the image's latents part of the way
+and denoise from there, as StableDiffusionImg2ImgPipeline does.
 
 `load_pipeline(source)` reads any of:
 - a hub id ("nota-ai/bk-sdm-small"), downloaded into weights/hub/ (minisd/checkpoints/hub.py);
@@ -6,19 +13,28 @@
 - a single original-layout .safetensors/.ckpt file, SD-v1 or SD-v2, BK-SDM students included.
 """
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
+from tqdm.auto import tqdm
 
 from minisd.checkpoints import diffusers as diffusers_layout
 from minisd.checkpoints import hub, ldm
 from minisd.checkpoints.files import WEIGHT_SUFFIXES
 from minisd.clip import CLIPTextEncoder
+from minisd.schedulers import make_sampler
 from minisd.tokenizer import CLIPTokenizer
 from minisd.unet import UNet
 from minisd.vae import AutoencoderKL
 
+log = logging.getLogger(__name__)
+# diffusers' scheduler class names -> minisd's sampler names (the config says which SD shipped)
+SAMPLER_OF_CLASS = {"PNDMScheduler": "pndm", "DDIMScheduler": "ddim", "EulerDiscreteScheduler": "euler",
+                    "EulerAncestralDiscreteScheduler": "euler_a", "DPMSolverMultistepScheduler": "dpm"}
 
 @dataclass
 class Pipeline:
@@ -28,6 +44,11 @@ class Pipeline:
     vae: AutoencoderKL
     scheduler_config: dict   # diffusers' scheduler_config.json: the noise schedule and prediction type
     source: str = ""
+    scheduler: object = field(init=False, repr=False)  # the default sampler, as the checkpoint's config says
+
+    def __post_init__(self):
+        self.scheduler = make_sampler(SAMPLER_OF_CLASS.get(self.scheduler_config.get("_class_name"), "pndm"),
+                                      self.scheduler_config)
 
     @property
     def device(self) -> torch.device:
@@ -45,6 +66,100 @@ class Pipeline:
         return dict(tokenizer=self.tokenizer, text_encoder=self.text_encoder, unet=self.unet, vae=self.vae,
                     scheduler_config=self.scheduler_config)
 
+    @property
+    def vae_scale(self) -> int:
+        """How much the VAE downsamples: 8 for SD's (each level but the last halves the size)."""
+        return 2 ** (len(self.vae.config.block_channels) - 1)
+
+    @property
+    def native_size(self) -> int:
+        """The resolution the U-Net was trained at (512 for SD-v1 and v2-base, 768 for v2)."""
+        return self.unet.table.sample_size * self.vae_scale
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """Prompts -> the text encoder's hidden states [B, 77, D], which the U-Net attends to."""
+        for prompt in prompts:
+            cut = self.tokenizer.truncated(prompt)
+            if cut:
+                log.warning("prompt longer than CLIP's 77 tokens, truncated after %r; dropped: %r",
+                            "..." + cut[0][-30:], cut[1])
+        return self.text_encoder(self.tokenizer(prompts).to(self.device))
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str], steps: int = 25, guidance: float = 7.5, seed: int = 0,
+                 height: int | None = None, width: int | None = None, negative_prompt: str | list[str] | None = None,
+                 num_images: int = 1, scheduler: str | None = None, seed_mode: str = "single",
+                 init_image: Image.Image | None = None, strength: float = 0.8, progress: bool = True,
+                 output: str = "pil"):
+        """Generate images: a list of PIL images (output="np": a float array [N, H, W, 3] in [0, 1]).
+
+        Images come out prompt by prompt, num_images each. seed_mode "single" draws all initial
+        latents from one generator seeded `seed`, as diffusers does; "per_image" gives image i its
+        own generator seeded seed+i, so an image does not depend on the batch it ran in.
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negatives = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * len(prompts)
+        height, width = height or self.native_size, width or self.native_size
+        check_settings(steps, height, width, self.vae_scale, strength, seed_mode, len(negatives) == len(prompts))
+        sampler = self.scheduler if scheduler is None else make_sampler(scheduler, self.scheduler_config)
+        sampler.set_timesteps(steps, device=self.device)
+
+        n = len(prompts) * num_images
+        context = self.encode_prompts(prompts).repeat_interleave(num_images, dim=0)
+        use_cfg = guidance > 1.0
+        if use_cfg:  # one batched pass: unconditional first, as diffusers concatenates them
+            uncond = self.encode_prompts(negatives).repeat_interleave(num_images, dim=0)
+            context = torch.cat([uncond, context])
+        generator = ([torch.Generator("cpu").manual_seed(seed + i) for i in range(n)] if seed_mode == "per_image"
+                     else torch.Generator("cpu").manual_seed(seed))
+        shape = (n, self.unet.table.in_channels, height // self.vae_scale, width // self.vae_scale)
+
+        start = 0
+        if init_image is None:
+            latents = randn(shape, generator).to(self.device, self.dtype) * sampler.init_noise_sigma
+        else:
+            # SDEdit: skip the first (1 - strength) of the steps; noise the image's latents to that level
+            start = steps - min(int(steps * strength), steps)
+            clean = self.encode_image(init_image, height, width, n, generator)
+            latents = sampler.add_noise(clean, randn(shape, generator).to(self.device, self.dtype), start)
+
+        for i in tqdm(range(start, len(sampler.timesteps)), disable=not progress, desc="denoising"):
+            x = torch.cat([latents] * 2) if use_cfg else latents
+            out = self.unet(sampler.scale_model_input(x, i), sampler.timesteps[i], context)
+            if use_cfg:
+                out_uncond, out_cond = out.chunk(2)
+                out = out_uncond + guidance * (out_cond - out_uncond)
+            latents = sampler.step(out, i, latents, generator=generator)
+        return to_images(self.decode(latents), output)
+
+    def encode_image(self, image: Image.Image, height: int, width: int, n: int, generator) -> torch.Tensor:
+        """An init image -> scaled latents [n, 4, h, w], sampled from the VAE's posterior (as diffusers)."""
+        image = image.convert("RGB")
+        if image.size != (width, height):
+            image = image.resize((width, height), Image.LANCZOS)  # diffusers' VaeImageProcessor resamples so
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]  # [1, 3, H, W]
+        x = (2.0 * x - 1.0).to(self.device, self.vae_dtype)
+        if isinstance(generator, list):  # one posterior sample per image, each from its own generator
+            latents = torch.cat([self.vae.encode(x).sample(g) for g in generator])
+        else:
+            latents = self.vae.encode(x).sample(generator).repeat(n, 1, 1, 1)
+        return (latents * self.vae.scaling_factor).to(self.dtype)
+
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images in [-1, 1]. SD's VAE decoder overflows in fp16 on some images:
+        where it does, decode again in fp32 (diffusers instead always upcasts it, `force_upcast`)."""
+        latents = latents / self.vae.scaling_factor
+        images = self.vae.decode(latents.to(self.vae_dtype))
+        if self.vae_dtype == torch.float16 and not torch.isfinite(images).all():
+            images = self.vae.float().decode(latents.float())
+            self.vae.to(torch.float16)
+        return images.float()
+
     def to(self, device=None, dtype=None) -> "Pipeline":
         for model in (self.text_encoder, self.unet, self.vae):
             model.to(device=device, dtype=dtype)
@@ -57,6 +172,38 @@ class Pipeline:
     def save_single_file(self, path: str | Path) -> None:
         """Write one original-layout (LDM) .safetensors or .ckpt file."""
         ldm.save_single_file(self.components(), path)
+
+
+def check_settings(steps: int, height: int, width: int, scale: int, strength: float, seed_mode: str,
+                   negatives_match: bool):
+    """Refuse bad settings with a message that says what to change."""
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, not {steps}")
+    if height % scale or width % scale or height < scale or width < scale:
+        raise ValueError(f"height and width must be positive multiples of {scale} (the VAE's downsampling), "
+                         f"not {height}x{width}")
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], not {strength}")
+    if seed_mode not in ("single", "per_image"):
+        raise ValueError(f"seed_mode must be 'single' or 'per_image', not {seed_mode!r}")
+    if not negatives_match:
+        raise ValueError("give one negative prompt, or one per prompt")
+
+
+def randn(shape: tuple, generator) -> torch.Tensor:
+    """Gaussian noise drawn on the CPU in fp32, as diffusers draws initial latents (DESIGN.md,
+    "Same seed, same image"); with a list of generators, one per image."""
+    if isinstance(generator, list):
+        return torch.cat([torch.randn((1, *shape[1:]), generator=g, dtype=torch.float32) for g in generator])
+    return torch.randn(shape, generator=generator, dtype=torch.float32)
+
+
+def to_images(images: torch.Tensor, output: str = "pil"):
+    """Images in [-1, 1] [N, 3, H, W] -> PIL images (or a float array in [0, 1]), as diffusers converts."""
+    arr = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+    if output == "np":
+        return arr
+    return [Image.fromarray(a) for a in (arr * 255).round().astype("uint8")]
 
 
 def load_pipeline(source: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,

@@ -6,6 +6,9 @@ import json
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from safetensors.torch import load_file, save_file
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 
@@ -48,3 +51,72 @@ def hub_folder(folder: Path, pad: str) -> Path:
         "pad_token": pad, "special_tokens_map_file": "./special_tokens_map.json",
         "tokenizer_class": "CLIPTokenizer", "unk_token": {**added, **eos}}))
     return folder
+
+
+# The real configs, as the hub repos ship them (CompVis/stable-diffusion-v1-4 unet/config.json).
+SD_V1_CONFIG = dict(
+    sample_size=64, in_channels=4, out_channels=4, block_out_channels=[320, 640, 1280, 1280], layers_per_block=2,
+    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"], mid_block_type="UNetMidBlock2DCrossAttn",
+    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, attention_head_dim=8, cross_attention_dim=768,
+    norm_num_groups=32, act_fn="silu", flip_sin_to_cos=True, freq_shift=0, downsample_padding=1)
+# stabilityai/stable-diffusion-2-1-base
+SD_V2_CONFIG = dict(SD_V1_CONFIG, attention_head_dim=[5, 10, 20, 20], cross_attention_dim=1024, use_linear_projection=True)
+# nota-ai/bk-sdm-{base,small,tiny} and bk-sdm-v2-*: the teacher's config with these changes
+BK_CHANGES = {
+    "sd": {},
+    "base": dict(layers_per_block=1),
+    "small": dict(layers_per_block=1, mid_block_type=None),
+    "tiny": dict(layers_per_block=1, mid_block_type=None, block_out_channels=[320, 640, 1280],
+                 down_block_types=["CrossAttnDownBlock2D"] * 3, up_block_types=["CrossAttnUpBlock2D"] * 3),
+}
+def real_config(family: str, name: str) -> dict:
+    cfg = dict(SD_V1_CONFIG if family == "v1" else SD_V2_CONFIG, **BK_CHANGES[name])
+    if name == "tiny" and family == "v2":
+        cfg["attention_head_dim"] = [5, 10, 20]
+    return cfg
+
+
+def reduced_config(family: str, name: str) -> dict:
+    """The same architecture at an eighth of the width, for fast tests."""
+    cfg = real_config(family, name)
+    cfg["block_out_channels"] = [c // 8 for c in cfg["block_out_channels"]]  # 40/80/160/160
+    cfg.update(norm_num_groups=8, cross_attention_dim=cfg["cross_attention_dim"] // 8)
+    return cfg
+
+
+PADS = {"v1": "<|endoftext|>", "v2": "!"}
+SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                    set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1)
+VAE_FULL = dict(block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
+                up_block_types=["UpDecoderBlock2D"] * 4, layers_per_block=2, latent_channels=4, sample_size=512)
+VAE_SMALL = dict(VAE_FULL, block_out_channels=[32, 64], down_block_types=["DownEncoderBlock2D"] * 2,
+                 up_block_types=["UpDecoderBlock2D"] * 2, layers_per_block=1, norm_num_groups=8)
+
+
+def text_config(family: str, width: int, layers: int, heads: int) -> CLIPTextConfig:
+    return CLIPTextConfig(vocab_size=49408, hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
+                          num_attention_heads=heads, max_position_embeddings=77, bos_token_id=0, eos_token_id=2,
+                          pad_token_id=1, hidden_act="quick_gelu" if family == "v1" else "gelu")
+
+
+def reference_parts(family: str, unet_cfg: dict, text_cfg: CLIPTextConfig, vae_cfg: dict, seed: int = 0) -> dict:
+    torch.manual_seed(seed)
+    return dict(unet=perturb_(UNet2DConditionModel(**unet_cfg)).eval(), vae=perturb_(AutoencoderKL(**vae_cfg)).eval(),
+                text_encoder=perturb_(CLIPTextModel(text_cfg)).eval())
+
+
+def save_hub_layout(parts: dict, family: str, folder, prediction_type="epsilon"):
+    """Save as the hub repos are: `text_model.` keys (transformers 5 drops them) and vocab.json/merges.txt."""
+    tokenizer = CLIPTokenizer.from_pretrained(hub_folder(folder / "tok", PADS[family]))
+    pipe = StableDiffusionPipeline(**parts, tokenizer=tokenizer, safety_checker=None, feature_extractor=None,
+                                   scheduler=PNDMScheduler(**SD_SCHEDULER, prediction_type=prediction_type),
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(folder / "pipe")
+    weights = folder / "pipe" / "text_encoder" / "model.safetensors"
+    save_file({k if k.startswith("text_model.") else "text_model." + k: v for k, v in load_file(weights).items()},
+              weights)
+    for f in (folder / "pipe" / "tokenizer").iterdir():
+        f.unlink()
+    (folder / "pipe" / "tokenizer").rmdir()
+    hub_folder(folder / "pipe" / "tokenizer", PADS[family])
+    return pipe, folder / "pipe"

@@ -6,12 +6,23 @@ import shutil
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import PNDMScheduler, StableDiffusionPipeline
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
-from reference import hub_folder, perturb_, rel_diff
-from safetensors.torch import load_file, save_file
-from test_unet import real_config, reduced_config
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from reference import (
+    PADS,
+    SD_SCHEDULER,
+    VAE_FULL,
+    VAE_SMALL,
+    hub_folder,
+    real_config,
+    reduced_config,
+    reference_parts,
+    rel_diff,
+    save_hub_layout,
+    text_config,
+)
+from safetensors.torch import save_file
+from transformers import CLIPTokenizer
 
 import minisd
 from minisd.checkpoints import hub
@@ -19,43 +30,6 @@ from minisd.checkpoints.diffusers import load_text_encoder, load_unet, load_vae
 from minisd.checkpoints.ldm import text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
 from minisd.checkpoints.remap import CheckpointError
 from minisd.convert import main as convert
-
-PADS = {"v1": "<|endoftext|>", "v2": "!"}
-SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-                    set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1)
-VAE_FULL = dict(block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
-                up_block_types=["UpDecoderBlock2D"] * 4, layers_per_block=2, latent_channels=4, sample_size=512)
-VAE_SMALL = dict(VAE_FULL, block_out_channels=[32, 64], down_block_types=["DownEncoderBlock2D"] * 2,
-                 up_block_types=["UpDecoderBlock2D"] * 2, layers_per_block=1, norm_num_groups=8)
-
-
-def text_config(family: str, width: int, layers: int, heads: int) -> CLIPTextConfig:
-    return CLIPTextConfig(vocab_size=49408, hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
-                          num_attention_heads=heads, max_position_embeddings=77, bos_token_id=0, eos_token_id=2,
-                          pad_token_id=1, hidden_act="quick_gelu" if family == "v1" else "gelu")
-
-
-def reference_parts(family: str, unet_cfg: dict, text_cfg: CLIPTextConfig, vae_cfg: dict, seed: int = 0) -> dict:
-    torch.manual_seed(seed)
-    return dict(unet=perturb_(UNet2DConditionModel(**unet_cfg)).eval(), vae=perturb_(AutoencoderKL(**vae_cfg)).eval(),
-                text_encoder=perturb_(CLIPTextModel(text_cfg)).eval())
-
-
-def save_hub_layout(parts: dict, family: str, folder, prediction_type="epsilon"):
-    """Save as the hub repos are: `text_model.` keys (transformers 5 drops them) and vocab.json/merges.txt."""
-    tokenizer = CLIPTokenizer.from_pretrained(hub_folder(folder / "tok", PADS[family]))
-    pipe = StableDiffusionPipeline(**parts, tokenizer=tokenizer, safety_checker=None, feature_extractor=None,
-                                   scheduler=PNDMScheduler(**SD_SCHEDULER, prediction_type=prediction_type),
-                                   requires_safety_checker=False)
-    pipe.save_pretrained(folder / "pipe")
-    weights = folder / "pipe" / "text_encoder" / "model.safetensors"
-    save_file({k if k.startswith("text_model.") else "text_model." + k: v for k, v in load_file(weights).items()},
-              weights)
-    for f in (folder / "pipe" / "tokenizer").iterdir():
-        f.unlink()
-    (folder / "pipe" / "tokenizer").rmdir()
-    hub_folder(folder / "pipe" / "tokenizer", PADS[family])
-    return pipe, folder / "pipe"
 
 
 def assert_same_outputs(pipe: minisd.Pipeline, ref: dict, prompts=("a black vase holding a bouquet of roses", "")):

@@ -4,48 +4,17 @@ loaded through minisd's stage/block table and key rules, must give the same outp
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
-from reference import perturb_, rel_diff
+from reference import BK_CHANGES, SD_V1_CONFIG, perturb_, real_config, reduced_config, rel_diff
 from safetensors.torch import load_file, save_file
 
 from minisd.checkpoints.diffusers import load_unet, save_unet, unet_config_from_table, unet_table_from_config
 from minisd.checkpoints.remap import CheckpointError
 from minisd.table import SD_V1, SD_V2, TEACHERS, VARIANTS, count_params, describe, variant
 
-# The real configs, as the hub repos ship them (CompVis/stable-diffusion-v1-4 unet/config.json).
-SD_V1_CONFIG = dict(
-    sample_size=64, in_channels=4, out_channels=4, block_out_channels=[320, 640, 1280, 1280], layers_per_block=2,
-    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"], mid_block_type="UNetMidBlock2DCrossAttn",
-    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, attention_head_dim=8, cross_attention_dim=768,
-    norm_num_groups=32, act_fn="silu", flip_sin_to_cos=True, freq_shift=0, downsample_padding=1)
-# stabilityai/stable-diffusion-2-1-base
-SD_V2_CONFIG = dict(SD_V1_CONFIG, attention_head_dim=[5, 10, 20, 20], cross_attention_dim=1024, use_linear_projection=True)
-# nota-ai/bk-sdm-{base,small,tiny} and bk-sdm-v2-*: the teacher's config with these changes
-BK_CHANGES = {
-    "sd": {},
-    "base": dict(layers_per_block=1),
-    "small": dict(layers_per_block=1, mid_block_type=None),
-    "tiny": dict(layers_per_block=1, mid_block_type=None, block_out_channels=[320, 640, 1280],
-                 down_block_types=["CrossAttnDownBlock2D"] * 3, up_block_types=["CrossAttnUpBlock2D"] * 3),
-}
 PARAMS = {  # diffusers' parameter counts for these configs (shared/BKSDM.md)
     ("v1", "sd"): 859_520_964, ("v1", "base"): 579_384_964, ("v1", "small"): 482_346_884, ("v1", "tiny"): 323_384_964,
     ("v2", "sd"): 865_910_724, ("v2", "base"): 583_480_964, ("v2", "small"): 485_787_524, ("v2", "tiny"): 326_825_604,
 }
-
-
-def real_config(family: str, name: str) -> dict:
-    cfg = dict(SD_V1_CONFIG if family == "v1" else SD_V2_CONFIG, **BK_CHANGES[name])
-    if name == "tiny" and family == "v2":
-        cfg["attention_head_dim"] = [5, 10, 20]
-    return cfg
-
-
-def reduced_config(family: str, name: str) -> dict:
-    """The same architecture at an eighth of the width, for fast tests."""
-    cfg = real_config(family, name)
-    cfg["block_out_channels"] = [c // 8 for c in cfg["block_out_channels"]]  # 40/80/160/160
-    cfg.update(norm_num_groups=8, cross_attention_dim=cfg["cross_attention_dim"] // 8)
-    return cfg
 
 
 def check_parity(cfg: dict, tmp_path, size: int = 16, batch: int = 2) -> float:

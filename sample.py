@@ -1,0 +1,124 @@
+"""Text to image with Stable Diffusion or a BK-SDM student.
+
+    python sample.py "a black vase holding a bouquet of roses"
+    python sample.py "a red panda" "an old castle" --model CompVis/stable-diffusion-v1-4 --num-images 4 --seed 7
+    python sample.py "a watercolour of the same scene" --init-image photo.png --strength 0.6
+    python sample.py "a cat" --model weights/toy-sd --scheduler dpm --steps 20 --out cat.png
+    python sample.py "a lighthouse" --model v2-1_512-ema-pruned.safetensors --prediction-type epsilon
+
+Several images are saved numbered (sample-00.png, ...) with a grid (sample-grid.png). Each PNG
+carries its prompt, seed and settings in its text chunks.
+"""
+
+import argparse
+import logging
+import math
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
+
+from minisd.checkpoints.remap import CheckpointError
+from minisd.pipeline import load_pipeline
+from minisd.schedulers import SAMPLERS
+from minisd.table import VARIANTS
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("prompt", nargs="+", help="one or more prompts")
+    p.add_argument("--model", default="nota-ai/bk-sdm-small", help="hub id, diffusers folder or single file")
+    p.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; <= 1 turns it off")
+    p.add_argument("--negative-prompt", default=None, help="what the image should not show (default: empty)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed-mode", choices=["single", "per_image"], default="single",
+                   help="single: one generator for the batch, as diffusers; per_image: image i uses seed+i")
+    p.add_argument("--height", type=int, default=None, help="pixels, a multiple of 8 (default: the model's native size)")
+    p.add_argument("--width", type=int, default=None, help="pixels, a multiple of 8 (default: the model's native size)")
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    p.add_argument("--scheduler", choices=SAMPLERS, default=None, help="sampler (default: the model's, PNDM for SD)")
+    p.add_argument("--init-image", type=Path, default=None, help="image-to-image: start from this image (SDEdit)")
+    p.add_argument("--strength", type=float, default=0.8, help="image-to-image: how much to change it, in (0, 1]")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on CUDA, fp32 on CPU")
+    p.add_argument("--family", choices=["v1", "v2"], help="single-file model: SD family (default: detected)")
+    p.add_argument("--variant", choices=sorted(VARIANTS), help="single-file model: U-Net variant (default: detected)")
+    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], help="override the model's prediction type")
+    p.add_argument("--out", type=Path, default=Path("sample.png"), help="output PNG (default sample.png)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    for name in ("height", "width"):
+        value = getattr(args, name)
+        if value is not None and (value < 8 or value % 8):
+            p.error(f"--{name} must be a positive multiple of 8, not {value}")
+    if args.steps < 1:
+        p.error(f"--steps must be at least 1, not {args.steps}")
+    if args.num_images < 1:
+        p.error(f"--num-images must be at least 1, not {args.num_images}")
+    if not 0.0 < args.strength <= 1.0:
+        p.error(f"--strength must be in (0, 1], not {args.strength}")
+    return args
+
+
+def read_image(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"cannot read init image {path}: {e}") from None
+
+
+def grid(images: list[Image.Image]) -> Image.Image:
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    sheet = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, image in enumerate(images):
+        sheet.paste(image, ((i % cols) * w, (i // cols) * h))
+    return sheet
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(format="warning: %(message)s", level=logging.WARNING)
+    try:
+        init = read_image(args.init_image) if args.init_image else None
+        dtype = DTYPES[args.dtype or ("fp16" if str(args.device).startswith("cuda") else "fp32")]
+        pipe = load_pipeline(args.model, device=args.device, dtype=dtype, family=args.family, variant=args.variant,
+                             prediction_type=args.prediction_type)
+        images = pipe(args.prompt, steps=args.steps, guidance=args.guidance, seed=args.seed, height=args.height,
+                      width=args.width, negative_prompt=args.negative_prompt, num_images=args.num_images,
+                      scheduler=args.scheduler, seed_mode=args.seed_mode, init_image=init, strength=args.strength,
+                      progress=not args.no_progress)
+    except (ValueError, FileNotFoundError, ConnectionError, CheckpointError) as e:
+        print(f"sample.py: error: {e}", file=sys.stderr)
+        return 2
+
+    scheduler = args.scheduler or type(pipe.scheduler).__name__
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    paths = [args.out] if len(images) == 1 else [args.out.with_name(f"{args.out.stem}-{i:02d}{args.out.suffix}")
+                                                  for i in range(len(images))]
+    for i, (image, path) in enumerate(zip(images, paths)):
+        info = PngImagePlugin.PngInfo()
+        seed = args.seed + i if args.seed_mode == "per_image" else args.seed
+        for key, value in dict(prompt=args.prompt[i // args.num_images], negative_prompt=args.negative_prompt or "",
+                               seed=seed, seed_mode=args.seed_mode, batch_index=i, steps=args.steps,
+                               guidance=args.guidance, scheduler=scheduler, model=args.model,
+                               size=f"{image.width}x{image.height}", init_image=args.init_image or "",
+                               strength=args.strength if args.init_image else "").items():
+            info.add_text(key, str(value))
+        image.save(path, pnginfo=info)
+        print(path)
+    if len(images) > 1:
+        sheet = args.out.with_name(f"{args.out.stem}-grid{args.out.suffix}")
+        grid(images).save(sheet)
+        print(sheet)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
