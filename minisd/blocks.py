@@ -129,7 +129,8 @@ class SpatialTransformer(nn.Module):
         self.transformer_blocks = nn.ModuleList(TransformerBlock(channels, heads, context_dim, upcast) for _ in range(depth))
         self.proj_out = proj()
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, return_proj: bool = False):
+        """return_proj: also return proj_out's output (before the residual), a BK-SDM KD feature."""
         b, c, h, w = x.shape
         y = self.norm(x)
         if not self.linear_proj:
@@ -144,7 +145,7 @@ class SpatialTransformer(nn.Module):
         y = y.transpose(1, 2).reshape(b, c, h, w)  # [B, H*W, C] -> [B, C, H, W]
         if not self.linear_proj:
             y = self.proj_out(y)
-        return x + y
+        return (x + y, y) if return_proj else x + y
 
 
 class Downsample(nn.Module):

@@ -10,6 +10,8 @@ Native parameter names follow the table: `down.{stage}.blocks.{block}.res|attn`,
 `up.{stage}.upsample`. `up.{stage}` is indexed by stage like `down`, so up.0 runs last.
 """
 
+from collections.abc import Collection
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,9 +30,11 @@ class Block(nn.Module):
                                         table.linear_proj, table.upcast_attention, table.groups)
                      if stage.attention else None)
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor, return_proj: bool = False):
         x = self.res(x, temb)
-        return x if self.attn is None else self.attn(x, context)
+        if self.attn is None:
+            return x
+        return self.attn(x, context, return_proj)
 
 
 class DownStage(nn.Module):
@@ -98,27 +102,43 @@ class UNet(nn.Module):
         self.norm_out = group_norm(ch, 1e-5, table.groups)
         self.conv_out = nn.Conv2d(ch, table.out_channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
-        """x: latents [B, 4, h, w]; t: timesteps (scalar or [B]); context: text states [B, 77, D]."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor, taps: Collection[str] = ()):
+        """x: latents [B, 4, h, w]; t: timesteps (scalar or [B]); context: text states [B, 77, D].
+
+        taps: intermediate outputs to return as well, as `(output, {name: tensor})`, for feature
+        distillation (minisd/distill.py): "down.{s}" and "up.{s}", a stage's output after its
+        down/upsampler (diffusers' `down_blocks.i` / `up_blocks.i` outputs), and
+        "down.{s}.blocks.{b}.attn.proj_out", a SpatialTransformer's projection before its residual.
+        Returned rather than hooked, so they survive DDP, torch.compile and activation checkpointing.
+        """
         t = torch.as_tensor(t, device=x.device)
         t = t.expand(x.shape[0]) if t.numel() == 1 else t.reshape(-1)
         temb = self.time_embed(timestep_embedding(t, self.table.stages[0].channels).to(x.dtype))
+        feats = {}
 
         x = self.conv_in(x)
         skips = [x]
-        for stage in self.down:
-            for block in stage.blocks:
-                x = block(x, temb, context)
+        for s, stage in enumerate(self.down):
+            for b, block in enumerate(stage.blocks):
+                proj = f"down.{s}.blocks.{b}.attn.proj_out"
+                if proj in taps:
+                    x, feats[proj] = block(x, temb, context, return_proj=True)
+                else:
+                    x = block(x, temb, context)
                 skips.append(x)
             if stage.downsample is not None:
                 x = stage.downsample(x)
                 skips.append(x)
+            feats[f"down.{s}"] = x
         if self.mid is not None:
             x = self.mid(x, temb, context)
-        for stage in reversed(self.up):
+        for s in reversed(range(len(self.up))):
+            stage = self.up[s]
             for block in stage.blocks:
                 x = block(torch.cat([x, skips.pop()], dim=1), temb, context)
             if stage.upsample is not None:
                 # upsample to the size of the skip it meets next, so odd latent sizes work too
                 x = stage.upsample(x, size=skips[-1].shape[-2:])
-        return self.conv_out(F.silu(self.norm_out(x)))
+            feats[f"up.{s}"] = x
+        out = self.conv_out(F.silu(self.norm_out(x)))
+        return (out, {name: feats[name] for name in taps}) if taps else out
