@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_open_clip_checkpoint
+from reference import perturb_, rel_diff
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig as HFTextConfig
 from transformers import CLIPTextModel
@@ -16,7 +17,6 @@ from minisd.checkpoints.files import write_json
 from minisd.checkpoints.ldm import text_encoder_from_ldm, text_encoder_to_ldm
 from minisd.checkpoints.remap import load_into
 from minisd.clip import CLIP_VIT_L14, OPENCLIP_VIT_H14, CLIPTextConfig, CLIPTextEncoder
-from reference import perturb_, rel_diff
 
 # text_encoder/config.json as the hub has it: runwayml/stable-diffusion-v1-5 and stabilityai/stable-diffusion-2-1
 SD_V1_CONFIG = {
