@@ -12,7 +12,6 @@ carries its prompt, seed and settings in its text chunks.
 
 import argparse
 import logging
-import math
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from minisd.checkpoints.remap import CheckpointError
+from minisd.images import grid
 from minisd.pipeline import load_pipeline
 from minisd.schedulers import SAMPLERS
 from minisd.table import VARIANTS
@@ -70,16 +70,6 @@ def read_image(path: Path) -> Image.Image:
             return image.convert("RGB")
     except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
         raise ValueError(f"cannot read init image {path}: {e}") from None
-
-
-def grid(images: list[Image.Image]) -> Image.Image:
-    cols = math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
-    w, h = images[0].size
-    sheet = Image.new("RGB", (cols * w, rows * h), "white")
-    for i, image in enumerate(images):
-        sheet.paste(image, ((i % cols) * w, (i // cols) * h))
-    return sheet
 
 
 def main(argv=None) -> int:

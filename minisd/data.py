@@ -55,6 +55,13 @@ def preprocess(img: Image.Image, resolution: int, rng: np.random.Generator, cent
     return x.sub(0.5).div(0.5)  # Normalize(mean 0.5, std 0.5): [-1, 1], the VAE's input range
 
 
+def sample_seed(*key: int) -> int:
+    """A seed for one sample's training noise (timestep, noise, posterior draw), from its key
+    (run seed, epoch, position in the data). Tied to the sample, not to a rank or worker, so a
+    resumed run and a run on more GPUs draw exactly the same noise for the same sample."""
+    return int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0] >> 1)  # fits an int64
+
+
 def decode(source, draft: bool = False) -> Image.Image:
     """Opens and fully decodes an image (a path or a file object), so that a corrupt file fails here."""
     with Image.open(source) as img:
@@ -153,7 +160,7 @@ class ImageFolderDataset(Dataset):
             return None
         rng = np.random.default_rng((self.seed, epoch, index))
         return {"pixels": preprocess(img, self.resolution, rng, self.center_crop, self.random_flip),
-                "text": self.texts[index]}
+                "text": self.texts[index], "seed": sample_seed(self.seed, epoch, index)}
 
 
 class ResumableSampler(Sampler[tuple[int, int]]):
@@ -279,7 +286,7 @@ class TarShardDataset(IterableDataset):
                     continue
                 rng = np.random.default_rng((self.seed, epoch, shard_id, index))
                 yield {"pixels": preprocess(img, self.resolution, rng, self.center_crop, self.random_flip),
-                       "text": files["txt"].decode(errors="replace")}
+                       "text": files["txt"].decode(errors="replace"), "seed": sample_seed(self.seed, epoch, shard_id, index)}
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -325,10 +332,11 @@ def open_dataset(path: str, resolution: int = 512, center_crop: bool = True, ran
 
 
 def collate(batch: list[dict | None]) -> dict | None:
-    """{"pixels": [B, 3, R, R], "text": [B]} from the samples that loaded (not None); None when none did."""
+    """{"pixels": [B, 3, R, R], "text": [B], "seed": [B]} from the samples that loaded; None when none did."""
     if not (batch := [sample for sample in batch if sample is not None]):
         return None
-    return {"pixels": torch.stack([s["pixels"] for s in batch]), "text": [s["text"] for s in batch]}
+    return {"pixels": torch.stack([s["pixels"] for s in batch]), "text": [s["text"] for s in batch],
+            "seed": torch.tensor([s["seed"] for s in batch], dtype=torch.int64)}
 
 
 def make_loader(dataset: Dataset | IterableDataset, batch_size: int, num_workers: int, pin_memory: bool,

@@ -1,0 +1,272 @@
+"""Distill a BK-SDM student from a Stable Diffusion teacher (Kim et al., arXiv 2305.15798).
+
+    python train.py --variant tiny --data data/laion_aes/preprocessed_212k
+    python train.py --variant small --teacher stabilityai/stable-diffusion-2-1-base --data data/laion.tar --global-batch 128
+    torchrun --nproc_per_node=8 train.py --variant base --data "data/shards/{00000..00999}.tar"
+    python train.py --variant tiny --data ... --out weights/my-run            # re-run: resumes from its last checkpoint
+
+The student starts from the teacher's weights (minisd/distill.py) and learns from three losses:
+the denoising task, the teacher's output, and the teacher's features. The teacher, its VAE and
+text encoder are frozen. Checkpoints are whole pipeline folders that sample.py and diffusers load.
+"""
+
+import argparse
+import contextlib
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from minisd.data import ResumableSampler, make_loader, open_dataset
+from minisd.distill import feature_pairs, kd_losses, student_from_teacher, total_loss
+from minisd.images import grid
+from minisd.pipeline import Pipeline, load_pipeline
+from minisd.schedulers import NoiseSchedule
+from minisd.table import VARIANTS, variant
+from minisd.training import (
+    EMA,
+    checkpoints,
+    load_checkpoint,
+    lr_at,
+    per_sample_noise,
+    plot_losses,
+    save_checkpoint,
+    setup_distributed,
+    write_shared,
+)
+
+DATA_HELP = """--data is required: the image-caption pairs to distill on, in one of two layouts:
+  1. a folder of images with metadata.csv (columns file_name,text) or metadata.jsonl, as BK-SDM's
+     LAION-Aesthetics subsets come (212,776 pairs for 6.5+, 2,256,472 for 6.25+; see the BK-SDM
+     repository's data download script);
+  2. tar shards in webdataset layout (00000.jpg + 00000.txt pairs), as img2dataset writes them:
+     a folder of .tar files or a pattern like "data/{00000..00099}.tar"."""
+VALID_PROMPTS = ["a black vase holding a bouquet of roses", "a golden retriever on a beach at sunset",
+                 "an astronaut riding a horse, oil painting", "a bowl of ramen, studio photo"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variant", choices=sorted(VARIANTS), default="tiny", help="student: BK-SDM base/small/tiny, or sd")
+    p.add_argument("--teacher", default="CompVis/stable-diffusion-v1-4", help="any source load_pipeline accepts")
+    p.add_argument("--data", help="image folder with metadata.csv/jsonl, or tar shards")
+    p.add_argument("--out", type=Path, help="output folder (default weights/bk-<variant>-<teacher>)")
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--random-crop", action="store_true", help="random instead of center crop")
+    p.add_argument("--no-flip", action="store_true", help="no random horizontal flip")
+    p.add_argument("--batch-size", type=int, default=64, help="per GPU (per process)")
+    p.add_argument("--global-batch", type=int, default=256, help="kept whatever the GPU count: batch x GPUs x accumulation")
+    p.add_argument("--max-steps", type=int, default=50_000)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant")
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--weight-decay", type=float, default=1e-2)
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--lambda-sd", type=float, default=1.0, help="weight of the denoising loss")
+    p.add_argument("--lambda-out", type=float, default=1.0, help="weight of output-level KD")
+    p.add_argument("--lambda-feat", type=float, default=1.0, help="weight of feature-level KD")
+    p.add_argument("--ema-decay", type=float, default=None, help="keep an EMA of the student (e.g. 0.9999)")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--no-compile", action="store_true", help="no torch.compile (it is on by default on CUDA)")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--num-workers", type=int, default=4)
+    p.add_argument("--log-steps", type=int, default=10, help="log (and check for NaN, and for a stop signal) every N steps")
+    p.add_argument("--save-steps", type=int, default=2500)
+    p.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
+    p.add_argument("--valid-steps", type=int, default=2500, help="sample grid of fixed prompts every N steps (0: never)")
+    p.add_argument("--report-to", choices=["none", "tensorboard", "wandb"], default="none")
+    args = p.parse_args(argv)
+    if not args.data:
+        p.error(DATA_HELP)
+    args.out = args.out or Path("weights") / f"bk-{args.variant}-{args.teacher.rstrip('/').split('/')[-1]}"
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    rank, world, device = setup_distributed()
+    cuda = device.type == "cuda"
+    accum, rest = divmod(args.global_batch, args.batch_size * world)
+    if rest or not accum:
+        sys.exit(f"train.py: --global-batch {args.global_batch} is not a multiple of --batch-size x processes "
+                 f"({args.batch_size} x {world})")
+    torch.manual_seed(args.seed)
+
+    # Teacher (frozen; bf16 on CUDA) and the student, initialised from it in fp32 (master weights)
+    teacher = load_pipeline(args.teacher, device=device)
+    student = student_from_teacher(teacher.unet, variant(teacher.unet.table, args.variant)).train()
+    if rank == 0:  # the checkpoints link to the teacher's other components, saved once as loaded
+        write_shared(teacher, args.out)
+    teacher.to(dtype=torch.bfloat16 if cuda else torch.float32)
+    pairs = feature_pairs(student.table, teacher.unet.table)
+    schedule = NoiseSchedule.from_config(teacher.scheduler_config)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=cuda)
+    ema = EMA(student, args.ema_decay) if args.ema_decay else None
+    step, epoch, position = 0, 0, 0
+
+    found = checkpoints(args.out)
+    if found:  # resume exactly where the last checkpoint left off
+        weights, ema_weights, state = load_checkpoint(found[-1], device)
+        if state["variant"] != args.variant or state["teacher"] != args.teacher:
+            sys.exit(f"train.py: {args.out} holds a run of --variant {state['variant']} --teacher {state['teacher']}; "
+                     "use another --out for this one")
+        student.load_state_dict(weights.state_dict())
+        optimizer.load_state_dict(state["optimizer"])
+        if ema is not None and ema_weights is not None:
+            ema.shadow = {k: v.float() for k, v in ema_weights.items()}
+        step, epoch, position = state["step"], state["epoch"], state["position"]
+
+    data = open_dataset(args.data, args.resolution, center_crop=not args.random_crop, random_flip=not args.no_flip,
+                        seed=args.seed, rank=rank, world_size=world)
+    loader = make_loader(data, args.batch_size, args.num_workers, pin_memory=cuda)
+    if isinstance(loader.sampler, ResumableSampler):
+        loader.sampler.set_state(epoch, position)
+    else:  # a stream of tar shards skips what this rank already consumed
+        data.set_state(epoch, position, args.batch_size)
+
+    if args.gradient_checkpointing:
+        student.gradient_checkpointing = True
+    model = torch.nn.parallel.DistributedDataParallel(student, device_ids=[device] if cuda else None) if world > 1 else student
+    teacher_unet = teacher.unet
+    if cuda and not args.no_compile:
+        model, teacher_unet = torch.compile(model), torch.compile(teacher_unet)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+
+    stop = []  # Ctrl-C or SIGTERM: finish the step, save, and exit
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.append(True))
+    log = open(args.out / "log.jsonl", "a") if rank == 0 else None
+    board = make_reporter(args, rank)
+    bar = tqdm(total=args.max_steps, initial=step, disable=rank != 0, desc=f"distilling {student.table.name}")
+    sums, t0, samples = torch.zeros(4, device=device), time.time(), 0
+    batches = iter(loader)
+
+    while step < args.max_steps:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, args.lr, args.lr_schedule, args.warmup_steps, args.max_steps)
+        for micro in range(accum):
+            batch = None
+            while batch is None:  # None: a batch whose images all failed to load (counted by the data set)
+                try:
+                    batch = next(batches)
+                    position += args.batch_size
+                except StopIteration:  # one pass is one epoch; the loader starts the next by itself
+                    epoch, position, batches = epoch + 1, 0, iter(loader)
+            pixels = batch["pixels"].to(device, non_blocking=True)
+            with torch.no_grad():
+                latent_shape = (student.table.in_channels, *(n // teacher.vae_scale for n in pixels.shape[-2:]))
+                t, noise, eps = per_sample_noise(batch["seed"], latent_shape, schedule.num_train_timesteps)
+                t, noise, eps = t.to(device), noise.to(device), eps.to(device)
+                posterior = teacher.vae.encode(pixels.to(teacher.dtype))
+                latents = (posterior.mean + posterior.std * eps.to(teacher.dtype)).float() * teacher.vae.scaling_factor
+                context = teacher.text_encoder(teacher.tokenizer(batch["text"]).to(device))
+                noisy = schedule.add_noise(latents, noise, t)
+                target = noise if schedule.prediction_type == "epsilon" else schedule.velocity(latents, noise, t)
+                teacher_out, teacher_feats = teacher_unet(noisy.to(teacher.dtype), t, context, taps=[a for a, _ in pairs])
+            sync = micro == accum - 1 or world == 1
+            with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
+                student_out, student_feats = model(noisy, t, context.float(), taps=[b for _, b in pairs])
+                losses = kd_losses(student_out, target, teacher_out, student_feats, teacher_feats, pairs)
+                loss = total_loss(losses, args.lambda_sd, args.lambda_out, args.lambda_feat)
+            (loss / accum).backward()
+            sums += torch.stack([loss.detach(), losses["sd"].detach(), losses["out"].detach(), losses["feat"].detach()]) / accum
+            samples += pixels.shape[0] * world
+        torch.nn.utils.clip_grad_norm_(student.parameters(), args.max_grad_norm, foreach=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(student)
+        step += 1
+        bar.update(1)
+
+        if step % args.log_steps == 0 or step == args.max_steps:
+            if world > 1:
+                dist.all_reduce(sums)
+                sums /= world
+            values = dict(zip(("loss", "sd", "out", "feat"), (sums / args.log_steps).tolist()))
+            if not all(torch.isfinite(sums).tolist()):
+                sys.exit(f"train.py: the loss became {values['loss']} by step {step}; stopped. The last good "
+                         f"checkpoint is {checkpoints(args.out)[-1] if checkpoints(args.out) else 'none (none saved yet)'}. "
+                         "Try a lower --lr, or --max-grad-norm.")
+            elapsed, t0 = time.time() - t0, time.time()
+            row = dict(step=step, **values, lr=optimizer.param_groups[0]["lr"], samples_per_s=samples / elapsed,
+                       epoch=epoch, skipped=data.skipped)
+            if cuda:
+                row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+            if rank == 0:
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+                shown = ("sd", "out", "feat", "samples_per_s", "peak_mem_gb")
+                bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in shown})
+                board(row)
+            sums.zero_()
+            samples = 0
+            flag = torch.tensor([float(bool(stop))], device=device)
+            if world > 1:
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item():
+                break
+        if step % args.save_steps == 0:
+            save(args, rank, step, epoch, position, student, ema, optimizer, teacher)
+        if args.valid_steps and step % args.valid_steps == 0 and rank == 0:
+            sample_grid(args, teacher, ema.as_model(student) if ema else student, step)
+
+    save(args, rank, step, epoch, position, student, ema, optimizer, teacher)
+    if rank == 0:
+        bar.close()
+        log.close()
+        rows = [json.loads(line) for line in open(args.out / "log.jsonl")]
+        plot_losses(rows, args.out / "losses.png")
+        print(f"student after {step} steps: {checkpoints(args.out)[-1]} (loss curves: {args.out / 'losses.png'})")
+    if world > 1:
+        dist.destroy_process_group()
+    return 0
+
+
+def save(args, rank, step, epoch, position, student, ema, optimizer, teacher):
+    """A checkpoint from rank 0 (the others wait), unless this step was saved already."""
+    if rank == 0 and not (args.out / f"checkpoint-{step:07d}").is_dir():
+        state = dict(step=step, epoch=epoch, position=position, optimizer=optimizer.state_dict(),
+                     variant=args.variant, teacher=args.teacher, args=json.dumps(vars(args), default=str))
+        scheduler_class = teacher.scheduler_config.get("_class_name", "PNDMScheduler")
+        save_checkpoint(args.out, step, student, ema, state, args.keep, scheduler_class)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+@torch.no_grad()
+def sample_grid(args, teacher: Pipeline, student, step: int) -> None:
+    """Fixed prompts and seeds through the student with sample.py's pipeline, saved as one PNG row."""
+    pipe = Pipeline(teacher.tokenizer, teacher.text_encoder, student.eval(), teacher.vae, teacher.scheduler_config)
+    images = pipe(VALID_PROMPTS, steps=25, seed=0, seed_mode="per_image", height=args.resolution,
+                  width=args.resolution, progress=False)
+    student.train()
+    (args.out / "samples").mkdir(exist_ok=True)
+    grid(images, cols=len(images)).save(args.out / "samples" / f"step-{step:07d}.png")
+
+
+def make_reporter(args, rank: int):
+    """TensorBoard or wandb logging when asked for (and installed); otherwise nothing."""
+    if rank != 0 or args.report_to == "none":
+        return lambda row: None
+    try:
+        if args.report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(args.out / "tensorboard"))
+            return lambda row: [writer.add_scalar(k, v, row["step"]) for k, v in row.items() if k != "step"]
+        import wandb
+
+        wandb.init(project="minisd", config=vars(args), dir=str(args.out))
+        return lambda row: wandb.log(row, step=row["step"])
+    except ImportError as e:
+        sys.exit(f"train.py: --report-to {args.report_to} needs its package: pip install {args.report_to} ({e})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
