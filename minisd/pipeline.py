@@ -87,7 +87,7 @@ class Pipeline:
         return self.text_encoder(self.tokenizer(prompts).to(self.device))
 
     @torch.no_grad()
-    def __call__(self, prompt: str | list[str], steps: int = 25, guidance: float = 7.5, seed: int = 0,
+    def __call__(self, prompt: str | list[str], steps: int = 25, guidance: float = 7.5, seed: int | torch.Generator = 0,
                  height: int | None = None, width: int | None = None, negative_prompt: str | list[str] | None = None,
                  num_images: int = 1, scheduler: str | None = None, seed_mode: str = "single",
                  init_image: Image.Image | None = None, strength: float = 0.8, progress: bool = True,
@@ -96,7 +96,8 @@ class Pipeline:
 
         Images come out prompt by prompt, num_images each. seed_mode "single" draws all initial
         latents from one generator seeded `seed`, as diffusers does; "per_image" gives image i its
-        own generator seeded seed+i, so an image does not depend on the batch it ran in.
+        own generator seeded seed+i, so an image does not depend on the batch it ran in. `seed` may
+        also be a CPU torch.Generator that goes on from call to call (one generator for a whole run).
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * len(prompts)
@@ -111,8 +112,12 @@ class Pipeline:
         if use_cfg:  # one batched pass: unconditional first, as diffusers concatenates them
             uncond = self.encode_prompts(negatives).repeat_interleave(num_images, dim=0)
             context = torch.cat([uncond, context])
-        generator = ([torch.Generator("cpu").manual_seed(seed + i) for i in range(n)] if seed_mode == "per_image"
-                     else torch.Generator("cpu").manual_seed(seed))
+        if isinstance(seed, torch.Generator):
+            generator = seed
+        elif seed_mode == "per_image":
+            generator = [torch.Generator("cpu").manual_seed(seed + i) for i in range(n)]
+        else:
+            generator = torch.Generator("cpu").manual_seed(seed)
         shape = (n, self.unet.table.in_channels, height // self.vae_scale, width // self.vae_scale)
 
         start = 0

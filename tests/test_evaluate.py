@@ -1,0 +1,63 @@
+"""evaluate.py's generation step: one image per prompt at 512 (here smaller) and its squashed
+bicubic copy, resumable, with per-prompt seeds that do not depend on the batch size."""
+
+import numpy as np
+import pytest
+from PIL import Image
+from reference import VAE_SMALL, reduced_config, reference_parts, save_hub_layout, text_config
+
+import minisd
+from evaluate import main as evaluate
+
+PROMPTS = [("a.png", 'a red, round "apple"'), ("sub/b.png", "a cat on a mat"), ("c.png", "a dog"), ("d.png", "a boat")]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    parts = reference_parts("v1", reduced_config("v1", "tiny"), text_config("v1", 96, 2, 4), VAE_SMALL, seed=5)
+    return save_hub_layout(parts, "v1", tmp_path_factory.mktemp("eval"))[1]
+
+
+def write_prompts(path, rows, header="file_name,text"):
+    lines = [header] + [f'{name},"{text.replace(chr(34), chr(34) * 2)}"' for name, text in rows]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def run(model, prompts, out, *extra):
+    return evaluate(["--model", str(model), "--prompts", str(prompts), "--out", str(out), "--size", "32",
+                     "--eval-size", "16", "--steps", "2", *extra])
+
+
+def test_generates_both_sizes_and_resumes(model, tmp_path, capsys):
+    prompts = write_prompts(tmp_path / "metadata.csv", PROMPTS)
+    assert run(model, prompts, tmp_path / "r", "--num", "3", "--batch-size", "2") == 0
+    for name, _ in PROMPTS[:3]:
+        assert Image.open(tmp_path / "r" / "im512" / name).size == (32, 32)
+        small = Image.open(tmp_path / "r" / "im256" / name)
+        big = Image.open(tmp_path / "r" / "im512" / name)
+        assert small.size == (16, 16) and np.array_equal(np.asarray(small), np.asarray(big.resize((16, 16))))
+    assert not (tmp_path / "r" / "im512" / "d.png").exists()
+    capsys.readouterr()
+    assert run(model, prompts, tmp_path / "r") == 0  # only the missing fourth image is made
+    assert "(1 generated now)" in capsys.readouterr().out
+
+
+def test_per_prompt_seeds_do_not_depend_on_batch_size(model, tmp_path):
+    prompts = write_prompts(tmp_path / "metadata.csv", PROMPTS)
+    assert run(model, prompts, tmp_path / "b1", "--batch-size", "1") == 0
+    assert run(model, prompts, tmp_path / "b3", "--batch-size", "3") == 0
+    for name, text in PROMPTS:
+        one, three = (np.asarray(Image.open(tmp_path / d / "im512" / name), dtype=int) for d in ("b1", "b3"))
+        assert np.abs(one - three).max() <= 2, name
+    # and prompt i is the pipeline's image for seed 1234 + i
+    expected = minisd.load_pipeline(model)(PROMPTS[2][1], steps=2, seed=1234 + 2, height=32, width=32, progress=False)
+    assert np.abs(np.asarray(expected[0], dtype=int) - np.asarray(Image.open(tmp_path / "b1" / "im512" / "c.png"),
+                                                                   dtype=int)).max() <= 2
+
+
+def test_bad_prompts_file(model, tmp_path, capsys):
+    assert run(model, write_prompts(tmp_path / "bad.csv", PROMPTS, header="image,caption"), tmp_path / "x") == 2
+    assert "expected a header with file_name,text" in capsys.readouterr().err
+    assert run(model, tmp_path / "missing.csv", tmp_path / "x") == 2
+    assert "prompts file not found" in capsys.readouterr().err
