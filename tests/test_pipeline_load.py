@@ -8,6 +8,7 @@ import pytest
 import torch
 from diffusers import PNDMScheduler, StableDiffusionPipeline
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+from PIL import Image
 from reference import (
     PADS,
     SD_SCHEDULER,
@@ -30,6 +31,7 @@ from minisd.checkpoints.diffusers import load_text_encoder, load_unet, load_vae
 from minisd.checkpoints.ldm import text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
 from minisd.checkpoints.remap import CheckpointError
 from minisd.convert import main as convert
+from sample import main as sample_main
 
 
 def assert_same_outputs(pipe: minisd.Pipeline, ref: dict, prompts=("a black vase holding a bouquet of roses", "")):
@@ -164,6 +166,10 @@ def test_convert_round_trip(tmp_path, capsys):
     assert torch.equal(first.tokenizer(["a black vase"]), back.tokenizer(["a black vase"]))
     assert convert([str(tmp_path / "missing.ckpt"), str(tmp_path / "x")]) == 2
     assert "is not a file, a folder or a hub id" in capsys.readouterr().err
+    # sample.py takes the single file as --model
+    assert sample_main(["a black vase", "--model", str(tmp_path / "tiny.safetensors"), "--steps", "1", "--height", "64",
+                        "--width", "64", "--out", str(tmp_path / "s.png"), "--no-progress"]) == 0
+    assert Image.open(tmp_path / "s.png").text["model"] == str(tmp_path / "tiny.safetensors")
 
 
 def test_hub_file_selection():

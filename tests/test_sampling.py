@@ -1,6 +1,7 @@
 """Same seed, same image: minisd's pipeline and sample.py against diffusers' StableDiffusionPipeline
 and StableDiffusionImg2ImgPipeline on the same random weights (DESIGN.md, "Same seed, same image")."""
 
+import copy
 import logging
 import shutil
 
@@ -176,3 +177,23 @@ def test_sample_py_errors_are_one_line(sd_v1, tmp_path, capsys, monkeypatch, cap
                             "--out", str(tmp_path / "long.png"), "--no-progress"]) == 0
     # CLIP splits digits, and the dropped text is decoded as diffusers shows it ("word 7 9")
     assert "truncated after" in caplog.text and "dropped:" in caplog.text and "word 7 9" in caplog.text
+
+
+def test_fp16_vae_overflow_is_decoded_again_in_fp32(sd_v1, monkeypatch):
+    """SD's VAE decoder can overflow in fp16; the pipeline then decodes again in fp32."""
+    pipe = copy.deepcopy(sd_v1[1])  # the VAE goes through fp16 here: keep the shared fixture as it is
+    latents = torch.randn(1, 4, 32, 32)
+    expected = pipe.decode(latents)
+    decode = pipe.vae.decode
+
+    def overflowing(z):  # an fp16 decode that overflows, as SD's VAE does on some images
+        if z.dtype == torch.float16:
+            return torch.full(expected.shape, float("inf"), dtype=torch.float16)
+        return decode(z)
+
+    monkeypatch.setattr(pipe.vae, "decode", overflowing)
+    pipe.vae.half()
+    images = pipe.decode(latents)
+    # finite, and the fp32 image up to the fp16 rounding of the weights
+    assert torch.isfinite(images).all() and torch.allclose(images, expected, atol=3e-3)
+    assert pipe.vae_dtype == torch.float16  # handed back as it was
