@@ -75,7 +75,8 @@ def parse_args(argv=None):
     p.add_argument("--no-compile", action="store_true", help="no torch.compile (it is on by default on CUDA)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--num-workers", type=int, default=4)
-    p.add_argument("--log-steps", type=int, default=10, help="log (and check for NaN, and for a stop signal) every N steps")
+    p.add_argument("--log-steps", type=int, default=10,
+                   help="log (and check for NaN, and for a stop signal) every N steps, and at each save")
     p.add_argument("--save-steps", type=int, default=2500)
     p.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
     p.add_argument("--valid-steps", type=int, default=2500, help="sample grid of fixed prompts every N steps (0: never)")
@@ -143,7 +144,7 @@ def main(argv=None) -> int:
     log = open(args.out / "log.jsonl", "a") if rank == 0 else None
     board = make_reporter(args, rank)
     bar = tqdm(total=args.max_steps, initial=step, disable=rank != 0, desc=f"distilling {student.table.name}")
-    sums, t0, samples = torch.zeros(4, device=device), time.time(), 0
+    sums, t0, samples, summed = torch.zeros(4, device=device), time.time(), 0, 0  # summed: steps in `sums`
     batches = iter(loader)
 
     while step < args.max_steps:
@@ -182,13 +183,16 @@ def main(argv=None) -> int:
         if ema is not None:
             ema.update(student)
         step += 1
+        summed += 1
         bar.update(1)
 
-        if step % args.log_steps == 0 or step == args.max_steps:
+        # a save step is checked (and logged) too, so that no checkpoint holds weights a NaN has reached
+        if step % args.log_steps == 0 or step % args.save_steps == 0 or step == args.max_steps:
             if world > 1:
                 dist.all_reduce(sums)
                 sums /= world
-            values = dict(zip(("loss", "sd", "out", "feat"), (sums / args.log_steps).tolist()))
+            # the mean over the steps since the last row: fewer than --log-steps after a resume or at the end
+            values = dict(zip(("loss", "sd", "out", "feat"), (sums / summed).tolist()))
             if not all(torch.isfinite(sums).tolist()):
                 sys.exit(f"train.py: the loss became {values['loss']} by step {step}; stopped. The last good "
                          f"checkpoint is {checkpoints(args.out)[-1] if checkpoints(args.out) else 'none (none saved yet)'}. "
@@ -205,7 +209,7 @@ def main(argv=None) -> int:
                 bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in shown})
                 board(row)
             sums.zero_()
-            samples = 0
+            samples, summed = 0, 0
             flag = torch.tensor([float(bool(stop))], device=device)
             if world > 1:
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)

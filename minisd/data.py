@@ -16,6 +16,7 @@ import logging
 import math
 import multiprocessing
 import re
+import signal
 import tarfile
 from pathlib import Path
 
@@ -348,4 +349,14 @@ def make_loader(dataset: Dataset | IterableDataset, batch_size: int, num_workers
     workers = num_workers > 0
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate,
                       pin_memory=pin_memory, drop_last=drop_last, persistent_workers=workers,
-                      prefetch_factor=4 if workers else None)
+                      prefetch_factor=4 if workers else None, worker_init_fn=leave_stop_signals if workers else None)
+
+
+def leave_stop_signals(worker_id: int) -> None:
+    """Workers ignore Ctrl-C and SIGTERM and leave them to the main process, which finishes its step and saves
+    (train.py). A terminal's Ctrl-C reaches the whole process group, and Slurm's or systemd's SIGTERM every process
+    of the job; a worker that died of it would fail the main process ("DataLoader worker ... is killed by signal:
+    Terminated"). The main process still ends its workers: it tells them to stop, and they stop when it is gone (a
+    worker hung in a decode outlives the loader's fallback terminate(), until the decode returns)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
