@@ -4,6 +4,7 @@
     python train.py --variant small --teacher stabilityai/stable-diffusion-2-1-base --data data/laion.tar --global-batch 128
     torchrun --nproc_per_node=8 train.py --variant base --data "data/shards/{00000..00999}.tar"
     python train.py --variant tiny --data ... --out weights/my-run            # re-run: resumes from its last checkpoint
+    python train.py --variant tiny --data ... --resume weights/my-run/checkpoint-0005000 --out weights/branch
 
 The student starts from the teacher's weights (minisd/distill.py) and learns from three losses:
 the denoising task, the teacher's output, and the teacher's features. The teacher, its VAE and
@@ -56,6 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--teacher", default="CompVis/stable-diffusion-v1-4", help="any source load_pipeline accepts")
     p.add_argument("--data", help="image folder with metadata.csv/jsonl, or tar shards")
     p.add_argument("--out", type=Path, help="output folder (default weights/bk-<variant>-<teacher>)")
+    p.add_argument("--resume", type=Path, help="checkpoint folder to go on from (default: the last one in --out, if any)")
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--random-crop", action="store_true", help="random instead of center crop")
     p.add_argument("--no-flip", action="store_true", help="no random horizontal flip")
@@ -111,7 +113,11 @@ def main(argv=None) -> int:
     step, epoch, position = 0, 0, 0
 
     found = checkpoints(args.out)
-    if found:  # resume exactly where the last checkpoint left off
+    if args.resume:
+        if not (args.resume / "training_state.pt").is_file():
+            sys.exit(f"train.py: --resume {args.resume} is not a checkpoint folder (no training_state.pt in it)")
+        found = [args.resume]
+    if found:  # resume exactly where the checkpoint left off
         weights, ema_weights, state = load_checkpoint(found[-1], device)
         if state["variant"] != args.variant or state["teacher"] != args.teacher:
             sys.exit(f"train.py: {args.out} holds a run of --variant {state['variant']} --teacher {state['teacher']}; "

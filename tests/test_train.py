@@ -147,6 +147,13 @@ def test_resume_is_exact(teacher, data, tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), folder
     state_once, state_twice = load_checkpoint(end_once, "cpu")[2], load_checkpoint(end_twice, "cpu")[2]
     assert (state_once["epoch"], state_once["position"]) == (state_twice["epoch"], state_twice["position"]) == (2, 4)
+    # --resume takes a checkpoint from another run folder
+    middle = tmp_path / "twice" / "checkpoint-0000003"
+    assert train_main(flags(teacher, data, tmp_path / "branch", max_steps=5, resume=middle, **options)) == 0
+    a, b = unet_weights(end_once), unet_weights(tmp_path / "branch" / "checkpoint-0000005")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(SystemExit, match="is not a checkpoint folder"):
+        train_main(flags(teacher, data, tmp_path / "x", max_steps=5, resume=tmp_path / "nothing", **options))
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
