@@ -84,7 +84,8 @@ class Pipeline:
             if cut:
                 log.warning("prompt longer than CLIP's 77 tokens, truncated after %r; dropped: %r",
                             "..." + cut[0][-30:], cut[1])
-        return self.text_encoder(self.tokenizer(prompts).to(self.device))
+        # in the U-Net's dtype: the text encoder may run in another (train.py's frozen bf16 teacher)
+        return self.text_encoder(self.tokenizer(prompts).to(self.device)).to(self.dtype)
 
     @torch.no_grad()
     def __call__(self, prompt: str | list[str], steps: int = 25, guidance: float = 7.5, seed: int | torch.Generator = 0,

@@ -197,3 +197,13 @@ def test_fp16_vae_overflow_is_decoded_again_in_fp32(sd_v1, monkeypatch):
     # finite, and the fp32 image up to the fp16 rounding of the weights
     assert torch.isfinite(images).all() and torch.allclose(images, expected, atol=3e-3)
     assert pipe.vae_dtype == torch.float16  # handed back as it was
+
+
+def test_components_in_different_dtypes(sd_v1):
+    """train.py samples from an fp32 student with the teacher's bf16 text encoder and VAE."""
+    pipe = copy.deepcopy(sd_v1[1])
+    expected = pipe(PROMPT, steps=2, seed=0, height=32, width=32, progress=False, output="np")
+    pipe.text_encoder.to(torch.bfloat16)
+    pipe.vae.to(torch.bfloat16)
+    images = pipe(PROMPT, steps=2, seed=0, height=32, width=32, progress=False, output="np")
+    assert np.isfinite(images).all() and np.abs(images - expected).mean() < 0.05  # bf16 rounding only
