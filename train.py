@@ -175,12 +175,14 @@ def main(argv=None) -> int:
                 noisy = schedule.add_noise(latents, noise, t)
                 target = noise if schedule.prediction_type == "epsilon" else schedule.velocity(latents, noise, t)
                 teacher_out, teacher_feats = teacher_unet(noisy.to(teacher.dtype), t, context, taps=[a for a, _ in pairs])
+            # DDP averages gradients across ranks only on the last micro-batch of a step
             sync = micro == accum - 1 or world == 1
-            with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
-                student_out, student_feats = model(noisy, t, context.float(), taps=[b for _, b in pairs])
-                losses = kd_losses(student_out, target, teacher_out, student_feats, teacher_feats, pairs)
-                loss = total_loss(losses, args.lambda_sd, args.lambda_out, args.lambda_feat)
-            (loss / accum).backward()
+            with contextlib.nullcontext() if sync else model.no_sync():
+                with autocast:
+                    student_out, student_feats = model(noisy, t, context.float(), taps=[b for _, b in pairs])
+                    losses = kd_losses(student_out, target, teacher_out, student_feats, teacher_feats, pairs)
+                    loss = total_loss(losses, args.lambda_sd, args.lambda_out, args.lambda_feat)
+                (loss / accum).backward()
             sums += torch.stack([loss.detach(), losses["sd"].detach(), losses["out"].detach(), losses["feat"].detach()]) / accum
             samples += pixels.shape[0] * world
         torch.nn.utils.clip_grad_norm_(student.parameters(), args.max_grad_norm, foreach=True)

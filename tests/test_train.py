@@ -261,10 +261,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_gloo_processes_train_as_one(teacher, data, tmp_path):
-    """2 processes of batch 2 (global 4) after 2 steps hold the weights of 1 process of batch 4: the same
-    samples with the same noise (seeded per sample), gradients averaged by DDP."""
-    options = dict(max_steps=2, lr=1e-3)
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_two_gloo_processes_train_as_one(teacher, data, tmp_path, accumulation):
+    """2 processes of batch 2 after 2 steps hold the weights of 1 process of batch 4 (global batch
+    4, or 8 with 2 micro-batches per step, DDP syncing only the last): the same samples with the
+    same noise (seeded per sample), gradients averaged by DDP."""
+    options = dict(max_steps=2, lr=1e-3, global_batch=4 * accumulation)
     assert train_main(flags(teacher, data, tmp_path / "one", batch_size=4, **options)) == 0
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", GLOO_SOCKET_IFNAME="lo")
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
