@@ -5,6 +5,7 @@
     torchrun --nproc_per_node=8 train.py --variant base --data "data/shards/{00000..00999}.tar"
     python train.py --variant tiny --data ... --out weights/my-run            # re-run: resumes from its last checkpoint
     python train.py --variant tiny --data ... --resume weights/my-run/checkpoint-0005000 --out weights/branch
+    python train.py --plain --unet-config unet.json --teacher weights/toy-sd --data data/toy/train   # from scratch
 
 The student starts from the teacher's weights (minisd/distill.py) and learns from three losses:
 the denoising task, the teacher's output, and the teacher's features. The teacher, its VAE and
@@ -23,6 +24,8 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from minisd.checkpoints.diffusers import unet_table_from_config
+from minisd.checkpoints.files import read_json
 from minisd.data import ResumableSampler, make_loader, open_dataset
 from minisd.distill import feature_pairs, kd_losses, student_from_teacher, total_loss
 from minisd.images import grid
@@ -40,6 +43,7 @@ from minisd.training import (
     setup_distributed,
     write_shared,
 )
+from minisd.unet import UNet
 
 DATA_HELP = """--data is required: the image-caption pairs to distill on, in one of two layouts:
   1. a folder of images with metadata.csv (columns file_name,text) or metadata.jsonl, as BK-SDM's
@@ -72,6 +76,11 @@ def parse_args(argv=None):
     p.add_argument("--lambda-sd", type=float, default=1.0, help="weight of the denoising loss")
     p.add_argument("--lambda-out", type=float, default=1.0, help="weight of output-level KD")
     p.add_argument("--lambda-feat", type=float, default=1.0, help="weight of feature-level KD")
+    p.add_argument("--plain", action="store_true",
+                   help="no distillation: train the U-Net on the denoising loss alone (the teacher gives only its VAE, "
+                        "text encoder and schedule)")
+    p.add_argument("--unet-config", type=Path,
+                   help="with --plain: a diffusers U-Net config.json for a U-Net trained from scratch (random init)")
     p.add_argument("--ema-decay", type=float, default=None, help="keep an EMA of the student (e.g. 0.9999)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--no-compile", action="store_true", help="no torch.compile (it is on by default on CUDA)")
@@ -86,6 +95,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not args.data:
         p.error(DATA_HELP)
+    if args.unet_config and not args.plain:
+        p.error("--unet-config trains a new U-Net from random weights: it needs --plain (there is no teacher "
+                "block to distill it from)")
     args.out = args.out or Path("weights") / f"bk-{args.variant}-{args.teacher.rstrip('/').split('/')[-1]}"
     return args
 
@@ -102,11 +114,17 @@ def main(argv=None) -> int:
 
     # Teacher (frozen; bf16 on CUDA) and the student, initialised from it in fp32 (master weights)
     teacher = load_pipeline(args.teacher, device=device)
-    student = student_from_teacher(teacher.unet, variant(teacher.unet.table, args.variant)).train()
+    if args.unet_config:  # a new architecture, from random weights
+        student = UNet(unet_table_from_config(read_json(args.unet_config))).to(device).train()
+        if student.table.context_dim != teacher.unet.table.context_dim:
+            sys.exit(f"train.py: --unet-config has cross_attention_dim {student.table.context_dim}, but the text "
+                     f"encoder of {args.teacher} gives {teacher.unet.table.context_dim}-wide states")
+    else:
+        student = student_from_teacher(teacher.unet, variant(teacher.unet.table, args.variant)).train()
     if rank == 0:  # the checkpoints link to the teacher's other components, saved once as loaded
         write_shared(teacher, args.out)
     teacher.to(dtype=torch.bfloat16 if cuda else torch.float32)
-    pairs = feature_pairs(student.table, teacher.unet.table)
+    pairs = [] if args.plain else feature_pairs(student.table, teacher.unet.table)
     schedule = NoiseSchedule.from_config(teacher.scheduler_config)
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=cuda)
     ema = EMA(student, args.ema_decay) if args.ema_decay else None
@@ -174,7 +192,8 @@ def main(argv=None) -> int:
                 context = teacher.text_encoder(teacher.tokenizer(batch["text"]).to(device))
                 noisy = schedule.add_noise(latents, noise, t)
                 target = noise if schedule.prediction_type == "epsilon" else schedule.velocity(latents, noise, t)
-                teacher_out, teacher_feats = teacher_unet(noisy.to(teacher.dtype), t, context, taps=[a for a, _ in pairs])
+                teacher_out, teacher_feats = (None, {}) if args.plain else \
+                    teacher_unet(noisy.to(teacher.dtype), t, context, taps=[a for a, _ in pairs])
             # DDP averages gradients across ranks only on the last micro-batch of a step
             sync = micro == accum - 1 or world == 1
             with contextlib.nullcontext() if sync else model.no_sync():

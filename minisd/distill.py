@@ -90,10 +90,13 @@ def kd_losses(student_out: torch.Tensor, target: torch.Tensor, teacher_out: torc
     sd:   the ordinary denoising loss against the target (noise, or velocity for v-prediction);
     out:  output-level KD against the teacher's prediction;
     feat: feature-level KD, the sum over the pairs of each pair's MSE.
+    Without a teacher (teacher_out None: plain training) out and feat are 0.
     """
     mse = lambda a, b: F.mse_loss(a.float(), b.float())  # noqa: E731
-    feat = sum(mse(student_feats[s], teacher_feats[t]) for t, s in pairs) if pairs else student_out.new_zeros(())
-    return {"sd": mse(student_out, target), "out": mse(student_out, teacher_out), "feat": feat}
+    zero = student_out.new_zeros((), dtype=torch.float32)
+    feat = sum(mse(student_feats[s], teacher_feats[t]) for t, s in pairs) if pairs else zero
+    out = mse(student_out, teacher_out) if teacher_out is not None else zero
+    return {"sd": mse(student_out, target), "out": out, "feat": feat}
 
 
 def total_loss(losses: dict[str, torch.Tensor], lambda_sd: float = 1.0, lambda_out: float = 1.0,

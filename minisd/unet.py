@@ -111,10 +111,12 @@ class UNet(nn.Module):
             return checkpoint(block, *args, use_reentrant=False, **kwargs)
         return block(*args, **kwargs)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor, taps: Collection[str] = ()):
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor,
+                taps: Collection[str] | None = None):
         """x: latents [B, 4, h, w]; t: timesteps (scalar or [B]); context: text states [B, 77, D].
 
-        taps: intermediate outputs to return as well, as `(output, {name: tensor})`, for feature
+        taps: intermediate outputs to return as well, as `(output, {name: tensor})` (given taps, even
+        none, the result is that pair; without, the output alone), for feature
         distillation (minisd/distill.py): "down.{s}" and "up.{s}", a stage's output after its
         down/upsampler (diffusers' `down_blocks.i` / `up_blocks.i` outputs), and
         "down.{s}.blocks.{b}.attn.proj_out", a SpatialTransformer's projection before its residual.
@@ -123,14 +125,14 @@ class UNet(nn.Module):
         t = torch.as_tensor(t, device=x.device)
         t = t.expand(x.shape[0]) if t.numel() == 1 else t.reshape(-1)
         temb = self.time_embed(timestep_embedding(t, self.table.stages[0].channels).to(x.dtype))
-        feats = {}
+        feats, wanted = {}, taps or ()
 
         x = self.conv_in(x)
         skips = [x]
         for s, stage in enumerate(self.down):
             for b, block in enumerate(stage.blocks):
                 proj = f"down.{s}.blocks.{b}.attn.proj_out"
-                if proj in taps:
+                if proj in wanted:
                     x, feats[proj] = self.run(block, x, temb, context, return_proj=True)
                 else:
                     x = self.run(block, x, temb, context)
@@ -150,4 +152,4 @@ class UNet(nn.Module):
                 x = stage.upsample(x, size=skips[-1].shape[-2:])
             feats[f"up.{s}"] = x
         out = self.conv_out(F.silu(self.norm_out(x)))
-        return (out, {name: feats[name] for name in taps}) if taps else out
+        return (out, {name: feats[name] for name in taps}) if taps is not None else out

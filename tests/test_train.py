@@ -345,3 +345,20 @@ def test_sample_grid_and_loss_plot(teacher, data, tmp_path, distilled):
     assert Image.open(out / "samples" / "step-0000002.png").size == (4 * 32, 32)  # one row of the 4 prompts
     assert Image.open(out / "losses.png").size == (800, 480)
     assert not (distilled / "samples").exists() and (distilled / "losses.png").is_file()  # --valid-steps 0
+
+
+def test_plain_training_from_scratch(teacher, data, tmp_path):
+    """--plain --unet-config: a new, narrower U-Net from random weights on the denoising loss alone."""
+    config = json.loads((teacher / "unet" / "config.json").read_text())
+    config.update(block_out_channels=[16, 32, 32, 32])
+    (tmp_path / "unet.json").write_text(json.dumps(config))
+    out = tmp_path / "plain"
+    assert train_main(flags(teacher, data, out, unet_config=tmp_path / "unet.json", max_steps=20,
+                            log_steps=10, lr=1e-3, batch_size=4, global_batch=8) + ["--plain"]) == 0
+    rows = log_rows(out)
+    assert all(r["out"] == 0.0 and r["feat"] == 0.0 for r in rows)
+    assert rows[-1]["sd"] < rows[0]["sd"]
+    pipe = load_pipeline(out / "checkpoint-0000020")
+    assert [s.channels for s in pipe.unet.table.stages] == [16, 32, 32, 32]
+    with pytest.raises(SystemExit):
+        train_main(flags(teacher, data, tmp_path / "x", unet_config=tmp_path / "unet.json"))
