@@ -24,10 +24,8 @@ import torch
 from tqdm.auto import tqdm
 
 from minisd.checkpoints.remap import CheckpointError
-from minisd.pipeline import load_pipeline
+from minisd.pipeline import DTYPES, load_pipeline
 from minisd.schedulers import SAMPLERS
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def read_prompts(path: Path) -> list[tuple[str, str]]:

@@ -20,11 +20,9 @@ from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from minisd.checkpoints.remap import CheckpointError
 from minisd.images import grid
-from minisd.pipeline import load_pipeline
+from minisd.pipeline import DTYPES, load_pipeline
 from minisd.schedulers import SAMPLERS
 from minisd.table import VARIANTS
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -12,13 +12,9 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 from minisd.checkpoints.remap import CheckpointError
-from minisd.pipeline import load_pipeline
+from minisd.pipeline import DTYPES, load_pipeline
 from minisd.table import VARIANTS
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def main(argv=None) -> int:

@@ -32,6 +32,7 @@ from minisd.unet import UNet
 from minisd.vae import AutoencoderKL
 
 log = logging.getLogger(__name__)
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # the command-line names
 # diffusers' scheduler class names -> minisd's sampler names (the config says which SD shipped)
 SAMPLER_OF_CLASS = {"PNDMScheduler": "pndm", "DDIMScheduler": "ddim", "EulerDiscreteScheduler": "euler",
                     "EulerAncestralDiscreteScheduler": "euler_a", "DPMSolverMultistepScheduler": "dpm"}
