@@ -1,55 +1,52 @@
-"""Generate the images of BK-SDM's zero-shot MS-COCO protocol (shared/BKSDM.md, "Evaluation protocol").
+"""BK-SDM's zero-shot MS-COCO protocol (shared/BKSDM.md, "Evaluation protocol"): generate, then score.
 
-    python evaluate.py --model nota-ai/bk-sdm-small --prompts data/mscoco_val2014_30k/metadata.csv --out results/bk-small
+    python evaluate.py --model nota-ai/bk-sdm-small --prompts data/mscoco_val2014_30k/metadata.csv \
+        --out results/bk-small --fid-stats real_im256.npz
     python evaluate.py --model weights/my-run/checkpoint-0050000 --prompts ... --out results/mine --num 1000
-    torchrun --nproc_per_node=8 evaluate.py --model ... --prompts ... --out results/bk-small
+    torchrun --nproc_per_node=8 evaluate.py --model ... --prompts ... --out results/bk-small --fid-stats real_im256.npz
+    python evaluate.py --fid-stats-from data/mscoco_val2014 --save-stats real_im256.npz      # real-image statistics
+    python evaluate.py --model weights/toy-sd --prompts data/toy/heldout/metadata.csv --out results/toy-sd   # toy world
 
 One 512 px image per prompt (PNDM, 25 steps, guidance 7.5), saved as results/NAME/im512/FILE_NAME,
 and its 256 px copy, resized as the protocol does (PIL bicubic, squashed, not cropped), as
 results/NAME/im256/FILE_NAME. Images already on disk are skipped, so an interrupted run resumes.
-Under torchrun each process takes its own contiguous slice of the prompts.
+Under torchrun each process takes its own contiguous slice, and the first one scores the whole set.
 
-Scores (FID, IS, CLIP score) are computed on the im256 folder; minisd's metric networks are not
-part of this script yet.
+Scores, on the im256 copies: FID (pytorch-fid's Inception and statistics), IS (torch-fidelity's
+convention) and CLIP score (open_clip ViT-g-14 laion2b_s34b_b88k), written to results/NAME/scores.json
+with a Markdown row of the paper's table (scores.md) and grid.png of the first 16 images. Prompts
+of the toy world (a folder with scenes.jsonl) are scored by its pixel checker instead.
 """
 
 import argparse
-import csv
+import json
 import os
 import sys
-import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
+from minisd import evaluation
 from minisd.checkpoints.remap import CheckpointError
 from minisd.pipeline import DTYPES, load_pipeline
 from minisd.schedulers import SAMPLERS
 
-
-def read_prompts(path: Path) -> list[tuple[str, str]]:
-    """(file_name, text) rows of a metadata.csv with a `file_name,text` header."""
-    if not path.is_file():
-        raise FileNotFoundError(f"prompts file not found: {path} (BK-SDM's is data/mscoco_val2014_30k/metadata.csv)")
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if not {"file_name", "text"} <= set(reader.fieldnames or []):
-            raise ValueError(f"{path} has columns {reader.fieldnames}; expected a header with file_name,text")
-        return [(row["file_name"], row["text"]) for row in reader]
+METRICS = ("fid", "is", "clip", "toy")
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="hub id, diffusers folder, single file, or a train.py checkpoint")
-    p.add_argument("--prompts", type=Path, required=True, help="metadata.csv with file_name,text")
-    p.add_argument("--out", type=Path, required=True, help="results folder: im512/ and im256/ are written inside")
+    p.add_argument("--model", help="hub id, diffusers folder, single file, or a train.py checkpoint")
+    p.add_argument("--prompts", type=Path, help="metadata.csv with file_name,text")
+    p.add_argument("--out", type=Path, help="results folder: im512/, im256/, scores.json, scores.md, grid.png")
     p.add_argument("--num", type=int, default=None, help="only the first N prompts")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--scheduler", choices=SAMPLERS, default=None, help="default: the model's (PNDM for SD)")
-    p.add_argument("--size", type=int, default=512, help="generated size (the protocol's 512)")
-    p.add_argument("--eval-size", type=int, default=256, help="size of the copies the scores use (256)")
+    p.add_argument("--size", type=int, default=None, help="generated size (default: the model's, 512 for SD-v1)")
+    p.add_argument("--eval-size", type=int, default=None, help="size of the copies the scores read (256; the toy "
+                                                                "world: its 64)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--seed-mode", choices=["per_prompt", "single"], default="per_prompt",
@@ -57,41 +54,101 @@ def main(argv=None) -> int:
                         "single: one generator for the whole run, as BK-SDM's script (use --batch-size 1, no resume)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on CUDA, fp32 on CPU")
+    scoring = p.add_argument_group("scores")
+    scoring.add_argument("--metrics", default=None, help=f"comma-separated, of {','.join(METRICS)}, or none "
+                         "(default: is,clip, plus fid with --fid-stats; toy for toy-world prompts)")
+    scoring.add_argument("--fid-stats", type=Path, help="real-image statistics (.npz with mu, sigma), e.g. BK-SDM's "
+                                                        "real_im256.npz")
+    scoring.add_argument("--inception-weights", type=Path, help="pt_inception-2015-12-05-6726825d.pth "
+                                                                "(default: weights/metrics/, downloaded when online)")
+    scoring.add_argument("--clip-model", default="ViT-g-14", help="open_clip model name, or a local weight file/folder")
+    scoring.add_argument("--clip-pretrained", default="laion2b_s34b_b88k", help="open_clip pretrained tag")
+    scoring.add_argument("--score-batch-size", type=int, default=50)
+    scoring.add_argument("--name", default=None, help="the model's name in the table row (default: --out's name)")
+    stats = p.add_argument_group("real-image statistics")
+    stats.add_argument("--fid-stats-from", type=Path, help="a folder of real images: resize each to --eval-size "
+                                                           "(bicubic, squashed) and write FID statistics")
+    stats.add_argument("--save-stats", type=Path, help="where --fid-stats-from writes (.npz)")
+    p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    if args.fid_stats_from:
+        if not args.save_stats:
+            p.error("--fid-stats-from needs --save-stats FILE.npz")
+    elif not (args.model and args.prompts and args.out):
+        p.error("--model, --prompts and --out are required (or --fid-stats-from DIR --save-stats FILE.npz)")
+    return args
+
+
+def choose_metrics(args) -> set[str]:
+    """--metrics as given, else the protocol's scores that can run: FID only with a statistics file."""
+    if args.metrics is not None:
+        chosen = set() if args.metrics == "none" else {m.strip() for m in args.metrics.split(",") if m.strip()}
+        unknown = chosen - set(METRICS)
+        if unknown:
+            raise ValueError(f"unknown metric(s) {sorted(unknown)}; choose from {','.join(METRICS)} or none")
+    elif (args.prompts.parent / "scenes.jsonl").is_file():
+        chosen = {"toy"}
+    else:
+        chosen = {"is", "clip"} | ({"fid"} if args.fid_stats else set())
+    if "fid" in chosen and not args.fid_stats:
+        raise ValueError("FID needs real-image statistics: pass --fid-stats real_im256.npz (BK-SDM's, or build one "
+                         "with --fid-stats-from DIR --save-stats FILE.npz)")
+    if args.fid_stats and not args.fid_stats.is_file():
+        raise FileNotFoundError(f"FID statistics file not found: {args.fid_stats}. Build it from a folder of real "
+                                "images with `python evaluate.py --fid-stats-from DIR --save-stats FILE.npz`")
+    return chosen
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if args.device == "cuda" else args.device
     try:
-        rows = read_prompts(args.prompts)[:args.num]
+        if args.fid_stats_from:
+            path = evaluation.real_stats(args.fid_stats_from, args.save_stats, args.eval_size or 256,
+                                         args.inception_weights, args.score_batch_size, device, not args.no_progress)
+            print(f"wrote FID statistics of {args.fid_stats_from} to {path}")
+            return 0
+        rows = evaluation.read_prompts(args.prompts)[:args.num]
+        metrics = choose_metrics(args)
         dtype = DTYPES[args.dtype or ("fp16" if device.startswith("cuda") else "fp32")]
         pipe = load_pipeline(args.model, device=device, dtype=dtype)
-    except (ValueError, FileNotFoundError, ConnectionError, CheckpointError) as e:
+    except (ValueError, FileNotFoundError, NotADirectoryError, ConnectionError, CheckpointError) as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2
 
+    size = args.size or pipe.native_size
+    eval_size = args.eval_size or min(256, size)
     per_rank = -(-len(rows) // world)  # ceil
     mine = list(range(rank * per_rank, min(len(rows), (rank + 1) * per_rank)))
-    todo = [i for i in mine if not ((args.out / "im512" / rows[i][0]).is_file()
-                                    and (args.out / "im256" / rows[i][0]).is_file())]
-    generator = torch.Generator("cpu").manual_seed(args.seed) if args.seed_mode == "single" else None
-    bar = tqdm(total=len(todo), disable=rank != 0, desc="generating", unit="img")
-    start = time.time()
-    for b in range(0, len(todo), args.batch_size):
-        batch = todo[b:b + args.batch_size]
-        # per_prompt seeds need consecutive prompts in a batch: otherwise run them one by one
-        groups = [batch] if generator or batch == list(range(batch[0], batch[0] + len(batch))) else [[i] for i in batch]
-        for group in groups:
-            images = pipe([rows[i][1] for i in group], steps=args.steps, guidance=args.guidance,
-                          seed=generator or args.seed + group[0], seed_mode="per_image", height=args.size,
-                          width=args.size, scheduler=args.scheduler, progress=False)
-            for i, image in zip(group, images):
-                for folder, picture in (("im512", image), ("im256", image.resize((args.eval_size, args.eval_size)))):
-                    path = args.out / folder / rows[i][0]
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    picture.save(path)  # Image.resize's default filter is bicubic, as the protocol's
-        bar.update(len(batch))
-        bar.set_postfix(img_per_s=f"{(b + len(batch)) / (time.time() - start):.2f}")
-    bar.close()
-    print(f"rank {rank}: {len(mine)} images in {args.out / 'im256'} ({len(todo)} generated now)")
+    made, seconds = evaluation.generate(pipe, rows, mine, args.out, steps=args.steps, guidance=args.guidance, size=size,
+                                        eval_size=eval_size, seed=args.seed, seed_mode=args.seed_mode,
+                                        batch_size=args.batch_size, scheduler=args.scheduler,
+                                        progress=rank == 0 and not args.no_progress)
+    print(f"rank {rank}: {len(mine)} images in {args.out / evaluation.SCORE_FOLDER} ({made} generated now)")
+    if world > 1:  # the first process scores the whole set once every slice is on disk
+        torch.distributed.init_process_group("gloo", timeout=timedelta(days=1))
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+        if rank != 0:
+            return 0
+
+    scores = {"model": str(args.model), "num_images": len(rows), "steps": args.steps, "guidance": args.guidance,
+              "scheduler": args.scheduler or pipe.scheduler.__class__.__name__, "seed": args.seed,
+              "seed_mode": args.seed_mode, "size": size, "eval_size": eval_size, "dtype": args.dtype or
+              {v: k for k, v in DTYPES.items()}[dtype], **evaluation.parameter_counts(pipe),
+              "generation": evaluation.generation_record(args.out, made, seconds, args.batch_size, world, device)}
+    del pipe  # the metric networks need the memory more
+    try:
+        scores.update(evaluation.compute_scores(args.out, rows, metrics, args, eval_size, device,
+                                                not args.no_progress))
+    except (ValueError, FileNotFoundError, NotADirectoryError, ConnectionError, CheckpointError) as e:
+        print(f"evaluate.py: error: {e}", file=sys.stderr)
+        return 2
+    row = evaluation.write_scores(args.out, args.name or args.out.name, scores)
+    evaluation.prompt_grid(args.out, rows).save(args.out / "grid.png")
+    print(json.dumps({k: v for k, v in scores.items() if not isinstance(v, dict)}, indent=1))
+    print(row)
     return 0
 
 

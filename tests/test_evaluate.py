@@ -1,6 +1,8 @@
 """evaluate.py's generation step: one image per prompt at 512 (here smaller) and its squashed
 bicubic copy, resumable, with per-prompt seeds that do not depend on the batch size."""
 
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -26,7 +28,7 @@ def write_prompts(path, rows, header="file_name,text"):
 
 def run(model, prompts, out, *extra):
     return evaluate(["--model", str(model), "--prompts", str(prompts), "--out", str(out), "--size", "32",
-                     "--eval-size", "16", "--steps", "2", *extra])
+                     "--eval-size", "16", "--steps", "2", "--metrics", "none", "--no-progress", *extra])
 
 
 def test_generates_both_sizes_and_resumes(model, tmp_path, capsys):
@@ -61,3 +63,42 @@ def test_bad_prompts_file(model, tmp_path, capsys):
     assert "expected a header with file_name,text" in capsys.readouterr().err
     assert run(model, tmp_path / "missing.csv", tmp_path / "x") == 2
     assert "prompts file not found" in capsys.readouterr().err
+
+
+def test_writes_scores_row_and_grid(model, tmp_path, capsys):
+    prompts = write_prompts(tmp_path / "metadata.csv", PROMPTS)
+    assert run(model, prompts, tmp_path / "r", "--num", "2", "--name", "tiny") == 0
+    scores = json.loads((tmp_path / "r" / "scores.json").read_text())
+    pipe = minisd.load_pipeline(model)
+    unet = sum(p.numel() for p in pipe.unet.parameters())
+    assert scores["num_images"] == 2 and scores["unet_params"] == unet
+    assert scores["total_params"] == unet + sum(p.numel() for m in (pipe.vae, pipe.text_encoder) for p in m.parameters())
+    assert scores["steps"] == 2 and scores["seed_mode"] == "per_prompt" and scores["generation"]["images"] == 2
+    row = f"| tiny | - | - | - | {unet / 1e9:.2f}B | {scores['total_params'] / 1e9:.2f}B |"
+    assert (tmp_path / "r" / "scores.md").read_text().splitlines()[-1] == row and row in capsys.readouterr().out
+    assert Image.open(tmp_path / "r" / "grid.png").size == (2 * 256, 256 + 44)
+
+
+def test_score_errors(model, tmp_path, capsys):
+    prompts = write_prompts(tmp_path / "metadata.csv", PROMPTS)
+    assert run(model, prompts, tmp_path / "r", "--num", "2") == 0
+    capsys.readouterr()
+
+    def error(*extra):
+        assert evaluate(["--model", str(model), "--prompts", str(prompts), "--out", str(tmp_path / "r"), "--size", "32",
+                         "--eval-size", "16", "--steps", "2", "--num", "2", "--no-progress", *extra]) == 2
+        return capsys.readouterr().err
+
+    assert "unknown metric(s) ['fud']" in error("--metrics", "fud")
+    assert "FID needs real-image statistics: pass --fid-stats" in error("--metrics", "fid")
+    assert "FID statistics file not found" in error("--fid-stats", str(tmp_path / "nope.npz"))
+    np.savez(tmp_path / "s256.npz", mu=np.zeros(3), sigma=np.eye(3), size=256)
+    assert "holds statistics of 256 px images but the scores read 16 px" in error("--metrics", "fid", "--fid-stats",
+                                                                                   str(tmp_path / "s256.npz"))
+    Image.new("RGB", (16, 16)).save(tmp_path / "r" / "im256" / "stray.png")
+    assert "holds 3 images but the prompts ask for 2" in error("--metrics", "is")
+    (tmp_path / "r" / "im256" / "stray.png").unlink()
+    (tmp_path / "r" / "im256" / PROMPTS[0][0]).unlink()
+    (tmp_path / "r" / "im512" / PROMPTS[0][0]).unlink()
+    assert evaluate(["--model", str(model), "--prompts", str(prompts), "--out", str(tmp_path / "r"), "--size", "32",
+                     "--eval-size", "16", "--steps", "2", "--num", "2", "--metrics", "none", "--no-progress"]) == 0

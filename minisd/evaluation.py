@@ -1,0 +1,215 @@
+"""BK-SDM's zero-shot MS-COCO protocol (shared/BKSDM.md, "Evaluation protocol"): generate, then score.
+
+Generation: one image per prompt (PNDM, 25 steps, guidance 7.5, 512 px), saved under its file_name in
+im512/, and a 256 px copy squashed with PIL's default bicubic resize in im256/, as BK-SDM's script
+does. Scores on the im256 copies: FID against real-image statistics (minisd.metrics.fid), the
+Inception Score (minisd.metrics.inception_score) and the CLIP score (minisd.metrics.clip_score).
+The toy world (minisd.toy) is scored by its pixel checker instead.
+"""
+
+import csv
+import json
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
+
+from minisd.images import grid
+
+SCORE_FOLDER = "im256"  # what the scores read: the protocol scores the 256 px copies
+
+
+def read_prompts(path: Path) -> list[tuple[str, str]]:
+    """(file_name, text) rows of a metadata.csv with a `file_name,text` header."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file not found: {path} (BK-SDM's is data/mscoco_val2014_30k/metadata.csv)")
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        if not {"file_name", "text"} <= set(reader.fieldnames or []):
+            raise ValueError(f"{path} has columns {reader.fieldnames}; expected a header with file_name,text")
+        rows = [(row["file_name"], row["text"]) for row in reader]
+    if not rows:
+        raise ValueError(f"{path} has a header but no prompts")
+    return rows
+
+
+def generate(pipe, rows: list[tuple[str, str]], indices: list[int], out: Path, *, steps: int, guidance: float,
+             size: int, eval_size: int, seed: int, seed_mode: str, batch_size: int = 1, scheduler: str | None = None,
+             progress: bool = True) -> tuple[int, float]:
+    """Make the images of rows[i] for i in `indices` that are not on disk yet. Returns (number made, seconds).
+
+    per_prompt seeds: prompt i uses seed + i, so an image does not depend on the batch it ran in or on the
+    GPU count; single: one CPU generator for the whole run, as BK-SDM's script (batch 1, from the start).
+    """
+    todo = [i for i in indices if not ((out / "im512" / rows[i][0]).is_file() and (out / SCORE_FOLDER / rows[i][0]).is_file())]
+    generator = torch.Generator("cpu").manual_seed(seed) if seed_mode == "single" else None
+    bar = tqdm(total=len(todo), disable=not progress, desc="generating", unit="img")
+    start = time.perf_counter()
+    for b in range(0, len(todo), batch_size):
+        batch = todo[b:b + batch_size]
+        # per_prompt seeds need consecutive prompts in a batch (seed + first index, then +1 each): else one by one
+        groups = [batch] if generator or batch == list(range(batch[0], batch[0] + len(batch))) else [[i] for i in batch]
+        for group in groups:
+            images = pipe([rows[i][1] for i in group], steps=steps, guidance=guidance, seed=generator or seed + group[0],
+                          seed_mode="per_image", height=size, width=size, scheduler=scheduler, progress=False)
+            for i, image in zip(group, images):
+                for folder, picture in (("im512", image), (SCORE_FOLDER, image.resize((eval_size, eval_size)))):
+                    path = out / folder / rows[i][0]
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    picture.save(path)  # Image.resize's default filter is bicubic, as the protocol's
+        bar.update(len(batch))
+        bar.set_postfix(img_per_s=f"{(b + len(batch)) / (time.perf_counter() - start):.2f}")
+    bar.close()
+    return len(todo), time.perf_counter() - start
+
+
+def score_files(out: Path, rows: list[tuple[str, str]], folder: str = SCORE_FOLDER) -> list[Path]:
+    """The images the scores read, one per prompt; a clear error when the folder and the prompts disagree."""
+    files = [out / folder / name for name, _ in rows]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of {len(rows)} images are missing from {out / folder} "
+                                f"(first: {missing[0]}); run the generation again to finish them")
+    on_disk = sum(1 for p in (out / folder).rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    if on_disk != len(rows):
+        raise ValueError(f"{out / folder} holds {on_disk} images but the prompts ask for {len(rows)}; scores would "
+                         "mix in images of other prompts: use the same --num as the generation, or a fresh --out")
+    return files
+
+
+def hardware(device: torch.device | str) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def prompt_grid(out: Path, rows: list[tuple[str, str]], n: int = 16, cols: int = 4, tile: int = 256) -> Image.Image:
+    """The first n images with their prompts written beneath, for a quick look at a run."""
+    tiles = []
+    for name, text in rows[:n]:
+        with Image.open(out / "im512" / name) as image:
+            picture = image.convert("RGB").resize((tile, tile))
+        card = Image.new("RGB", (tile, tile + 44), "white")
+        card.paste(picture, (0, 0))
+        draw = ImageDraw.Draw(card)
+        words, lines = text.split(), [""]
+        for word in words:  # wrap by measured width; two lines at most, the rest elided
+            trial = f"{lines[-1]} {word}".strip()
+            if draw.textlength(trial) <= tile - 8 or not lines[-1]:
+                lines[-1] = trial
+            elif len(lines) < 2:
+                lines.append(word)
+            else:
+                lines[-1] = lines[-1] + " ..."
+                break
+        draw.multiline_text((4, tile + 4), "\n".join(lines), fill="black", spacing=4)
+        tiles.append(card)
+    return grid(tiles, cols=min(cols, len(tiles)))
+
+
+def billions(n: int) -> str:
+    return f"{n / 1e9:.2f}B"
+
+
+def markdown_row(name: str, scores: dict) -> str:
+    """A row of shared/BKSDM.md's results table: | model | FID | IS | CLIP | U-Net params | whole |."""
+    def cell(key, fmt):
+        value = scores.get(key)
+        return "-" if value is None else format(value, fmt)
+    return (f"| {name} | {cell('fid', '.2f')} | {cell('is_mean', '.2f')} | {cell('clip_score', '.4f')} | "
+            f"{billions(scores['unet_params'])} | {billions(scores['total_params'])} |")
+
+
+def write_scores(out: Path, name: str, scores: dict) -> str:
+    """scores.json and scores.md (the table header and this run's row); returns the row."""
+    scores = {**scores, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "versions": {"torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version()}}
+    (out / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
+    row = markdown_row(name, scores)
+    (out / "scores.md").write_text("| model | FID | IS | CLIP | U-Net params | whole |\n|---|---|---|---|---|---|\n"
+                                   + row + "\n")
+    return row
+
+
+def fid_is_scores(files: list[Path], metrics: set[str], stats: Path | None, eval_size: int, weights: Path | None,
+                  batch_size: int, device, progress: bool = True) -> dict:
+    """FID against real-image statistics and/or the Inception Score, from one read of the images."""
+    from minisd.checkpoints.inception import load_inception
+    from minisd.metrics.fid import feature_stats, folder_features, frechet_distance, load_stats
+    from minisd.metrics.inception_score import inception_score
+
+    scores = {}
+    if "fid" in metrics:
+        mu_real, sigma_real, meta = load_stats(stats)
+        if "size" in meta and int(np.asarray(meta["size"]).ravel()[0]) != eval_size:
+            raise ValueError(f"{stats} holds statistics of {int(np.asarray(meta['size']).ravel()[0])} px images but "
+                             f"the scores read {eval_size} px copies; rebuild it with --fid-stats-from DIR "
+                             f"--eval-size {eval_size}, or pass the matching --eval-size")
+    inception = load_inception(weights, device=device)
+    found = folder_features(files, inception, batch_size, device, fid="fid" in metrics, isc="is" in metrics,
+                            progress=progress)
+    if "fid" in metrics:
+        scores["fid"] = frechet_distance(*feature_stats(found.pool), mu_real, sigma_real)
+        scores["fid_stats"] = str(stats)
+    if "is" in metrics:
+        scores["is_mean"], scores["is_std"] = inception_score(found.logits)
+    return scores
+
+
+def parameter_counts(pipe) -> dict:
+    """U-Net and whole-model (U-Net + VAE + text encoder) parameters, the paper's last two columns."""
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    unet = count(pipe.unet)
+    return {"unet_params": unet, "total_params": unet + count(pipe.vae) + count(pipe.text_encoder)}
+
+
+def generation_record(out: Path, made: int, seconds: float, batch_size: int, processes: int, device) -> dict:
+    """How fast this run generated; a run that only resumed keeps the record of the run that made the images."""
+    if made == 0 and (out / "scores.json").is_file():
+        return json.loads((out / "scores.json").read_text()).get("generation", {})
+    return {"images": made, "seconds": round(seconds, 2), "images_per_s_per_process": round(made / max(seconds, 1e-9), 4),
+            "processes": processes, "batch_size": batch_size, "hardware": hardware(device)}
+
+
+def real_stats(folder: Path, save: Path, eval_size: int, weights: Path | None, batch_size: int, device,
+               progress: bool = True) -> Path:
+    """FID statistics of real images, each squashed to eval_size with PIL's bicubic resize as the protocol does."""
+    from minisd.checkpoints.inception import load_inception
+    from minisd.metrics.fid import feature_stats, folder_features, image_files, save_stats
+
+    files = image_files(folder)
+    found = folder_features(files, load_inception(weights, device=device), batch_size, device, fid=True,
+                            progress=progress, resize_to=eval_size)
+    return save_stats(save, *feature_stats(found.pool), size=eval_size, num_images=len(files))
+
+
+def compute_scores(out: Path, rows: list[tuple[str, str]], metrics: set[str], args, eval_size: int, device,
+                   progress: bool = True) -> dict:
+    """The chosen metrics over the images of `rows` in out/im256."""
+    if not metrics:
+        return {}
+    files = score_files(out, rows)
+    scores = {}
+    if metrics & {"fid", "is"}:
+        scores.update(fid_is_scores(files, metrics, args.fid_stats, eval_size, args.inception_weights,
+                                    args.score_batch_size, device, progress))
+    if "clip" in metrics:
+        from minisd.checkpoints.open_clip import load_clip
+        from minisd.metrics.clip_score import folder_clip_score
+
+        model = load_clip(args.clip_model, args.clip_pretrained, device=device)
+        scores["clip_score"], _ = folder_clip_score(out / SCORE_FOLDER, rows, model, batch_size=args.score_batch_size,
+                                                    device=device, progress=progress)
+        scores["clip_model"] = f"{args.clip_model} {args.clip_pretrained}"
+    if "toy" in metrics:
+        from minisd.toy.metric import evaluate_folder
+
+        scores["toy"] = evaluate_folder(out / SCORE_FOLDER, rows, real_dir=args.prompts.parent)
+    return scores
