@@ -80,7 +80,7 @@ def score_files(out: Path, rows: list[tuple[str, str]], folder: str = SCORE_FOLD
     if on_disk != len(rows):
         raise ValueError(f"{out / folder} holds {on_disk} images but the prompts ask for {len(rows)}; scores would "
                          "mix in images of other prompts: use the same --num as the generation, or a fresh --out")
-    return files
+    return sorted(files)  # in name order, as pytorch-fid and torch-fidelity read a folder (IS shuffles by position)
 
 
 def hardware(device: torch.device | str) -> str:

@@ -1,0 +1,145 @@
+"""CLIP's image tower: a Vision Transformer, and the image preprocessing CLIP expects.
+
+CLIP (Radford et al., 2021, arXiv 2103.00020, sec. 2.4) encodes an image with a ViT (Dosovitskiy
+et al., 2021): the image is cut into patches, each patch is projected to a token, a learned class
+token is put in front, learned position embeddings are added, and a LayerNorm ("ln_pre", CLIP's
+addition) precedes pre-LayerNorm transformer blocks. The class token's output, LayerNormed again
+and projected, is the image embedding. This follows open_clip's VisionTransformer
+(open_clip/transformer.py) with its defaults: class-token pooling, exact GELU unless the model was
+trained with OpenAI's quick-GELU, and attention as torch's fused nn.MultiheadAttention computes it.
+
+`preprocess` reproduces open_clip's evaluation transform (open_clip/transform.py, image_transform
+with is_train=False) on PIL and numpy alone: the torchvision steps Resize (shortest side),
+CenterCrop, ToTensor and Normalize, with torchvision's own rounding.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from minisd.clip import ACTIVATIONS
+
+# Normalisation of OpenAI's CLIP training (open_clip/constants.py, OPENAI_DATASET_MEAN/STD), which
+# most open_clip checkpoints keep, LAION's ViT-g-14 included.
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    image_size: int = 224
+    patch_size: int = 14
+    width: int = 1024
+    layers: int = 24
+    heads: int = 16
+    mlp_width: int = 4096
+    embed_dim: int = 768          # the joint image-text embedding the tower projects to
+    activation: str = "gelu"      # "quick_gelu" for OpenAI-trained weights
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {self.activation!r}; expected one of {sorted(ACTIVATIONS)}")
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image size {self.image_size} is not a multiple of the patch size {self.patch_size}")
+
+    @property
+    def tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2 + 1  # the patches and the class token
+
+
+# open_clip's model_configs/*.json; heads = width / head_width, mlp_width = int(width * mlp_ratio)
+VIT_B32 = VisionConfig(patch_size=32, width=768, layers=12, heads=12, mlp_width=3072, embed_dim=512)  # 87.8M
+VIT_L14 = VisionConfig()                                                                            # 304.0M
+VIT_H14 = VisionConfig(width=1280, layers=32, heads=16, mlp_width=5120, embed_dim=1024)             # 632.1M
+VIT_G14 = VisionConfig(width=1408, layers=40, heads=16, mlp_width=6144, embed_dim=1024)             # 1,012.6M
+VIT_BIGG14 = VisionConfig(width=1664, layers=48, heads=16, mlp_width=8192, embed_dim=1280)          # 1,844.9M
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over all tokens (no mask), as nn.MultiheadAttention computes it."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(width, width)
+        self.to_k = nn.Linear(width, width)
+        self.to_v = nn.Linear(width, width)
+        self.to_out = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # [B, N, heads*head_dim] -> [B, heads, N, head_dim]
+        q, k, v = (proj(x).unflatten(-1, (self.heads, -1)).transpose(1, 2) for proj in (self.to_q, self.to_k, self.to_v))
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.to_out(out.transpose(1, 2).flatten(2))  # -> [B, N, heads*head_dim]
+
+
+class VisionLayer(nn.Module):
+    """x + attn(LN(x)), then x + MLP(LN(x)): the text tower's block (minisd/clip.py) without the mask."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.act = ACTIVATIONS[cfg.activation]
+        self.norm1 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.attn = SelfAttention(cfg.width, cfg.heads)
+        self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.fc1 = nn.Linear(cfg.width, cfg.mlp_width)
+        self.fc2 = nn.Linear(cfg.mlp_width, cfg.width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.fc2(self.act(self.fc1(self.norm2(x))))
+
+
+class VisionTransformer(nn.Module):
+    """Normalised images [B, 3, S, S] (see `preprocess`) -> image embeddings [B, embed_dim], not L2-normalised."""
+
+    def __init__(self, cfg: VisionConfig = VIT_L14):
+        super().__init__()
+        self.cfg = cfg
+        scale = cfg.width ** -0.5  # open_clip's initial scale of the embeddings and the projection
+        self.patch_embed = nn.Conv2d(3, cfg.width, cfg.patch_size, stride=cfg.patch_size, bias=False)
+        self.class_embedding = nn.Parameter(scale * torch.randn(cfg.width))
+        self.position_embedding = nn.Parameter(scale * torch.randn(cfg.tokens, cfg.width))
+        self.norm_pre = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.layers = nn.ModuleList(VisionLayer(cfg) for _ in range(cfg.layers))
+        self.norm_post = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.projection = nn.Parameter(scale * torch.randn(cfg.width, cfg.embed_dim))  # used as x @ projection
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.shape[-2:] != (self.cfg.image_size, self.cfg.image_size):
+            raise ValueError(f"images must be {self.cfg.image_size}x{self.cfg.image_size} (see preprocess), "
+                             f"got {tuple(images.shape[-2:])}")
+        x = self.patch_embed(images)       # [B, width, grid, grid]
+        x = x.flatten(2).transpose(1, 2)   # -> [B, grid*grid, width]
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.position_embedding.to(x.dtype)
+        x = self.norm_pre(x)
+        for layer in self.layers:
+            x = layer(x)
+        # open_clip LayerNorms every token, then keeps the class token; a LayerNorm acts per token.
+        return self.norm_post(x[:, 0]) @ self.projection
+
+
+def preprocess(image: Image.Image, size: int = 224, mean=OPENAI_MEAN, std=OPENAI_STD) -> torch.Tensor:
+    """A PIL image -> the normalised tensor [3, size, size] that open_clip's eval transform gives."""
+    # Resize(size): the short side becomes `size`, the long side int(size * long / short), floored
+    # (torchvision's _compute_resized_output_size); PIL's bicubic, which antialiases when shrinking.
+    w, h = image.size
+    short, long = min(w, h), max(w, h)
+    new_w, new_h = (size, int(size * long / short)) if w <= h else (int(size * long / short), size)
+    if (new_w, new_h) != (w, h):  # torchvision returns the image untouched when it has the size
+        image = image.resize((new_w, new_h), Image.BICUBIC)
+    # CenterCrop(size): torchvision's offsets use Python's round(), which rounds halves to even.
+    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    image = image.crop((left, top, left + size, top + size))
+    # Only then to RGB (open_clip's MaybeConvertMode), and ToTensor: [H, W, 3] uint8 -> [3, H, W] in [0, 1].
+    x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1).float().div(255)
+    mean, std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
+    return x.sub(mean).div(std)
