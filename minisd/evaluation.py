@@ -115,16 +115,23 @@ def prompt_grid(out: Path, rows: list[tuple[str, str]], n: int = 16, cols: int =
 
 
 def billions(n: int) -> str:
-    return f"{n / 1e9:.2f}B"
+    """Parameter counts as the paper writes them (0.86B); toy models in millions."""
+    return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
 
 
-def markdown_row(name: str, scores: dict) -> str:
-    """A row of shared/BKSDM.md's results table: | model | FID | IS | CLIP | U-Net params | whole |."""
-    def cell(key, fmt):
-        value = scores.get(key)
+def markdown_row(name: str, scores: dict) -> tuple[str, str]:
+    """(header, row) of shared/BKSDM.md's results table, | model | FID | IS | CLIP | U-Net params | whole |,
+    or of the toy world's, | model | caption accuracy | toy FID | U-Net params | whole |."""
+    def cell(value, fmt):
         return "-" if value is None else format(value, fmt)
-    return (f"| {name} | {cell('fid', '.2f')} | {cell('is_mean', '.2f')} | {cell('clip_score', '.4f')} | "
-            f"{billions(scores['unet_params'])} | {billions(scores['total_params'])} |")
+    params = f"{billions(scores['unet_params'])} | {billions(scores['total_params'])} |"
+    if "toy" in scores:
+        toy = scores["toy"]
+        return ("| model | caption accuracy | toy FID | U-Net params | whole |",
+                f"| {name} | {cell(toy.get('caption_accuracy'), '.1%')} | {cell(toy.get('toy_fid'), '.3f')} | {params}")
+    return ("| model | FID | IS | CLIP | U-Net params | whole |",
+            f"| {name} | {cell(scores.get('fid'), '.2f')} | {cell(scores.get('is_mean'), '.2f')} | "
+            f"{cell(scores.get('clip_score'), '.4f')} | {params}")
 
 
 def write_scores(out: Path, name: str, scores: dict) -> str:
@@ -132,9 +139,8 @@ def write_scores(out: Path, name: str, scores: dict) -> str:
     scores = {**scores, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "versions": {"torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version()}}
     (out / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
-    row = markdown_row(name, scores)
-    (out / "scores.md").write_text("| model | FID | IS | CLIP | U-Net params | whole |\n|---|---|---|---|---|---|\n"
-                                   + row + "\n")
+    header, row = markdown_row(name, scores)
+    (out / "scores.md").write_text(f"{header}\n{'|---' * (header.count('|') - 1)}|\n{row}\n")
     return row
 
 

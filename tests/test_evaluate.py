@@ -10,6 +10,7 @@ from reference import VAE_SMALL, reduced_config, reference_parts, save_hub_layou
 
 import minisd
 from evaluate import main as evaluate
+from minisd.evaluation import billions
 
 PROMPTS = [("a.png", 'a red, round "apple"'), ("sub/b.png", "a cat on a mat"), ("c.png", "a dog"), ("d.png", "a boat")]
 
@@ -74,7 +75,8 @@ def test_writes_scores_row_and_grid(model, tmp_path, capsys):
     assert scores["num_images"] == 2 and scores["unet_params"] == unet
     assert scores["total_params"] == unet + sum(p.numel() for m in (pipe.vae, pipe.text_encoder) for p in m.parameters())
     assert scores["steps"] == 2 and scores["seed_mode"] == "per_prompt" and scores["generation"]["images"] == 2
-    row = f"| tiny | - | - | - | {unet / 1e9:.2f}B | {scores['total_params'] / 1e9:.2f}B |"
+    row = f"| tiny | - | - | - | {unet / 1e6:.2f}M | {scores['total_params'] / 1e6:.2f}M |"
+    assert billions(859_520_964) == "0.86B" and billions(1_040_000_000) == "1.04B"
     assert (tmp_path / "r" / "scores.md").read_text().splitlines()[-1] == row and row in capsys.readouterr().out
     assert Image.open(tmp_path / "r" / "grid.png").size == (2 * 256, 256 + 44)
 
