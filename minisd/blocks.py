@@ -62,16 +62,38 @@ class Attention(nn.Module):
 
     def __init__(self, dim: int, heads: int, context_dim: int | None = None, qkv_bias: bool = False, upcast: bool = False):
         super().__init__()
-        self.heads, self.upcast = heads, upcast
+        self.heads, self.upcast, self.cross = heads, upcast, context_dim is not None
         context_dim = context_dim or dim
         self.to_q = nn.Linear(dim, dim, bias=qkv_bias)
         self.to_k = nn.Linear(context_dim, dim, bias=qkv_bias)
         self.to_v = nn.Linear(context_dim, dim, bias=qkv_bias)
         self.to_out = nn.Linear(dim, dim)
+        self.to_qkv: nn.Linear | None = None  # set by fuse_qkv()
+
+    def fuse_qkv(self) -> None:
+        """Self-attention only: q, k and v project the same x, so one Linear [3*dim, dim] computes
+        all three in one matmul (one larger kernel instead of three). Checkpoints keep the standard
+        layout: state_dict() splits the fused weight back into to_q/to_k/to_v, and loading such a
+        state dict fuses it again (the two hooks below)."""
+        if self.cross or self.to_qkv is not None:
+            return
+        parts = (self.to_q, self.to_k, self.to_v)
+        w = self.to_q.weight
+        self.to_qkv = nn.Linear(w.shape[1], 3 * w.shape[0], bias=self.to_q.bias is not None, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            self.to_qkv.weight.copy_(torch.cat([p.weight for p in parts]))
+            if self.to_qkv.bias is not None:
+                self.to_qkv.bias.copy_(torch.cat([p.bias for p in parts]))
+        del self.to_q, self.to_k, self.to_v
+        self.register_state_dict_post_hook(_split_qkv)
+        self.register_load_state_dict_pre_hook(_fuse_qkv)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        context = x if context is None else context
-        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        if self.to_qkv is not None:
+            q, k, v = self.to_qkv(x).chunk(3, dim=-1)
+        else:
+            context = x if context is None else context
+            q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
         # [B, N, heads*head_dim] -> [B, heads, N, head_dim]
         q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))
         if self.upcast and q.dtype in (torch.float16, torch.bfloat16):
@@ -79,6 +101,22 @@ class Attention(nn.Module):
         else:
             out = F.scaled_dot_product_attention(q, k, v)
         return self.to_out(out.transpose(1, 2).flatten(2))  # -> [B, N, heads*head_dim]
+
+
+def _split_qkv(module: Attention, state_dict: dict, prefix: str, local_metadata) -> None:
+    """state_dict hook of a fused Attention: to_qkv.{weight,bias} -> to_q, to_k, to_v (the standard keys)."""
+    for kind in ("weight", "bias"):
+        if (fused := state_dict.pop(f"{prefix}to_qkv.{kind}", None)) is not None:
+            for name, part in zip(("to_q", "to_k", "to_v"), fused.chunk(3)):
+                state_dict[f"{prefix}{name}.{kind}"] = part
+
+
+def _fuse_qkv(module: Attention, state_dict: dict, prefix: str, *args) -> None:
+    """load_state_dict hook of a fused Attention: standard to_q, to_k, to_v keys -> to_qkv."""
+    for kind in ("weight", "bias"):
+        names = [f"{prefix}{name}.{kind}" for name in ("to_q", "to_k", "to_v")]
+        if all(n in state_dict for n in names):
+            state_dict[f"{prefix}to_qkv.{kind}"] = torch.cat([state_dict.pop(n) for n in names])
 
 
 class FeedForward(nn.Module):

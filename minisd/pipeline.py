@@ -46,6 +46,7 @@ class Pipeline:
     scheduler_config: dict   # diffusers' scheduler_config.json: the noise schedule and prediction type
     source: str = ""
     scheduler: object = field(init=False, repr=False)  # the default sampler, as the checkpoint's config says
+    compiled_unet: object = field(default=None, init=False, repr=False)  # set by compile()
 
     def __post_init__(self):
         self.scheduler = make_sampler(SAMPLER_OF_CLASS.get(self.scheduler_config.get("_class_name"), "pndm"),
@@ -94,7 +95,8 @@ class Pipeline:
                  num_images: int = 1, scheduler: str | None = None, seed_mode: str = "single",
                  init_image: Image.Image | None = None, strength: float = 0.8, progress: bool = True,
                  output: str = "pil"):
-        """Generate images: a list of PIL images (output="np": a float array [N, H, W, 3] in [0, 1]).
+        """Generate images: a list of PIL images (output="np": a float array [N, H, W, 3] in [0, 1];
+        output="latent": the final latents [N, 4, h, w], not decoded).
 
         Images come out prompt by prompt, num_images each. seed_mode "single" draws all initial
         latents from one generator seeded `seed`, as diffusers does; "per_image" gives image i its
@@ -109,11 +111,10 @@ class Pipeline:
         sampler.set_timesteps(steps, device=self.device)
 
         n = len(prompts) * num_images
-        context = self.encode_prompts(prompts).repeat_interleave(num_images, dim=0)
         use_cfg = guidance > 1.0
-        if use_cfg:  # one batched pass: unconditional first, as diffusers concatenates them
-            uncond = self.encode_prompts(negatives).repeat_interleave(num_images, dim=0)
-            context = torch.cat([uncond, context])
+        # with guidance, the negative prompts and the prompts go through the text encoder in one batch,
+        # and the U-Net sees [unconditional; conditional] in one batch, as diffusers concatenates them
+        context = self.encode_prompts(negatives + prompts if use_cfg else prompts).repeat_interleave(num_images, dim=0)
         if isinstance(seed, torch.Generator):
             generator = seed
         elif seed_mode == "per_image":
@@ -133,12 +134,48 @@ class Pipeline:
 
         for i in tqdm(range(start, len(sampler.timesteps)), disable=not progress, desc="denoising"):
             x = torch.cat([latents] * 2) if use_cfg else latents
-            out = self.unet(sampler.scale_model_input(x, i), sampler.timesteps[i], context)
+            out = self.predict(sampler.scale_model_input(x, i), sampler.timesteps[i], context)
             if use_cfg:
                 out_uncond, out_cond = out.chunk(2)
                 out = out_uncond + guidance * (out_cond - out_uncond)
             latents = sampler.step(out, i, latents, generator=generator)
+        if output == "latent":  # the denoised latents, undecoded
+            return latents
         return to_images(self.decode(latents), output)
+
+    def predict(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """The U-Net's output; through the compiled U-Net once compile() was called."""
+        if self.compiled_unet is None:
+            return self.unet(x, t, context)
+        # CUDA graphs (compile modes "reduce-overhead", "max-autotune") replay into the same output
+        # memory at every call: mark each call as a new step, and keep a copy (PNDM keeps eps history)
+        torch.compiler.cudagraph_mark_step_begin()
+        return self.compiled_unet(x, t, context).clone()
+
+    def compile(self, mode: str | None = None) -> "Pipeline":
+        """torch.compile the U-Net as one graph (fullgraph=True). dynamic=False: each batch size and
+        resolution gets its own static kernels rather than one shape-generic graph. mode
+        "reduce-overhead" adds CUDA graphs, which pays at small batch where kernel launches dominate.
+        The first call at a shape compiles (a minute or more): warm_up() pays for it up front."""
+        self.compiled_unet = torch.compile(self.unet, fullgraph=True, dynamic=False, mode=mode)
+        return self
+
+    def warm_up(self, batch: int = 1, height: int | None = None, width: int | None = None, guidance: float = 7.5,
+                scheduler: str | None = None) -> None:
+        """A short run at the shape of the runs to come, so that compilation, CUDA graph capture (the
+        2nd and 3rd calls) and cuDNN's first-call setup happen here rather than in them."""
+        self([""] * batch, steps=3, guidance=guidance, height=height, width=width, scheduler=scheduler,
+             progress=False, output="np")
+
+    def fuse_qkv(self) -> "Pipeline":
+        """Fuse the U-Net's self-attention q/k/v projections (UNet.fuse_qkv); saving keeps the standard layout."""
+        self.unet.fuse_qkv()
+        return self
+
+    def channels_last(self) -> "Pipeline":
+        """Keep the U-Net's and VAE's feature maps NHWC (torch.channels_last): the layout of cuDNN's fast
+        convolution kernels, and in it the SpatialTransformer's [B, C, H, W] <-> [B, H*W, C] reshapes are views."""
+        return self.to(memory_format=torch.channels_last)
 
     def encode_image(self, image: Image.Image, height: int, width: int, n: int, generator) -> torch.Tensor:
         """An init image -> scaled latents [n, 4, h, w], sampled from the VAE's posterior (as diffusers)."""
@@ -167,9 +204,10 @@ class Pipeline:
             self.vae.to(torch.float16)
         return images.float()
 
-    def to(self, device=None, dtype=None) -> "Pipeline":
+    def to(self, device=None, dtype=None, memory_format=None) -> "Pipeline":
+        """Move and cast every model; memory_format (e.g. torch.channels_last) applies to 4-d conv weights only."""
         for model in (self.text_encoder, self.unet, self.vae):
-            model.to(device=device, dtype=dtype)
+            model.to(device=device, dtype=dtype, memory_format=memory_format)
         return self
 
     def save(self, path: str | Path) -> None:

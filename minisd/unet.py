@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from minisd.blocks import Downsample, ResBlock, SpatialTransformer, Upsample, group_norm, timestep_embedding
+from minisd.blocks import Attention, Downsample, ResBlock, SpatialTransformer, Upsample, group_norm, timestep_embedding
 from minisd.table import Stage, UNetTable
 
 
@@ -105,6 +105,14 @@ class UNet(nn.Module):
         # Recompute each block's activations in the backward pass instead of storing them (less
         # memory, about a third more compute); used in training only.
         self.gradient_checkpointing = False
+
+    def fuse_qkv(self) -> "UNet":
+        """Fuse every self-attention's q/k/v projections into one Linear (blocks.Attention.fuse_qkv):
+        the same outputs, fewer kernels; state_dict() and saved checkpoints keep the standard keys."""
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.fuse_qkv()
+        return self
 
     def run(self, block: nn.Module, *args, **kwargs):
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():

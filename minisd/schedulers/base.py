@@ -45,10 +45,16 @@ def gaussian_like(x: torch.Tensor, generator=None) -> torch.Tensor:
     if isinstance(generator, list) and len(generator) == 1:
         generator = generator[0]  # diffusers treats a one-generator list as that generator
     if isinstance(generator, list):
-        return torch.cat([torch.randn((1, *x.shape[1:]), generator=g, device=g.device, dtype=x.dtype)
-                          for g in generator]).to(x.device)
-    device = x.device if generator is None else generator.device
-    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+        noise = torch.cat([torch.randn((1, *x.shape[1:]), generator=g, device=g.device, dtype=x.dtype)
+                           for g in generator])
+    else:
+        device = x.device if generator is None else generator.device
+        noise = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype)
+    if noise.device.type == "cpu" and x.device.type == "cuda":
+        # a plain copy from pageable memory makes the host wait for the GPU to finish all queued work;
+        # from pinned memory the copy is queued like a kernel
+        return noise.pin_memory().to(x.device, non_blocking=True)
+    return noise.to(x.device)
 
 
 class Sampler:

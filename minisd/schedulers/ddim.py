@@ -26,13 +26,16 @@ class DDIM(Sampler):
         self.final_alpha_cumprod = torch.tensor(1.0) if config.get("set_alpha_to_one", True) else alphas_cumprod[0]
         self.clip_x0 = config.get("clip_sample_range", 1.0) if config.get("clip_sample", True) else None
         self.stride = None
+        self.timestep_values: list[int] = []  # `timesteps` as Python ints
 
     def set_timesteps(self, steps: int, device="cpu") -> None:
-        self.timesteps = torch.from_numpy(self.spaced(steps).round().astype(np.int64)).to(device)
+        t = self.spaced(steps).round().astype(np.int64)
+        self.timesteps = torch.from_numpy(t).to(device)
+        self.timestep_values = t.tolist()  # read by step(): no device read (a host-device sync) per step
         self.stride = self.schedule.num_train_timesteps // steps
 
     def step(self, model_output: torch.Tensor, i: int, x: torch.Tensor, generator=None) -> torch.Tensor:
-        t = int(self.timesteps[i])
+        t = self.timestep_values[i]
         t_prev = t - self.stride
         alpha_bar = self.schedule.alphas_cumprod[t]
         alpha_bar_prev = self.schedule.alphas_cumprod[t_prev] if t_prev >= 0 else self.final_alpha_cumprod

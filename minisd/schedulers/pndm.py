@@ -41,6 +41,7 @@ class PNDM(Sampler):
         alphas_cumprod = self.schedule.alphas_cumprod
         self.final_alpha_cumprod = torch.tensor(1.0) if config.get("set_alpha_to_one", False) else alphas_cumprod[0]
         self.stride = None
+        self.timestep_values: list[int] = []  # `timesteps` as Python ints
         self.eps_history: list[torch.Tensor] = []  # raw model outputs of this run, oldest first (at most 4)
         self.warmup_x: torch.Tensor | None = None  # x before call 0, until call 1 has redone that step
 
@@ -48,6 +49,9 @@ class PNDM(Sampler):
         t = self.spaced(steps).round().astype(np.int64)
         t = np.concatenate([t[:2], t[1:]])  # t1 twice: call 1 redoes the first step
         self.timesteps = torch.from_numpy(t).to(device)
+        # the step arithmetic reads these host copies: reading `timesteps` on a GPU would make the
+        # host wait for the device at every step
+        self.timestep_values = t.tolist()
         self.stride = self.schedule.num_train_timesteps // steps
         self.reset()
 
@@ -56,7 +60,7 @@ class PNDM(Sampler):
         self.warmup_x = None
 
     def step(self, model_output: torch.Tensor, i: int, x: torch.Tensor, generator=None) -> torch.Tensor:
-        t = int(self.timesteps[i])
+        t = self.timestep_values[i]
         if not self.eps_history:  # call 0
             self.eps_history.append(model_output)
             self.warmup_x = x

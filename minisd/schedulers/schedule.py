@@ -49,6 +49,7 @@ class NoiseSchedule:
         # Karras et al. 2022 (arXiv 2206.00364) view the same process as x0 + sigma * eps: dividing
         # x_t by sqrt(alpha_bar_t) gives sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t)
         self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
+        self.on_device: dict[tuple, torch.Tensor] = {}  # alphas_cumprod per (device, dtype), copied once
 
     @classmethod
     def from_config(cls, config: dict) -> "NoiseSchedule":
@@ -74,7 +75,11 @@ class NoiseSchedule:
 
     def scales(self, t, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """sqrt(alpha_bar_t) and sqrt(1 - alpha_bar_t), shaped to broadcast over x [B, C, H, W]."""
-        alpha_bar = self.alphas_cumprod.to(x.device, x.dtype)[torch.as_tensor(t, device=x.device)]
+        # copied to x's device once: a blocking copy at every training step would make the host wait for the GPU
+        key = (x.device, x.dtype)
+        if key not in self.on_device:
+            self.on_device[key] = self.alphas_cumprod.to(x.device, x.dtype)
+        alpha_bar = self.on_device[key][torch.as_tensor(t, device=x.device)]
         alpha_bar = alpha_bar.reshape(-1, *[1] * (x.ndim - 1))  # t [B] or scalar -> [B or 1, 1, 1, 1]
         return alpha_bar**0.5, (1 - alpha_bar) ** 0.5
 

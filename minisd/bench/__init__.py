@@ -1,0 +1,19 @@
+"""Side-by-side benchmarks of minisd and the reference implementations, in one process.
+
+    python -m minisd.bench sample --config sd small tiny --batch 1 8 32 --compile both   # vs diffusers
+    python -m minisd.bench train --config small tiny --batch 64                          # vs BK-SDM's KD step
+    python -m minisd.bench train --config small --batch 48 64 96 128 --memory-probe      # largest batch (CUDA)
+    python -m minisd.bench sample --config tiny --small --size 64 --steps 2 --batch 1 2 --device cpu   # smoke run
+
+Models carry random weights at the real configs (models.py); the libraries alternate, warm-up
+excluded, and the figures land in --out (default bench/) as JSON, Markdown and, for sampling, a PNG
+of images/s against batch size. FLOPs come from the analytic count of minisd.flops.
+
+    models.py     random-weight minisd pipelines and their diffusers/transformers twins
+    measure.py    timing, peak memory, the device's peak TFLOP/s, host-device sync counts
+    sampling.py   `sample`: Pipeline vs StableDiffusionPipeline
+    kd_steps.py   train.py's KD step, and BK-SDM's reference step (hooks, fp16, checkpointing)
+    training.py   `train`: the two KD steps, and the memory probe
+    report.py     JSON, Markdown tables and the plot
+diffusers and transformers are imported only for the reference side (requirements-test.txt).
+"""
