@@ -6,6 +6,8 @@
     python train.py --variant tiny --data ... --out weights/my-run            # re-run: resumes from its last checkpoint
     python train.py --variant tiny --data ... --resume weights/my-run/checkpoint-0005000 --out weights/branch
     python train.py --plain --unet-config unet.json --teacher weights/toy-sd --data data/toy/train   # from scratch
+    python train.py --plain --variant sd --teacher data/toy-init --train-text-encoder --caption-dropout 0.1 --data ...
+    python train.py --variant small --data data/laion_aes/preprocessed_212k --cache-latents data/cache/laion-512
 
 The student starts from the teacher's weights (minisd/distill.py) and learns from three losses:
 the denoising task, the teacher's output, and the teacher's features. The teacher, its VAE and
@@ -24,7 +26,8 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from minisd.checkpoints.diffusers import unet_table_from_config
+from minisd import latent_cache
+from minisd.checkpoints.diffusers import load_text_encoder, unet_table_from_config
 from minisd.checkpoints.files import read_json
 from minisd.data import ResumableSampler, make_loader, open_dataset
 from minisd.distill import feature_pairs, kd_losses, student_from_teacher, total_loss
@@ -41,6 +44,7 @@ from minisd.training import (
     plot_losses,
     save_checkpoint,
     setup_distributed,
+    to_device,
     write_shared,
 )
 from minisd.unet import UNet
@@ -65,6 +69,9 @@ def parse_args(argv=None):
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--random-crop", action="store_true", help="random instead of center crop")
     p.add_argument("--no-flip", action="store_true", help="no random horizontal flip")
+    p.add_argument("--cache-latents", type=Path, metavar="DIR",
+                   help="compute the VAE posteriors and text states of an image folder once, into DIR (resumable), "
+                        "and train from them; the images are then center-cropped and never flipped")
     p.add_argument("--batch-size", type=int, default=64, help="per GPU (per process)")
     p.add_argument("--global-batch", type=int, default=256, help="kept whatever the GPU count: batch x GPUs x accumulation")
     p.add_argument("--max-steps", type=int, default=50_000)
@@ -81,6 +88,12 @@ def parse_args(argv=None):
                         "text encoder and schedule)")
     p.add_argument("--unet-config", type=Path,
                    help="with --plain: a diffusers U-Net config.json for a U-Net trained from scratch (random init)")
+    p.add_argument("--train-text-encoder", action="store_true",
+                   help="with --plain: train the teacher's text encoder jointly with the U-Net, as LDM trains its "
+                        "text-to-image models from scratch; checkpoints then hold it in text_encoder/")
+    p.add_argument("--caption-dropout", type=float, default=0.0,
+                   help="share of captions replaced by the empty prompt, so that classifier-free guidance has an "
+                        "unconditional model to extrapolate from (SD: 0.1); 0 for distillation, whose teacher has one")
     p.add_argument("--ema-decay", type=float, default=None, help="keep an EMA of the student (e.g. 0.9999)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--no-compile", action="store_true", help="no torch.compile (it is on by default on CUDA)")
@@ -98,6 +111,18 @@ def parse_args(argv=None):
     if args.unet_config and not args.plain:
         p.error("--unet-config trains a new U-Net from random weights: it needs --plain (there is no teacher "
                 "block to distill it from)")
+    if args.train_text_encoder and not args.plain:
+        p.error("--train-text-encoder trains the text encoder from the denoising loss: it needs --plain (in "
+                "distillation the teacher's text encoder stays frozen)")
+    if args.cache_latents and args.train_text_encoder:
+        p.error("--cache-latents stores the frozen text encoder's outputs, so the text encoder cannot train: drop "
+                "--cache-latents or --train-text-encoder")
+    if args.cache_latents and args.random_crop:
+        p.error("--cache-latents fixes each image's crop when caching (center crop): drop --random-crop")
+    if args.cache_latents:
+        args.no_flip = True  # a cached image has the latents of one fixed transform, unflipped
+    if not 0 <= args.caption_dropout < 1:
+        p.error(f"--caption-dropout {args.caption_dropout} is a probability: give a number in [0, 1)")
     args.out = args.out or Path("weights") / f"bk-{args.variant}-{args.teacher.rstrip('/').split('/')[-1]}"
     return args
 
@@ -126,7 +151,10 @@ def main(argv=None) -> int:
     teacher.to(dtype=torch.bfloat16 if cuda else torch.float32)
     pairs = [] if args.plain else feature_pairs(student.table, teacher.unet.table)
     schedule = NoiseSchedule.from_config(teacher.scheduler_config)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=cuda)
+    # --train-text-encoder: the text encoder learns with the student, in fp32 like it
+    text_encoder = teacher.text_encoder.float().train().requires_grad_(True) if args.train_text_encoder else None
+    trained = list(student.parameters()) + (list(text_encoder.parameters()) if text_encoder is not None else [])
+    optimizer = torch.optim.AdamW(trained, lr=args.lr, weight_decay=args.weight_decay, fused=cuda)
     ema = EMA(student, args.ema_decay) if args.ema_decay else None
     step, epoch, position = 0, 0, 0
 
@@ -141,14 +169,22 @@ def main(argv=None) -> int:
             sys.exit(f"train.py: {args.out} holds a run of --variant {state['variant']} --teacher {state['teacher']}; "
                      "use another --out for this one")
         student.load_state_dict(weights.state_dict())
+        if text_encoder is not None:
+            text_encoder.load_state_dict(load_text_encoder(found[-1] / "text_encoder", device=device).state_dict())
         optimizer.load_state_dict(state["optimizer"])
         if ema is not None and ema_weights is not None:
             ema.shadow = {k: v.float() for k, v in ema_weights.items()}
         step, epoch, position = state["step"], state["epoch"], state["position"]
 
-    data = open_dataset(args.data, args.resolution, center_crop=not args.random_crop, random_flip=not args.no_flip,
-                        seed=args.seed, rank=rank, world_size=world)
-    loader = make_loader(data, args.batch_size, args.num_workers, pin_memory=cuda)
+    if args.cache_latents:  # latents and text states from the cache, built here if it is not complete
+        latent_cache.build(teacher, args.data, args.cache_latents, args.resolution, args.batch_size, args.num_workers,
+                           rank, world, args.teacher)
+        data = latent_cache.CachedDataset(args.cache_latents, args.data, seed=args.seed, rank=rank, world_size=world)
+        loader = make_loader(data, args.batch_size, args.num_workers, pin_memory=cuda, collate_fn=latent_cache.collate)
+    else:
+        data = open_dataset(args.data, args.resolution, center_crop=not args.random_crop, random_flip=not args.no_flip,
+                            seed=args.seed, rank=rank, world_size=world)
+        loader = make_loader(data, args.batch_size, args.num_workers, pin_memory=cuda)
     if isinstance(loader.sampler, ResumableSampler):
         loader.sampler.set_state(epoch, position)
     else:  # a stream of tar shards skips what this rank already consumed
@@ -182,14 +218,17 @@ def main(argv=None) -> int:
                     position += args.batch_size
                 except StopIteration:  # one pass is one epoch; the loader starts the next by itself
                     epoch, position, batches = epoch + 1, 0, iter(loader)
-            pixels = batch["pixels"].to(device, non_blocking=True)
             with torch.no_grad():
-                latent_shape = (student.table.in_channels, *(n // teacher.vae_scale for n in pixels.shape[-2:]))
-                t, noise, eps = per_sample_noise(batch["seed"], latent_shape, schedule.num_train_timesteps)
-                t, noise, eps = t.to(device), noise.to(device), eps.to(device)
-                posterior = teacher.vae.encode(pixels.to(teacher.dtype))
-                latents = (posterior.mean + posterior.std * eps.to(teacher.dtype)).float() * teacher.vae.scaling_factor
-                context = teacher.text_encoder(teacher.tokenizer(batch["text"]).to(device))
+                mean, std = latent_cache.posterior_moments(batch, teacher, device)  # from the cache, or the VAE
+                t, noise, eps = (to_device(v, device) for v in
+                                 per_sample_noise(batch["seed"], mean.shape[1:], schedule.num_train_timesteps))
+                latents = (mean + std * eps.to(teacher.dtype)).float() * teacher.vae.scaling_factor
+                texts = drop_captions(batch["text"], batch["seed"], args.caption_dropout)
+                if "context" in batch:
+                    context = latent_cache.cached_text_states(batch, texts, teacher, device)
+                else:
+                    with torch.enable_grad() if text_encoder is not None else contextlib.nullcontext():
+                        context = teacher.text_encoder(to_device(teacher.tokenizer(texts), device))
                 noisy = schedule.add_noise(latents, noise, t)
                 target = noise if schedule.prediction_type == "epsilon" else schedule.velocity(latents, noise, t)
                 teacher_out, teacher_feats = (None, {}) if args.plain else \
@@ -203,8 +242,8 @@ def main(argv=None) -> int:
                     loss = total_loss(losses, args.lambda_sd, args.lambda_out, args.lambda_feat)
                 (loss / accum).backward()
             sums += torch.stack([loss.detach(), losses["sd"].detach(), losses["out"].detach(), losses["feat"].detach()]) / accum
-            samples += pixels.shape[0] * world
-        torch.nn.utils.clip_grad_norm_(student.parameters(), args.max_grad_norm, foreach=True)
+            samples += len(batch["seed"]) * world
+        torch.nn.utils.clip_grad_norm_(trained, args.max_grad_norm, foreach=True)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
@@ -265,9 +304,19 @@ def save(args, rank, step, epoch, position, student, ema, optimizer, teacher):
         state = dict(step=step, epoch=epoch, position=position, optimizer=optimizer.state_dict(),
                      variant=args.variant, teacher=args.teacher, args=json.dumps(vars(args), default=str))
         scheduler_class = teacher.scheduler_config.get("_class_name", "PNDMScheduler")
-        save_checkpoint(args.out, step, student, ema, state, args.keep, scheduler_class)
+        save_checkpoint(args.out, step, student, ema, state, args.keep, scheduler_class,
+                        text_encoder=teacher.text_encoder if args.train_text_encoder else None)
     if dist.is_initialized():
         dist.barrier()
+
+
+def drop_captions(texts: list[str], seeds: torch.Tensor, p: float) -> list[str]:
+    """Each caption replaced by the empty prompt with probability p, drawn from its sample's seed, so a resumed run
+    drops the same ones (SD trained with 10% dropped, which classifier-free guidance needs)."""
+    if not p:
+        return texts
+    drawn = [torch.rand((), generator=torch.Generator().manual_seed(seed ^ 0x5EED)).item() for seed in seeds.tolist()]
+    return ["" if u < p else text for text, u in zip(texts, drawn)]
 
 
 @torch.no_grad()

@@ -341,13 +341,13 @@ def collate(batch: list[dict | None]) -> dict | None:
 
 
 def make_loader(dataset: Dataset | IterableDataset, batch_size: int, num_workers: int, pin_memory: bool,
-                sampler: Sampler | None = None, drop_last: bool = True) -> DataLoader:
+                sampler: Sampler | None = None, drop_last: bool = True, collate_fn=collate) -> DataLoader:
     """A DataLoader with `collate`; a map-style set without a sampler gets a ResumableSampler (`loader.sampler`).
     Workers persist across epochs and keep 4 batches each ready, as decoding time varies from image to image."""
     if sampler is None and not isinstance(dataset, IterableDataset):
         sampler = ResumableSampler(len(dataset), dataset.seed, dataset.rank, dataset.world_size)
     workers = num_workers > 0
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate,
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate_fn,
                       pin_memory=pin_memory, drop_last=drop_last, persistent_workers=workers,
                       prefetch_factor=4 if workers else None, worker_init_fn=leave_stop_signals if workers else None)
 

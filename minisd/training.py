@@ -60,6 +60,14 @@ def per_sample_noise(seeds: torch.Tensor, latent_shape: tuple, num_train_timeste
     return torch.cat(t), torch.stack(noise), torch.stack(eps)
 
 
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """x (on the CPU) on `device`, without a host-device sync: a plain copy from pageable memory to a GPU
+    makes the host wait for all queued GPU work, while a copy from pinned memory is queued like a kernel."""
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
 def lr_at(step: int, base: float, schedule: str, warmup: int, total: int) -> float:
     """BK-SDM trains at a constant 5e-5; linear warm-up and cosine decay are options."""
     if step < warmup:
@@ -101,15 +109,19 @@ def write_shared(teacher, out: Path) -> None:
 
 
 def save_checkpoint(out: Path, step: int, student, ema: EMA | None, state: dict, keep: int,
-                    scheduler_class: str) -> Path:
+                    scheduler_class: str, text_encoder=None) -> Path:
+    """text_encoder: one trained with the U-Net (train.py --train-text-encoder), saved in the checkpoint, not linked."""
     final = out / f"checkpoint-{step:07d}"
     tmp = out / f".tmp-checkpoint-{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
     save_unet(student, tmp / "unet")
     if ema is not None:
         save_unet(ema.as_model(student), tmp / "ema_unet")
+    if text_encoder is not None:
+        save_text_encoder(text_encoder, tmp / "text_encoder")
     for name in SHARED:
-        os.symlink(Path("..") / name, tmp / name, target_is_directory=True)
+        if not (tmp / name).exists():
+            os.symlink(Path("..") / name, tmp / name, target_is_directory=True)
     write_json(tmp / "model_index.json", model_index(scheduler_class))
     write_checkpoint(tmp / "training_state.pt", state)
     shutil.rmtree(final, ignore_errors=True)
