@@ -1,0 +1,106 @@
+"""`python -m minisd.bench sample`: minisd's Pipeline against diffusers' StableDiffusionPipeline.
+
+Both hold the same random weights at the chosen config, in the same dtype, and run the same work:
+the same prompts, resolution, steps (PNDM, so steps + 1 U-Net calls), guidance 7.5 with one
+batched CFG pass, VAE decode and conversion to a numpy image. For each batch size the two
+libraries run alternately in one process (A B B A ...), after a warm-up run each that is not
+timed. Reported per library: U-Net calls per second at the CFG batch (2 x batch; "it/s" as the
+diffusers progress bar counts it), seconds per image and images per second end to end, peak
+memory, achieved TFLOP/s (the analytic count of minisd.flops for the work done) and its fraction
+of the device's peak.
+
+minisd runs with its speed paths: fused self-attention q/k/v and channels_last (and, with
+--compile, its compiled U-Net). diffusers runs as a user gets it (SDPA attention, its default);
+with --compile it gets its documented recipe: channels_last, fuse_qkv_projections(), and
+torch.compile of the U-Net with the same mode and fullgraph=True.
+"""
+
+import torch
+
+from minisd.bench.measure import Peak, device_peak, median, model_bytes, timed
+from minisd.bench.models import diffusers_pipeline, random_pipeline
+from minisd.flops import sampling_flops
+
+PROMPT = "a black vase holding a bouquet of roses"
+GUIDANCE = 7.5
+
+
+def compile_diffusers(ref, mode: str | None) -> None:
+    """diffusers' speed recipe (its docs, "Accelerate inference"): channels_last, fused q/k/v, compiled U-Net."""
+    ref.unet.to(memory_format=torch.channels_last)
+    ref.fuse_qkv_projections()
+    ref.unet = torch.compile(ref.unet, mode=mode, fullgraph=True, dynamic=False)
+
+
+def run(args, device: torch.device, dtype: torch.dtype) -> list[dict]:
+    """One row per (config, compile, batch, library)."""
+    rows = []
+    for name in args.config:
+        rows += run_config(args, name, device, dtype)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def run_config(args, name: str, device: torch.device, dtype: torch.dtype) -> list[dict]:
+    peak_tflops, _ = device_peak(device, dtype, args.peak_tflops)
+    pipe = random_pipeline(args.family, name, small=args.small, device=device, dtype=dtype)
+    ref = diffusers_pipeline(pipe)
+    pipe.fuse_qkv().channels_last()
+    size = args.size or pipe.native_size
+    calls = args.steps + 1  # PNDM (PLMS) spends one extra U-Net call on its warm-up
+    flops = sampling_flops(pipe.unet.table, pipe.vae.config, pipe.text_encoder.cfg, size=size, steps=calls)["total"]
+    resident = {"minisd": model_bytes(pipe.unet, pipe.vae, pipe.text_encoder),
+                "diffusers": model_bytes(ref.unet, ref.vae, ref.text_encoder)}
+    generate = {
+        "minisd": lambda b: pipe([PROMPT] * b, steps=args.steps, guidance=GUIDANCE, height=size, width=size,
+                                 progress=False, output="np"),
+        "diffusers": lambda b: ref([PROMPT] * b, num_inference_steps=args.steps, guidance_scale=GUIDANCE,
+                                   height=size, width=size, output_type="np",
+                                   generator=torch.Generator().manual_seed(0)).images,
+    }
+    rows = []
+    for compiled in ([False, True] if args.compile == "both" else [args.compile == "on"]):
+        if compiled:
+            pipe.compile(args.mode)
+            compile_diffusers(ref, args.mode)
+        for b in args.batch:
+            common = dict(config=f"{args.family}-{name}" + ("-reduced" if args.small else ""), size=size,
+                          steps=args.steps, batch=b, dtype=str(dtype).removeprefix("torch."), compiled=compiled)
+            its = unet_rates(pipe, ref, b, size, args.repeats, args.unet_calls, device, dtype, 3 if compiled else 1)
+            for lib in generate:  # warm-up: compilation, CUDA graph capture, first-call setup
+                generate[lib](b)
+            seconds, peaks = {lib: [] for lib in generate}, {lib: 0 for lib in generate}
+            for r in range(args.repeats):
+                for lib in (list(generate) if r % 2 == 0 else list(generate)[::-1]):
+                    with Peak(device) as peak:
+                        seconds[lib].append(timed(lambda: generate[lib](b), device))
+                    peaks[lib] = max(peaks[lib], peak.bytes)
+            for lib in generate:
+                s = median(seconds[lib])
+                rows.append(dict(common, lib=lib, unet_its=its[lib], s_per_image=s / b, images_per_s=b / s,
+                                 peak_gb=(resident[lib] + peaks[lib]) / 2**30, tflops=flops * b / s / 1e12,
+                                 fraction_of_peak=flops * b / s / 1e12 / peak_tflops))
+    return rows
+
+
+@torch.no_grad()
+def unet_rates(pipe, ref, batch: int, size: int, repeats: int, calls: int, device, dtype,
+               warmup: int = 3) -> dict[str, float]:
+    """U-Net calls per second at the CFG batch (2 x batch), each library's U-Net on the same inputs,
+    after `warmup` untimed calls (a compiled U-Net compiles on the 1st, captures CUDA graphs on the 2nd and 3rd)."""
+    latent = size // pipe.vae_scale
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2 * batch, pipe.unet.table.in_channels, latent, latent, generator=gen).to(device, dtype)
+    context = torch.randn(2 * batch, 77, pipe.unet.table.context_dim, generator=gen).to(device, dtype)
+    t = torch.tensor(500, device=device)
+    step = {"minisd": lambda: pipe.predict(x, t, context),
+            "diffusers": lambda: ref.unet(x, t, encoder_hidden_states=context, return_dict=False)[0]}
+    for fn in step.values():
+        for _ in range(warmup):
+            fn()
+    seconds = {lib: [] for lib in step}
+    for r in range(repeats):
+        for lib in (list(step) if r % 2 == 0 else list(step)[::-1]):
+            seconds[lib].append(timed(lambda: [step[lib]() for _ in range(calls)], device))
+    return {lib: calls / median(s) for lib, s in seconds.items()}
