@@ -40,6 +40,9 @@ def parse_args(argv=None):
     p.add_argument("--max-steps", type=int, default=5000)
     p.add_argument("--lr", type=float, default=4.5e-6 * 32, help="LDM: 4.5e-6 per image of the batch")
     p.add_argument("--kl-weight", type=float, default=KL_WEIGHT)
+    p.add_argument("--l2-weight", type=float, default=0.0,
+                   help="adds this times the squared error: it weighs the few large errors (a small shape's wrong "
+                        "colour) above the many small ones that L1 spends its gradient on (a texture's noise)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--log-steps", type=int, default=50)
@@ -91,7 +94,7 @@ def main(argv=None) -> int:
         # LDM sums over pixels and averages over the batch, so the KL weight means the same at any size
         rec = (x - x_rec).abs().flatten(1).sum(1).mean()
         kl = posterior.kl().mean()
-        loss = rec + args.kl_weight * kl
+        loss = rec + args.kl_weight * kl + args.l2_weight * (x - x_rec).square().flatten(1).sum(1).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

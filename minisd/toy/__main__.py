@@ -1,8 +1,13 @@
-"""The toy world's command line: write a data set, or score images against their captions.
+"""The toy world's command line: write a data set, score images against their captions, set up a teacher's
+training, or run the distillation ablation.
 
     python -m minisd.toy data --out data/toy --n 20000 --seed 0 --heldout 0.1
     python -m minisd.toy check --images data/toy/heldout
     python -m minisd.toy check --images results/toy/im512 --metadata data/toy/heldout/metadata.csv
+    python -m minisd.toy configs --out data/toy-configs              # vae.json, unet.json, text_encoder.json
+    python -m minisd.toy init --vae weights/toy-vae --out data/toy-init   # random U-Net and text tower + the VAE
+    python -m minisd.toy export --checkpoint weights/toy-teacher/checkpoint-0001500 --out weights/toy-sd
+    python -m minisd.toy ablation --teacher weights/toy-sd --data data/toy --out results/toy-ablation
 
 `check` prints the share of images whose stated colours, shapes, sizes, count and position or relation the pixel
 checker finds, and the share with all of them (caption accuracy). Images of any size are scaled to 64 px first.
@@ -41,9 +46,35 @@ def main(argv: list[str] | None = None) -> None:
     check.add_argument("--metadata", type=Path, help="file_name,text CSV (default: IMAGES/metadata.csv)")
     for command in (data, check):
         command.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="processes")
+    configs = commands.add_parser("configs", help="write the toy models' configs (train_vae.py --config, "
+                                                  "train.py --unet-config)")
+    configs.add_argument("--out", type=Path, required=True)
+    init = commands.add_parser("init", help="a pipeline folder with a random toy U-Net and text tower, to train "
+                                            "a teacher from (train.py --plain --train-text-encoder --teacher OUT)")
+    init.add_argument("--vae", type=Path, required=True, help="the trained toy VAE (train_vae.py --out)")
+    init.add_argument("--out", type=Path, required=True)
+    init.add_argument("--seed", type=int, default=0)
+    export = commands.add_parser("export", help="a checkpoint of train.py as a standalone pipeline folder")
+    export.add_argument("--checkpoint", type=Path, required=True)
+    export.add_argument("--out", type=Path, required=True)
+    export.add_argument("--dtype", choices=["fp16", "fp32"], default="fp16", help="weights as stored (fp16: half)")
+    ablation = commands.add_parser("ablation", help="train base/small/tiny students and the KD ablation, then "
+                                                    "sample, score and tabulate them (minisd/toy/ablation.py)")
+    ablation.add_argument("--teacher", type=Path, default=Path("weights/toy-sd"))
+    ablation.add_argument("--data", type=Path, default=Path("data/toy"), help="written by `data` (train/, heldout/)")
+    ablation.add_argument("--out", type=Path, default=Path("results/toy-ablation"))
+    ablation.add_argument("--steps", type=int, default=250, help="training steps of every student")
+    ablation.add_argument("--batch-size", type=int, default=32)
+    ablation.add_argument("--lr", type=float, default=5e-4)
+    ablation.add_argument("--seed", type=int, default=0)
+    ablation.add_argument("--prompts", type=int, default=200, help="held-out prompts each model is scored on")
+    ablation.add_argument("--sample-steps", type=int, default=25, help="PNDM steps")
+    ablation.add_argument("--guidance", type=float, help="classifier-free guidance (default: configs.TOY_GUIDANCE)")
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
+    if args.command in ("configs", "init", "export", "ablation"):
+        return tools(args)
     if args.command == "data":
         if not 0 <= args.heldout < 1 or args.n < 1:
             sys.exit("need --n >= 1 and 0 <= --heldout < 1")
@@ -57,6 +88,39 @@ def main(argv: list[str] | None = None) -> None:
         if judged:
             print(f"{name:16s} {right / judged:7.2%}  ({right}/{judged})")
     print(f"checked {totals['caption_correct'][1]} images in {time.perf_counter() - start:.1f} s")
+
+
+def tools(args) -> None:
+    """The model subcommands: their imports (torch and the models) stay out of `data` and `check`."""
+    from minisd.toy import ablation, configs
+
+    if args.command == "configs":
+        from minisd.checkpoints.diffusers import unet_config_from_table, write_json
+
+        write_json(args.out / "vae.json", configs.TOY_VAE)
+        write_json(args.out / "unet.json", unet_config_from_table(configs.TOY_UNET))
+        write_json(args.out / "text_encoder.json", configs.TOY_TEXT.to_transformers())
+        print(f"wrote vae.json, unet.json and text_encoder.json to {args.out}")
+    elif args.command == "init":
+        require(args.vae, "config.json", "a VAE folder: train one with train_vae.py --config data/toy-configs/vae.json "
+                                          "(see weights/toy-sd/README.md)")
+        print(f"random toy pipeline with the VAE of {args.vae}: {configs.initial_pipeline(args.vae, args.out, args.seed)}")
+    elif args.command == "export":
+        require(args.checkpoint, "unet", "a train.py checkpoint folder (checkpoint-NNNNNNN)")
+        print(f"exported {args.checkpoint}: {configs.export(args.checkpoint, args.out, args.dtype)}")
+    else:
+        require(args.teacher, "model_index.json", "a pipeline folder, e.g. weights/toy-sd")
+        require(args.data, "heldout/metadata.csv", f"a toy data set (train/ and heldout/): write one with "
+                                                    f"python -m minisd.toy data --out {args.data}")
+        table = ablation.run_ablation(args.teacher, args.data, args.out, args.steps, args.batch_size, args.lr,
+                                      args.seed, args.prompts, args.sample_steps, args.guidance or configs.TOY_GUIDANCE)
+        print((args.out / "results.md").read_text())
+        print(f"{len(table)} models scored; grid of samples: {args.out / 'grid.png'}")
+
+
+def require(folder: Path, inside: str, what: str) -> None:
+    if not (folder / inside).exists():
+        sys.exit(f"{folder} is not {what} (it has no {inside})")
 
 
 if __name__ == "__main__":
