@@ -145,13 +145,15 @@ def load_checkpoint(path: Path, device) -> tuple:
 
 
 def plot_losses(rows: list[dict], path: Path, keys=("loss", "sd", "out", "feat")) -> None:
-    """A PNG line plot of the logged loss terms against the step (log scale), drawn with PIL."""
+    """A PNG line plot of the logged loss terms against the step (log scale), drawn with PIL. A term that is 0
+    throughout (out and feat of a --plain run) is left out: on a log scale it would squash the others flat."""
     w, h, pad = 800, 480, 50
     image = Image.new("RGB", (w, h), "white")
     draw = ImageDraw.Draw(image)
     colours = {"loss": "black", "sd": "blue", "out": "orange", "feat": "green"}
     steps = [r["step"] for r in rows]
-    values = [math.log10(max(r[k], 1e-12)) for r in rows for k in keys if k in r]
+    keys = [k for k in keys if k in rows[0] and any(r.get(k, 0) > 0 for r in rows)]
+    values = [math.log10(max(r[k], 1e-12)) for r in rows for k in keys]
     if len(steps) < 2 or not values:
         return
     lo, hi, s0, s1 = min(values), max(values), steps[0], steps[-1]
@@ -161,11 +163,11 @@ def plot_losses(rows: list[dict], path: Path, keys=("loss", "sd", "out", "feat")
                 h - pad - (h - 2 * pad) * (math.log10(max(value, 1e-12)) - lo) / max(1e-9, hi - lo))
 
     draw.rectangle([pad, pad, w - pad, h - pad], outline="grey")
-    for i, key in enumerate(k for k in keys if k in rows[0]):
+    for i, key in enumerate(keys):
         draw.line([xy(r["step"], r[key]) for r in rows], fill=colours[key], width=2)
         draw.text((pad + 10 + 80 * i, 10), key, fill=colours[key])
     draw.text((pad, h - pad + 10), f"step {s0}", fill="black")
     draw.text((w - pad - 80, h - pad + 10), f"step {s1}", fill="black")
-    draw.text((5, pad), f"1e{hi:.1f}", fill="black")
-    draw.text((5, h - pad - 10), f"1e{lo:.1f}", fill="black")
+    draw.text((5, pad), f"{10 ** hi:.3g}", fill="black")
+    draw.text((5, h - pad - 10), f"{10 ** lo:.3g}", fill="black")
     image.save(path)

@@ -26,7 +26,7 @@ from minisd.checkpoints.diffusers import load_unet
 from minisd.distill import student_from_teacher, total_loss
 from minisd.pipeline import load_pipeline
 from minisd.table import variant
-from minisd.training import checkpoints, load_checkpoint
+from minisd.training import checkpoints, load_checkpoint, plot_losses
 from sample import main as sample_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -362,3 +362,19 @@ def test_plain_training_from_scratch(teacher, data, tmp_path):
     assert [s.channels for s in pipe.unet.table.stages] == [16, 32, 32, 32]
     with pytest.raises(SystemExit):
         train_main(flags(teacher, data, tmp_path / "x", unet_config=tmp_path / "unet.json"))
+
+
+def test_loss_plot_leaves_out_terms_that_are_zero_throughout(tmp_path):
+    """A --plain run logs out = feat = 0: on the log-scale plot they would squash the denoising loss into a flat
+    line at the top, so only the terms with a value are drawn (their colours are in the image, the others not)."""
+    def colours(rows):
+        plot_losses(rows, tmp_path / "losses.png")
+        pixels = np.asarray(Image.open(tmp_path / "losses.png").convert("RGB")).reshape(-1, 3)
+        return {tuple(c) for c in np.unique(pixels, axis=0)}
+
+    orange, green, blue = (255, 165, 0), (0, 128, 0), (0, 0, 255)
+    plain = [{"step": s, "loss": 1 / s, "sd": 1 / s, "out": 0.0, "feat": 0.0} for s in range(1, 30)]
+    found = colours(plain)
+    assert blue in found and orange not in found and green not in found
+    kd = [dict(row, out=0.5 / row["step"], feat=2 / row["step"]) for row in plain]
+    assert {blue, orange, green} <= colours(kd)
