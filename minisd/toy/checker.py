@@ -19,7 +19,6 @@
 
 from dataclasses import dataclass
 from functools import cache, partial
-from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +26,7 @@ from PIL import Image
 from scipy import ndimage
 
 from minisd.toy.captions import parse_caption
+from minisd.toy.parallel import ordered_map
 from minisd.toy.world import PALETTE, SHAPES, SIZE, Attributes, coverage
 
 __all__ = ["Blob", "check", "check_caption", "check_folder", "features", "find_blobs", "parse_caption"]
@@ -201,9 +201,8 @@ def check_folder(folder: str | Path, rows: list[tuple[str, str]], workers: int =
     """(right, judged) per attribute over the (file_name, text) rows, images read from `folder`. Position and
     relation are judged only on the captions that state them."""
     totals = {}
-    with Pool(workers) as pool:
-        for verdict in pool.imap(partial(check_file, Path(folder)), rows, chunksize=64):
-            for name, right in verdict.items():
-                got, judged = totals.get(name, (0, 0))
-                totals[name] = (got + right, judged + 1)
+    for verdict in ordered_map(partial(check_file, Path(folder)), rows, workers):
+        for name, right in verdict.items():
+            got, judged = totals.get(name, (0, 0))
+            totals[name] = (got + right, judged + 1)
     return totals

@@ -18,12 +18,12 @@ import json
 import os
 from dataclasses import asdict
 from functools import partial
-from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
 
 from minisd.toy.captions import caption
+from minisd.toy.parallel import ordered_map
 from minisd.toy.world import PAIRS, PALETTE, SHAPES, Scene, render, sample_scene
 
 SPLITS = ("train", "heldout")  # a split's index is part of each example's seed
@@ -57,8 +57,7 @@ def write_example(folder: Path, seed: int, split: str, held_out: frozenset, inde
 def write_split(folder: Path, split: str, n: int, seed: int, held_out: frozenset, workers: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     work = partial(write_example, folder, seed, split, held_out)
-    with Pool(workers) as pool:
-        lines = list(pool.imap(work, range(n), chunksize=256))  # in index order, whichever worker wrote it
+    lines = list(ordered_map(work, range(n), workers, chunksize=256))  # in index order, whichever worker wrote it
     with open(folder / "scenes.jsonl", "w", encoding="utf-8") as f:
         f.writelines(line + "\n" for line in lines)
     with open(folder / "metadata.csv", "w", newline="", encoding="utf-8") as f:

@@ -15,7 +15,6 @@ For generated images of held-out captions it reports
 
 import os
 from functools import partial
-from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ from PIL import Image
 
 from minisd.metrics.fid import feature_stats, frechet_distance
 from minisd.toy.checker import check_folder, features
+from minisd.toy.parallel import ordered_map
 
 ATTRIBUTES = ("colour", "shape", "size", "count", "position", "relation")
 
@@ -39,8 +39,7 @@ def folder_features(folder: str | Path, names: list[str], workers: int = 1) -> n
     if missing:
         raise FileNotFoundError(f"{len(missing)} of {len(names)} images are not in {folder} (first: {missing[0]}); "
                                 "the real folder must hold the held-out images the prompts came from")
-    with Pool(workers) as pool:
-        return np.stack(pool.map(partial(file_features, folder), names, chunksize=64))
+    return np.stack(list(ordered_map(partial(file_features, folder), names, workers)))
 
 
 def toy_fid(generated: np.ndarray, real: np.ndarray) -> float:
