@@ -46,6 +46,18 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
+def alternate(runs: dict, repeats: int, device: torch.device) -> tuple[dict[str, list[float]], dict[str, int]]:
+    """Each of `runs` (name -> function) timed `repeats` times, alternating A B B A ... so that a slow
+    stretch of the machine falls on both alike: (seconds per run, peak bytes above the start) by name."""
+    seconds, peaks = {name: [] for name in runs}, {name: 0 for name in runs}
+    for r in range(repeats):
+        for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
+            with Peak(device) as peak:
+                seconds[name].append(timed(runs[name], device))
+            peaks[name] = max(peaks[name], peak.bytes)
+    return seconds, peaks
+
+
 def rss() -> int:
     """This process's resident memory, bytes (Linux)."""
     with open("/proc/self/statm") as f:

@@ -12,6 +12,7 @@ import tempfile
 import torch
 
 from minisd.checkpoints.diffusers import TEXT_RULES, VAE_RULES, unet_config_from_table, unet_rules
+from minisd.checkpoints.ldm import SD_SCHEDULER  # SD's scheduler_config.json (PNDM, scaled-linear betas)
 from minisd.checkpoints.remap import export
 from minisd.clip import CLIP_VIT_L14, OPENCLIP_VIT_H14, CLIPTextEncoder
 from minisd.pipeline import Pipeline
@@ -20,10 +21,6 @@ from minisd.tokenizer import CLIPTokenizer
 from minisd.unet import UNet
 from minisd.vae import SD_VAE, AutoencoderKL, VAEConfig
 
-# SD's scheduler_config.json (PNDM, scaled-linear betas), as CompVis/stable-diffusion-v1-4 ships it
-SD_SCHEDULER = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
-                "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "set_alpha_to_one": False,
-                "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False, "prediction_type": "epsilon"}
 PADS = {"v1": "<|endoftext|>", "v2": "!"}  # SD-v1 pads with <|endoftext|>, SD-v2 (OpenCLIP) with "!"
 REDUCED_VAE = VAEConfig(block_channels=(32, 64), layers_per_block=1, norm_groups=8)  # 2 levels: latents at 1/2 size
 

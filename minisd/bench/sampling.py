@@ -17,7 +17,7 @@ torch.compile of the U-Net with the same mode and fullgraph=True.
 
 import torch
 
-from minisd.bench.measure import Peak, device_peak, median, model_bytes, timed
+from minisd.bench.measure import alternate, device_peak, median, model_bytes
 from minisd.bench.models import diffusers_pipeline, random_pipeline
 from minisd.flops import sampling_flops
 
@@ -70,12 +70,7 @@ def run_config(args, name: str, device: torch.device, dtype: torch.dtype) -> lis
             its = unet_rates(pipe, ref, b, size, args.repeats, args.unet_calls, device, dtype, 3 if compiled else 1)
             for lib in generate:  # warm-up: compilation, CUDA graph capture, first-call setup
                 generate[lib](b)
-            seconds, peaks = {lib: [] for lib in generate}, {lib: 0 for lib in generate}
-            for r in range(args.repeats):
-                for lib in (list(generate) if r % 2 == 0 else list(generate)[::-1]):
-                    with Peak(device) as peak:
-                        seconds[lib].append(timed(lambda: generate[lib](b), device))
-                    peaks[lib] = max(peaks[lib], peak.bytes)
+            seconds, peaks = alternate({lib: lambda fn=fn: fn(b) for lib, fn in generate.items()}, args.repeats, device)
             for lib in generate:
                 s = median(seconds[lib])
                 rows.append(dict(common, lib=lib, unet_its=its[lib], s_per_image=s / b, images_per_s=b / s,
@@ -99,8 +94,6 @@ def unet_rates(pipe, ref, batch: int, size: int, repeats: int, calls: int, devic
     for fn in step.values():
         for _ in range(warmup):
             fn()
-    seconds = {lib: [] for lib in step}
-    for r in range(repeats):
-        for lib in (list(step) if r % 2 == 0 else list(step)[::-1]):
-            seconds[lib].append(timed(lambda: [step[lib]() for _ in range(calls)], device))
+    seconds, _ = alternate({lib: lambda fn=fn: [fn() for _ in range(calls)] for lib, fn in step.items()}, repeats,
+                           device)
     return {lib: calls / median(s) for lib, s in seconds.items()}

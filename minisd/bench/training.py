@@ -17,7 +17,7 @@ memory (CUDA only): the largest per-GPU batch without activation checkpointing, 
 import torch
 
 from minisd.bench.kd_steps import MinisdKD, ReferenceKD
-from minisd.bench.measure import Peak, count_syncs, device_peak, median, model_bytes, timed
+from minisd.bench.measure import Peak, alternate, count_syncs, device_peak, median, model_bytes
 from minisd.bench.models import random_pipeline
 from minisd.flops import kd_step_flops
 from minisd.table import variant
@@ -74,12 +74,8 @@ def run_one(args, name: str, b: int, device: torch.device, dtype: torch.dtype) -
     for fn in steps.values():
         for _ in range(args.warmup):
             fn()
-    seconds, peaks = {lib: [] for lib in steps}, {lib: 0 for lib in steps}
-    for r in range(args.repeats):
-        for lib in (list(steps) if r % 2 == 0 else list(steps)[::-1]):
-            with Peak(device) as peak:
-                seconds[lib].append(timed(lambda: [steps[lib]() for _ in range(args.steps)], device))
-            peaks[lib] = max(peaks[lib], peak.bytes)
+    seconds, peaks = alternate({lib: lambda fn=fn: [fn() for _ in range(args.steps)] for lib, fn in steps.items()},
+                               args.repeats, device)
     rows = []
     for lib, fn in steps.items():
         rate = args.steps * b / median(seconds[lib])

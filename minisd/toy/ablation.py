@@ -27,6 +27,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from minisd.checkpoints.diffusers import unet_config_from_table, write_json
+from minisd.evaluation import read_prompts
 from minisd.images import grid
 from minisd.pipeline import load_pipeline
 from minisd.table import count_params, variant
@@ -89,7 +90,7 @@ def run_ablation(teacher: Path, data: Path, out: Path, steps: int, batch: int, l
     for name in RUNS:
         models[name] = train(teacher, data, out, name, steps, batch, lr, seed)
 
-    rows = read_rows(data / "heldout" / "metadata.csv")[:prompts]
+    rows = read_prompts(data / "heldout" / "metadata.csv")[:prompts]
     table, sheets = [], []
     for name, source in models.items():
         pipe = load_pipeline(source)
@@ -105,12 +106,6 @@ def run_ablation(teacher: Path, data: Path, out: Path, steps: int, batch: int, l
     (out / "results.md").write_text(markdown(table, steps, batch, prompts, sample_steps, guidance))
     grid(sheets, cols=1).save(out / "grid.png")
     return table
-
-
-def read_rows(path: Path) -> list[tuple[str, str]]:
-    from minisd.toy.__main__ import read_rows as read  # the CLI's reader, one definition
-
-    return read(path)
 
 
 def markdown(table: list[dict], steps: int, batch: int, prompts: int, sample_steps: int, guidance: float) -> str:
