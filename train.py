@@ -83,6 +83,9 @@ def parse_args(argv=None):
     p.add_argument("--lambda-sd", type=float, default=1.0, help="weight of the denoising loss")
     p.add_argument("--lambda-out", type=float, default=1.0, help="weight of output-level KD")
     p.add_argument("--lambda-feat", type=float, default=1.0, help="weight of feature-level KD")
+    p.add_argument("--snr-gamma", type=float, default=None,
+                   help="Min-SNR-gamma weighting of the denoising loss (e.g. 5.0), as diffusers' --snr_gamma; "
+                        "BK-SDM uses none (default)")
     p.add_argument("--plain", action="store_true",
                    help="no distillation: train the U-Net on the denoising loss alone (the teacher gives only its VAE, "
                         "text encoder and schedule)")
@@ -108,6 +111,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not args.data:
         p.error(DATA_HELP)
+    if args.snr_gamma is not None and args.snr_gamma <= 0:
+        p.error(f"--snr-gamma {args.snr_gamma}: the SNR cap must be positive (Min-SNR's paper uses 5.0)")
     if args.unet_config and not args.plain:
         p.error("--unet-config trains a new U-Net from random weights: it needs --plain (there is no teacher "
                 "block to distill it from)")
@@ -238,7 +243,9 @@ def main(argv=None) -> int:
             with contextlib.nullcontext() if sync else model.no_sync():
                 with autocast:
                     student_out, student_feats = model(noisy, t, context.float(), taps=[b for _, b in pairs])
-                    losses = kd_losses(student_out, target, teacher_out, student_feats, teacher_feats, pairs)
+                    weights = None if args.snr_gamma is None else schedule.min_snr_weights(t, args.snr_gamma)
+                    losses = kd_losses(student_out, target, teacher_out, student_feats, teacher_feats, pairs,
+                                       weights)
                     loss = total_loss(losses, args.lambda_sd, args.lambda_out, args.lambda_feat)
                 (loss / accum).backward()
             sums += torch.stack([loss.detach(), losses["sd"].detach(), losses["out"].detach(), losses["feat"].detach()]) / accum

@@ -84,10 +84,11 @@ def feature_pairs(student: UNetTable, teacher: UNetTable) -> list[tuple[str, str
 
 def kd_losses(student_out: torch.Tensor, target: torch.Tensor, teacher_out: torch.Tensor,
               student_feats: dict[str, torch.Tensor], teacher_feats: dict[str, torch.Tensor],
-              pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
+              pairs: list[tuple[str, str]], weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """BK-SDM's three terms, each a mean squared error computed in fp32 (BK-SDM eq. 3-5).
 
-    sd:   the ordinary denoising loss against the target (noise, or velocity for v-prediction);
+    sd:   the ordinary denoising loss against the target (noise, or velocity for v-prediction), each
+          sample's error scaled by weights [B] if given (train.py --snr-gamma; BK-SDM uses none);
     out:  output-level KD against the teacher's prediction;
     feat: feature-level KD, the sum over the pairs of each pair's MSE.
     Without a teacher (teacher_out None: plain training) out and feat are 0.
@@ -96,7 +97,11 @@ def kd_losses(student_out: torch.Tensor, target: torch.Tensor, teacher_out: torc
     zero = student_out.new_zeros((), dtype=torch.float32)
     feat = sum(mse(student_feats[s], teacher_feats[t]) for t, s in pairs) if pairs else zero
     out = mse(student_out, teacher_out) if teacher_out is not None else zero
-    return {"sd": mse(student_out, target), "out": out, "feat": feat}
+    if weights is None:
+        sd = mse(student_out, target)
+    else:  # per-sample mean over [C, H, W], then the weighted mean over the batch
+        sd = (weights.float() * (student_out.float() - target.float()).pow(2).flatten(1).mean(1)).mean()
+    return {"sd": sd, "out": out, "feat": feat}
 
 
 def total_loss(losses: dict[str, torch.Tensor], lambda_sd: float = 1.0, lambda_out: float = 1.0,

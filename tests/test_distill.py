@@ -131,6 +131,18 @@ def test_sd_variant_has_zero_kd_loss(tmp_path):
     assert losses["out"].item() == 0.0 and losses["feat"].item() == 0.0 and losses["sd"].item() > 0.0
 
 
+def test_weighted_denoising_loss():
+    """kd_losses' weights scale each sample's squared error before the batch mean; the KD terms are unweighted."""
+    out, target, teacher_out = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    per_sample = (out - target).pow(2).mean((1, 2, 3))
+    plain = kd_losses(out, target, teacher_out, {}, {}, [])
+    ones = kd_losses(out, target, teacher_out, {}, {}, [], torch.ones(3))
+    weighted = kd_losses(out, target, teacher_out, {}, {}, [], torch.tensor([2.0, 0.0, 0.5]))
+    torch.testing.assert_close(ones["sd"], plain["sd"])
+    torch.testing.assert_close(weighted["sd"], (2 * per_sample[0] + 0.5 * per_sample[2]) / 3)
+    assert weighted["out"] == plain["out"]
+
+
 def test_reduced_students_load_from_their_configs():
     """unet_table_from_config of a student config gives the same architecture as the variant table."""
     for name in ("base", "small", "tiny"):

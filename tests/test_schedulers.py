@@ -17,6 +17,7 @@ from diffusers import (
     EulerDiscreteScheduler,
     PNDMScheduler,
 )
+from diffusers.training_utils import compute_snr
 from reference import rel_diff
 
 from minisd.schedulers import SAMPLERS, NoiseSchedule, make_sampler
@@ -235,6 +236,21 @@ def test_noise_schedule_matches_ddpm():
         assert torch.equal(schedule.add_noise(x0, noise, t), ref.add_noise(x0, noise, t))
         assert torch.equal(schedule.velocity(x0, noise, t), ref.get_velocity(x0, noise, t))
     assert schedule.add_noise(x0, noise, 250).shape == SHAPE
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weights(prediction_type):
+    """Min-SNR-gamma's weights from diffusers' own SNR (training_utils.compute_snr), as its train_text_to_image.py
+    forms them: min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v."""
+    config = {**SD_V1, "prediction_type": prediction_type}
+    schedule, ref = NoiseSchedule.from_config(config), DDPMScheduler.from_config(config)
+    t = torch.tensor([0, 10, 100, 250, 500, 999])
+    snr = compute_snr(ref, t)
+    expected = snr.clamp(max=5.0) / (snr if prediction_type == "epsilon" else snr + 1)
+    torch.testing.assert_close(schedule.min_snr_weights(t, 5.0), expected)
+    if prediction_type == "epsilon":  # capped where the SNR exceeds gamma, 1 where it does not
+        weights = schedule.min_snr_weights(t, 5.0)
+        assert weights[0] < 0.01 and weights[-1] == 1.0
 
 
 def test_pinned_loop_values():

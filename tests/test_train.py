@@ -338,6 +338,19 @@ def test_argument_errors(capsys, tmp_path):
     assert "--global-batch 6 is not a multiple of --batch-size x processes (4 x 1)" in str(exit_.value.code)
 
 
+def test_min_snr_weighting_scales_only_the_denoising_loss(teacher, data, tmp_path, capsys):
+    """--snr-gamma: step 1 (before any update) sees the same batch, timesteps and noise; the weights are at most 1
+    for an epsilon target, so its task loss can only fall, and the KD terms do not change."""
+    plain, weighted = tmp_path / "plain", tmp_path / "weighted"
+    assert train_main(flags(teacher, data, plain, max_steps=1)) == 0
+    assert train_main(flags(teacher, data, weighted, max_steps=1, snr_gamma=0.5)) == 0
+    (a,), (b,) = log_rows(plain), log_rows(weighted)
+    assert b["sd"] < a["sd"] and b["out"] == a["out"] and b["feat"] == a["feat"]
+    with pytest.raises(SystemExit) as exit_:
+        train_main(flags(teacher, data, tmp_path / "x", snr_gamma=0))
+    assert exit_.value.code == 2 and "--snr-gamma 0.0: the SNR cap must be positive" in capsys.readouterr().err
+
+
 def test_sample_grid_and_loss_plot(teacher, data, tmp_path, distilled):
     out = tmp_path / "run"
     assert train_main(flags(teacher, data, out, max_steps=2, valid_steps=2)) == 0

@@ -73,14 +73,17 @@ class NoiseSchedule:
     def num_train_timesteps(self) -> int:
         return len(self.betas)
 
+    def alpha_bar(self, t, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """alphas_cumprod[t] on `device`."""
+        # copied to the device once: a blocking copy at every training step would make the host wait for the GPU
+        key = (device, dtype)
+        if key not in self.on_device:
+            self.on_device[key] = self.alphas_cumprod.to(device, dtype)
+        return self.on_device[key][torch.as_tensor(t, device=device)]
+
     def scales(self, t, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """sqrt(alpha_bar_t) and sqrt(1 - alpha_bar_t), shaped to broadcast over x [B, C, H, W]."""
-        # copied to x's device once: a blocking copy at every training step would make the host wait for the GPU
-        key = (x.device, x.dtype)
-        if key not in self.on_device:
-            self.on_device[key] = self.alphas_cumprod.to(x.device, x.dtype)
-        alpha_bar = self.on_device[key][torch.as_tensor(t, device=x.device)]
-        alpha_bar = alpha_bar.reshape(-1, *[1] * (x.ndim - 1))  # t [B] or scalar -> [B or 1, 1, 1, 1]
+        alpha_bar = self.alpha_bar(t, x.device, x.dtype).reshape(-1, *[1] * (x.ndim - 1))  # t [B] or scalar -> [B or 1, 1, 1, 1]
         return alpha_bar**0.5, (1 - alpha_bar) ** 0.5
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
@@ -93,6 +96,17 @@ class NoiseSchedule:
         sqrt(alpha_bar_t) noise - sqrt(1 - alpha_bar_t) x0."""
         signal, noise_scale = self.scales(t, x0)
         return signal * noise - noise_scale * x0
+
+    def min_snr_weights(self, t: torch.Tensor, gamma: float) -> torch.Tensor:
+        """[B] loss weights of Min-SNR-gamma (Hang et al. 2023, arXiv 2303.09556, eq. 7), as diffusers'
+        train_text_to_image.py --snr_gamma applies them: min(SNR_t, gamma) / SNR_t for an epsilon target,
+        / (SNR_t + 1) for v. SNR_t = alpha_bar_t / (1 - alpha_bar_t). Uniform timesteps spend most of the
+        gradient on the nearly clean steps (SNR up to ~1000), where the noise is easy to see and a caption
+        barely matters; capping the weight there leaves more of it to the noisy steps that lay out the scene."""
+        alpha_bar = self.alpha_bar(t, t.device)
+        snr = alpha_bar / (1 - alpha_bar)
+        capped = snr.clamp(max=gamma)
+        return capped / snr if self.prediction_type == "epsilon" else capped / (snr + 1)
 
     def sigmas_at(self, timesteps: torch.Tensor) -> torch.Tensor:
         """Karras' sigma at (possibly fractional) timesteps, linear between training steps.
