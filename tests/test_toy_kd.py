@@ -14,8 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TEACHER = ROOT / "weights" / "toy-sd"
 STEPS = 150
 # The last logged window's mean (steps 126-150) over the first's (steps 1-25), measured with torch 2.14.1 on the CPU:
-# output KD 0.034 / 0.260 = 0.13, feature KD 0.420 / 2.157 = 0.19. Bounds 2-3x above.
-MAX_RATIO = {"out": 0.3, "feat": 0.4}
+# output KD 0.040 / 0.239 = 0.17, feature KD 0.897 / 3.017 = 0.30. Bounds 2-2.4x above.
+MAX_RATIO = {"out": 0.4, "feat": 0.6}
 
 
 def test_short_kd_run_lowers_kd_losses(tmp_path):
