@@ -83,7 +83,8 @@ class NoiseSchedule:
 
     def scales(self, t, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """sqrt(alpha_bar_t) and sqrt(1 - alpha_bar_t), shaped to broadcast over x [B, C, H, W]."""
-        alpha_bar = self.alpha_bar(t, x.device, x.dtype).reshape(-1, *[1] * (x.ndim - 1))  # t [B] or scalar -> [B or 1, 1, 1, 1]
+        # t [B] or scalar -> [B or 1, 1, 1, 1]
+        alpha_bar = self.alpha_bar(t, x.device, x.dtype).reshape(-1, *[1] * (x.ndim - 1))
         return alpha_bar**0.5, (1 - alpha_bar) ** 0.5
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
