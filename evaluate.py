@@ -1,4 +1,4 @@
-"""BK-SDM's zero-shot MS-COCO protocol (shared/BKSDM.md, "Evaluation protocol"): generate, then score.
+"""BK-SDM's zero-shot MS-COCO protocol (docs/bksdm.md, "The evaluation protocol"): generate, then score.
 
     python evaluate.py --model nota-ai/bk-sdm-small --prompts data/mscoco_val2014_30k/metadata.csv \
         --out results/bk-small --fid-stats real_im256.npz

@@ -1,4 +1,4 @@
-"""BK-SDM's zero-shot MS-COCO protocol (shared/BKSDM.md, "Evaluation protocol"): generate, then score.
+"""BK-SDM's zero-shot MS-COCO protocol (docs/bksdm.md, "The evaluation protocol"): generate, then score.
 
 Generation: one image per prompt (PNDM, 25 steps, guidance 7.5, 512 px), saved under its file_name in
 im512/, and a 256 px copy squashed with PIL's default bicubic resize in im256/, as BK-SDM's script
@@ -120,7 +120,7 @@ def billions(n: int) -> str:
 
 
 def markdown_row(name: str, scores: dict) -> tuple[str, str]:
-    """(header, row) of shared/BKSDM.md's results table, | model | FID | IS | CLIP | U-Net params | whole |,
+    """(header, row) of docs/bksdm.md's results table, | model | FID | IS | CLIP | U-Net params | whole |,
     or of the toy world's, | model | caption accuracy | toy FID | U-Net params | whole |."""
     def cell(value, fmt):
         return "-" if value is None else format(value, fmt)

@@ -11,7 +11,7 @@ attention, and CLIP's causal attention (counted in full, as a dense kernel compu
 Not counted: norms, activations, softmax, GEGLU gating, residual adds, up/down interpolation,
 embeddings, bias adds and the sinusoidal timestep embedding; together they are well under 1%.
 
-Convention vs. the figures quoted in shared/BKSDM.md ("Compute per image", BK-SDM Kim et al.,
+Convention vs. the figures quoted in docs/bksdm.md ("Compute per image", BK-SDM Kim et al.,
 arXiv 2305.15798, Table 1/2): the reference counter's 338.7 GMACs for an SD-v1.4 U-Net forward
 at 64x64 counts every Conv2d and Linear (attention projections and the time-embedding MLP
 included) and leaves out the attention matmuls; unet_macs(..., attention_matmuls=False)

@@ -236,7 +236,7 @@ def check_settings(steps: int, height: int, width: int, scale: int, strength: fl
 
 
 def randn(shape: tuple, generator) -> torch.Tensor:
-    """Gaussian noise drawn on the CPU in fp32, as diffusers draws initial latents (DESIGN.md,
+    """Gaussian noise drawn on the CPU in fp32, as diffusers draws initial latents (docs/sampling.md,
     "Same seed, same image"); with a list of generators, one per image."""
     if isinstance(generator, list):
         return torch.cat([torch.randn((1, *shape[1:]), generator=g, dtype=torch.float32) for g in generator])

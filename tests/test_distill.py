@@ -1,5 +1,5 @@
 """Distillation, read off the table: student init and KD pairs must equal BK-SDM's published
-lists (shared/BKSDM.md) key for key, and the taps must be the features BK-SDM's hooks grab."""
+lists (docs/bksdm.md) key for key, and the taps must be the features BK-SDM's hooks grab."""
 
 import re
 
@@ -16,7 +16,7 @@ from minisd.unet import UNet
 
 
 def bk_teacher_key(student_key: str, name: str) -> str:
-    """BK-SDM's `--use_copy_weight_from_teacher` list, as shared/BKSDM.md states it (diffusers names)."""
+    """BK-SDM's `--use_copy_weight_from_teacher` list, as docs/bksdm.md states it (diffusers names)."""
     m = re.match(r"up_blocks\.(\d+)\.(.*)", student_key)
     if not m:
         return student_key  # down blocks, mid block, stem: same name
@@ -27,7 +27,7 @@ def bk_teacher_key(student_key: str, name: str) -> str:
     return f"up_blocks.{j}.{rest}"
 
 
-BK_PAIRS = {  # (teacher, student) feature pairs, BKSDM.md
+BK_PAIRS = {  # (teacher, student) feature pairs, docs/bksdm.md
     "base": [(f"down_blocks.{i}", f"down_blocks.{i}") for i in range(4)]
             + [(f"up_blocks.{i}", f"up_blocks.{i}") for i in range(4)],
     "tiny": [("down_blocks.0", "down_blocks.0"), ("down_blocks.1", "down_blocks.1"),

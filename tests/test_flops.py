@@ -1,4 +1,4 @@
-"""The analytic MAC counter against the figures in shared/BKSDM.md ("Compute per image") and
+"""The analytic MAC counter against the figures in docs/bksdm.md ("Compute per image") and
 against torch's FlopCounterMode on real forwards of tiny configs."""
 
 import pytest

@@ -1,5 +1,5 @@
 """Same seed, same image: minisd's pipeline and sample.py against diffusers' StableDiffusionPipeline
-and StableDiffusionImg2ImgPipeline on the same random weights (DESIGN.md, "Same seed, same image")."""
+and StableDiffusionImg2ImgPipeline on the same random weights (docs/sampling.md, "Same seed, same image")."""
 
 import copy
 import logging

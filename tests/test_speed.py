@@ -59,7 +59,7 @@ def test_fast_paths_give_the_plain_image(pipe):
     assert np.abs(fast("a red square", **KWARGS) - expected).max() <= 1e-5
 
 
-# How far a half-precision image may be from the fp32 one (pixels in [0, 1]; README "Performance").
+# How far a half-precision image may be from the fp32 one (pixels in [0, 1]; docs/performance.md).
 # Measured on this random reduced BK-small, 5 PNDM steps: bf16 mean 0.0025, max 0.018; fp16 mean 0.0003, max 0.002.
 HALF_TOLERANCE = {torch.bfloat16: (2 / 255, 16 / 255), torch.float16: (0.5 / 255, 4 / 255)}  # (mean, max)
 

@@ -1,6 +1,6 @@
 """Parity of minisd's CLIP tokenizer with transformers' CLIPTokenizer, as diffusers calls it
 (padding="max_length", max_length=77, truncation=True), on SD-v1 and SD-v2 tokenizer folders
-built from the real CLIP vocabulary (open-clip-torch's copy, DESIGN.md's recipe)."""
+built from the real CLIP vocabulary (open-clip-torch's copy, as docs/testing.md describes)."""
 
 import json
 import random

@@ -1,7 +1,7 @@
-"""The README's offline quick start, at test size: write toy data, sample from the shipped teacher, distill a tiny
-student from it, and evaluate the student on held-out prompts (the toy metric, chosen by itself for toy prompts);
-then the ablation command end to end at a few steps. What each step writes is checked, and evaluate.py's toy scores
-must equal a recomputation by the metric over the same files."""
+"""The toy world's offline quick start (docs/toy-world.md), at test size: write toy data, sample from the shipped
+teacher, distill a tiny student from it, and evaluate the student on held-out prompts (the toy metric, chosen by
+itself for toy prompts); then the ablation command end to end at a few steps. What each step writes is checked,
+and evaluate.py's toy scores must equal a recomputation by the metric over the same files."""
 
 import json
 import signal

@@ -20,8 +20,8 @@ import warnings
 import torch
 
 # Dense 16-bit (bf16/fp16) tensor-core peaks from the vendors' spec sheets, TFLOP/s, by device
-# name (first match wins: the PCIe and NVL H100s come before the SXM one). shared/BKSDM.md's
-# anchor is about 800 for an H100; the SXM spec sheet says 989.
+# name (first match wins: the PCIe and NVL H100s come before the SXM one). An H100 is sometimes
+# taken at about 800 (docs/performance.md); the SXM spec sheet says 989.
 PEAK_TFLOPS_16BIT = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0),
                      ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0), ("A10G", 70.0), ("RTX 4090", 165.0)]
 GB = 2**30

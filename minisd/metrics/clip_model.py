@@ -6,7 +6,7 @@ open_clip's CLIP (open_clip/model.py): the image tower is minisd/clip_vision.py'
 tower is SD's text transformer (minisd/clip.py), read at the end-of-text token, which has the
 largest id (open_clip's "argmax" pooling), and projected by `text_projection`.
 
-Presets are open_clip's model_configs/*.json; BK-SDM scores with ViT-g-14 (shared/BKSDM.md).
+Presets are open_clip's model_configs/*.json; BK-SDM scores with ViT-g-14 (docs/bksdm.md).
 """
 
 import dataclasses
