@@ -72,7 +72,8 @@ def test_relative_links_resolve(path):
 def test_docs_pages_are_reachable_from_the_readme():
     linked = {(ROOT / t.partition("#")[0]).resolve() for t in links(ROOT / "README.md")}
     pages = [p for p in markdown_files() if p.parent == ROOT / "docs"]
-    assert pages and not [str(p.relative_to(ROOT)) for p in pages if p not in linked]
+    unlinked = [str(p.relative_to(ROOT)) for p in pages if p not in linked]
+    assert pages and not unlinked, f"docs pages that README.md does not link to: {', '.join(unlinked)}"
 
 
 def test_readme_is_a_map():
