@@ -1,4 +1,4 @@
-"""The layers that Stable Diffusion's U-Net (and its VAE) are built from.
+"""The layers that Stable Diffusion's U-Net (and its VAE) are built from; CLIP's towers share `Attention`.
 
 Follows the LDM code (Rombach et al., 2022, arXiv 2112.10752; CompVis/stable-diffusion,
 ldm/modules/diffusionmodules/openaimodel.py and ldm/modules/attention.py). Parameter names
@@ -58,11 +58,13 @@ class Attention(nn.Module):
     """Multi-head attention over tokens [B, N, C]; self-attention, or cross-attention to `context`.
 
     upcast: compute in fp32 when the inputs are half precision (SD-v2.1 768 overflows in fp16).
+    causal: each token attends only to itself and the tokens before it (CLIP's text tower).
     """
 
-    def __init__(self, dim: int, heads: int, context_dim: int | None = None, qkv_bias: bool = False, upcast: bool = False):
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None, qkv_bias: bool = False,
+                 upcast: bool = False, causal: bool = False):
         super().__init__()
-        self.heads, self.upcast, self.cross = heads, upcast, context_dim is not None
+        self.heads, self.upcast, self.causal, self.cross = heads, upcast, causal, context_dim is not None
         context_dim = context_dim or dim
         self.to_q = nn.Linear(dim, dim, bias=qkv_bias)
         self.to_k = nn.Linear(context_dim, dim, bias=qkv_bias)
@@ -97,9 +99,10 @@ class Attention(nn.Module):
         # [B, N, heads*head_dim] -> [B, heads, N, head_dim]
         q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))
         if self.upcast and q.dtype in (torch.float16, torch.bfloat16):
-            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
+                                                 is_causal=self.causal).to(q.dtype)
         else:
-            out = F.scaled_dot_product_attention(q, k, v)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         return self.to_out(out.transpose(1, 2).flatten(2))  # -> [B, N, heads*head_dim]
 
 

@@ -116,7 +116,7 @@ def test_hub_layout(family, ref_v1, ref_v2, tmp_path):
     save_file(hub_sd, hub / "model.safetensors")
     write_json(hub / "config.json", ref.config)
     ours = load_text_encoder(hub)
-    assert ours.cfg == CLIPTextConfig.from_transformers(ref.config)
+    assert ours.config == CLIPTextConfig.from_transformers(ref.config)
     assert_same(ours, ref)
 
     save_text_encoder(ours, tmp_path / "saved")

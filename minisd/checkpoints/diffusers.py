@@ -235,7 +235,7 @@ def load_text_encoder(folder: str | Path, dtype: torch.dtype = torch.float32, de
 def save_text_encoder(encoder: CLIPTextEncoder, folder: str | Path) -> None:
     """Write config.json and model.safetensors, which transformers' CLIPTextModel loads."""
     folder = Path(folder)
-    write_json(folder / "config.json", encoder.cfg.to_transformers())
+    write_json(folder / "config.json", encoder.config.to_transformers())
     write_state_dict(folder / "model.safetensors", export(encoder, TEXT_RULES))
 
 
