@@ -78,18 +78,16 @@ CLIP_VIT_L14 = CLIPTextConfig()  # SD-v1; 123.1M parameters
 # SD-v2; 340.4M parameters
 OPENCLIP_VIT_H14 = CLIPTextConfig(width=1024, layers=23, heads=16, mlp_width=4096, activation="gelu")
 
-# The text encoder of each SD family. Its width is the U-Net's context width (the cross-attention
-# keys' width, UNetTable.context_dim), which is how a U-Net or a checkpoint tells its family.
+# The text encoder of each SD family. Its width is the width of the U-Net's context (the cross-attention
+# keys, UNetTable.context_dim), which is how a U-Net, or a single file's weights, tell their family.
 TEXT_ENCODERS = {"v1": CLIP_VIT_L14, "v2": OPENCLIP_VIT_H14}
 
 
 def family_of(context_dim: int) -> str:
-    """The SD family ("v1" or "v2") whose text encoder gives states this wide (768 or 1024)."""
-    for family, config in TEXT_ENCODERS.items():
-        if config.width == context_dim:
-            return family
-    raise ValueError(f"no SD family has {context_dim}-wide text states "
-                     f"({', '.join(f'{f}: {c.width}' for f, c in TEXT_ENCODERS.items())})")
+    """The SD family of a U-Net that attends to context_dim-wide text states: "v1" for CLIP ViT-L/14's
+    768, "v2" otherwise: OpenCLIP ViT-H/14's 1024, and widths that no SD family has (reduced test
+    models), which a single file then holds in SD-v2's layout."""
+    return "v1" if context_dim == TEXT_ENCODERS["v1"].width else "v2"
 
 
 class CLIPLayer(nn.Module):

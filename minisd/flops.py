@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from minisd.blocks import Attention
-from minisd.clip import CLIP_VIT_L14, TEXT_ENCODERS, CLIPTextConfig, CLIPTextEncoder, family_of
+from minisd.clip import CLIP_VIT_L14, TEXT_ENCODERS, CLIPTextConfig, CLIPTextEncoder
 from minisd.table import TEACHERS, VARIANTS, UNetTable, variant
 from minisd.vae import SD_VAE, AutoencoderKL, VAEConfig
 
@@ -152,7 +152,7 @@ def text_encoder_macs(config: CLIPTextConfig = CLIP_VIT_L14, tokens: int = TEXT_
 
 def text_config_for(table: UNetTable) -> CLIPTextConfig:
     """The text encoder whose hidden states this U-Net cross-attends to (by their width)."""
-    return TEXT_ENCODERS[family_of(table.context_dim)]
+    return {text.width: text for text in TEXT_ENCODERS.values()}[table.context_dim]
 
 
 def sampling_flops(unet_table: UNetTable, vae_config: VAEConfig = SD_VAE, text_config: CLIPTextConfig | None = None,

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from minisd.checkpoints import diffusers as diffusers_layout
 from minisd.checkpoints import hub, ldm
 from minisd.checkpoints.files import WEIGHT_SUFFIXES
-from minisd.clip import CLIPTextEncoder
+from minisd.clip import CLIPTextEncoder, family_of
 from minisd.schedulers import make_sampler
 from minisd.tokenizer import CLIPTokenizer
 from minisd.unet import UNet
@@ -62,7 +62,7 @@ class Pipeline:
 
     @property
     def family(self) -> str:
-        return "v1" if self.unet.table.context_dim == 768 else "v2"
+        return family_of(self.unet.table.context_dim)
 
     def components(self) -> dict:
         return dict(tokenizer=self.tokenizer, text_encoder=self.text_encoder, unet=self.unet, vae=self.vae,
