@@ -21,7 +21,7 @@ from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from minisd.checkpoints.remap import CheckpointError
 from minisd.images import grid
-from minisd.pipeline import DTYPES, load_pipeline
+from minisd.pipeline import DTYPES, default_dtype, load_pipeline
 from minisd.schedulers import SAMPLERS
 from minisd.table import VARIANTS
 
@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     logging.basicConfig(format="warning: %(message)s", level=logging.WARNING)
     try:
         init = read_image(args.init_image) if args.init_image else None
-        dtype = DTYPES[args.dtype or ("fp16" if str(args.device).startswith("cuda") else "fp32")]
+        dtype = DTYPES[args.dtype] if args.dtype else default_dtype(args.device)
         pipe = load_pipeline(args.model, device=args.device, dtype=dtype, family=args.family, variant=args.variant,
                              prediction_type=args.prediction_type)
         if args.compile:

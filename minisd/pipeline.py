@@ -33,6 +33,18 @@ from minisd.vae import AutoencoderKL
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # the command-line names
+
+
+def default_dtype(device: str | torch.device, training: bool = False) -> torch.dtype:
+    """The precision the scripts run their frozen models in when no --dtype is given.
+
+    fp32 off CUDA (CPUs have no fast half-precision matmuls). On CUDA, fp16 to sample and evaluate,
+    as SD's fp16 weight files are meant for (decode falls back to fp32 where the VAE overflows), and
+    bf16 to train: the teacher's targets match the student's bf16 autocast and keep fp32's range.
+    """
+    if not str(device).startswith("cuda"):
+        return torch.float32
+    return torch.bfloat16 if training else torch.float16
 # diffusers' scheduler class names -> minisd's sampler names (the config says which SD shipped)
 SAMPLER_OF_CLASS = {"PNDMScheduler": "pndm", "DDIMScheduler": "ddim", "EulerDiscreteScheduler": "euler",
                     "EulerAncestralDiscreteScheduler": "euler_a", "DPMSolverMultistepScheduler": "dpm"}
