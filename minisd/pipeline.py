@@ -282,7 +282,7 @@ def load_pipeline(source: str | Path, device: str | torch.device = "cpu", dtype:
     elif hub.looks_like_hub_id(str(source)):
         half = dtype in (torch.float16, torch.bfloat16)
         folder = hub.download(str(source), half=half)
-        parts = diffusers_layout.load_folder(folder, dtype=dtype, device=device, variant="fp16" if half else None)
+        parts = diffusers_layout.load_folder(folder, dtype=dtype, device=device, half=half)
     else:
         raise FileNotFoundError(f"model source {str(source)!r} is not a file, a folder or a hub id (owner/name)")
     if prediction_type is not None:

@@ -121,11 +121,11 @@ def unet_rules(table: UNetTable) -> list[Rule]:
 
 
 def load_unet(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-              variant: str | None = None) -> UNet:
+              half: bool = False) -> UNet:
     folder = Path(folder)
     table = unet_table_from_config(read_json(folder / "config.json"))
     table = dataclasses.replace(table, name=identify(table))
-    path = find_weights(folder, ("diffusion_pytorch_model",), variant)
+    path = find_weights(folder, ("diffusion_pytorch_model",), half)
     with torch.device("meta"):
         unet = UNet(table)
     return load_into(unet, read_state_dict(path), unet_rules(table), what=f"U-Net weights {path}", dtype=dtype, device=device)
@@ -167,11 +167,11 @@ VAE_LEGACY_RULES: list[Rule] = [
 
 
 def load_vae(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-             variant: str | None = None) -> AutoencoderKL:
-    """Read a diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model[.variant].safetensors/.bin)."""
+             half: bool = False) -> AutoencoderKL:
+    """Read a diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model[.fp16].safetensors/.bin)."""
     folder = Path(folder)
     config = VAEConfig.from_diffusers(read_json(folder / "config.json"))
-    path = find_weights(folder, ("diffusion_pytorch_model",), variant)
+    path = find_weights(folder, ("diffusion_pytorch_model",), half)
     state_dict = read_state_dict(path)
     legacy = "encoder.mid_block.attentions.0.query.weight" in state_dict
     with torch.device("meta"):
@@ -221,11 +221,11 @@ def with_text_model_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, tor
 
 
 def load_text_encoder(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                      variant: str | None = None) -> CLIPTextEncoder:
-    """Read a transformers CLIPTextModel folder (config.json + model[.variant].safetensors/.bin)."""
+                      half: bool = False) -> CLIPTextEncoder:
+    """Read a transformers CLIPTextModel folder (config.json + model[.fp16].safetensors/.bin)."""
     folder = Path(folder)
     config = CLIPTextConfig.from_transformers(read_json(folder / "config.json"))
-    path = find_weights(folder, ("model", "pytorch_model"), variant)
+    path = find_weights(folder, ("model", "pytorch_model"), half)
     with torch.device("meta"):
         encoder = CLIPTextEncoder(config)
     return load_into(encoder, with_text_model_prefix(read_state_dict(path)), TEXT_RULES, ignore=TEXT_IGNORE,
@@ -263,17 +263,21 @@ def model_index(scheduler_class: str) -> dict:
 
 
 def load_folder(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                variant: str | None = None) -> dict:
-    """Every component of a diffusers-layout pipeline folder, as a dict of minisd objects."""
+                half: bool = False) -> dict:
+    """Every component of a diffusers-layout pipeline folder, as a dict of minisd objects.
+
+    half: read the half-precision copies of the weights (NAME.fp16.safetensors, diffusers'
+    variant="fp16") where the folder has them; the models are cast to `dtype` either way.
+    """
     folder = Path(folder)
     missing = [f"{c}/" for c in COMPONENT_DIRS if not (folder / c).is_dir()]
     if missing:
         raise FileNotFoundError(f"{folder} is not a diffusers-layout pipeline folder: it has no {', '.join(missing)} "
                                 "(expected model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
     return dict(tokenizer=load_tokenizer(folder / "tokenizer"),
-                text_encoder=load_text_encoder(folder / "text_encoder", dtype, device, variant),
-                unet=load_unet(folder / "unet", dtype, device, variant),
-                vae=load_vae(folder / "vae", dtype, device, variant),
+                text_encoder=load_text_encoder(folder / "text_encoder", dtype, device, half),
+                unet=load_unet(folder / "unet", dtype, device, half),
+                vae=load_vae(folder / "vae", dtype, device, half),
                 scheduler_config=read_json(folder / "scheduler" / "scheduler_config.json"))
 
 

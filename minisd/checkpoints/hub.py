@@ -1,8 +1,9 @@
 """Download a diffusers-layout repo from the Hugging Face hub into weights/hub/.
 
 Only what minisd needs is fetched: the five components' configs, the tokenizer files and one
-weight file per model component (safetensors first, .bin only as a fallback; the fp16 variant
-when half precision is asked for and the repo has it). The safety checker is never fetched.
+weight file per model component (safetensors first, .bin only as a fallback; the fp16 copy,
+NAME.fp16.safetensors, when half precision is asked for and the repo has it). The safety checker
+is never fetched.
 """
 
 import os
@@ -25,10 +26,10 @@ def looks_like_hub_id(source: str) -> bool:
 
 def select_files(repo_files: list[str], half: bool) -> list[str]:
     """The one weight file per component that minisd loads, from a repo's file list."""
+    precisions = ([".fp16"] if half else []) + [""]  # NAME.fp16.safetensors: the half-precision copy
     chosen = []
     for component, stems in COMPONENTS.items():
-        variants = ([".fp16"] if half else []) + [""]
-        candidates = [f"{component}/{stem}{v}{suffix}" for v in variants
+        candidates = [f"{component}/{stem}{precision}{suffix}" for precision in precisions
                       for suffix in (".safetensors", ".bin") for stem in stems]
         found = next((c for c in candidates if c in repo_files), None)
         if found is None:
