@@ -36,7 +36,8 @@ class ResBlock(nn.Module):
     The VAE uses the same block without a time embedding (temb_dim=None) and with eps 1e-6.
     """
 
-    def __init__(self, in_ch: int, out_ch: int, temb_dim: int | None = None, eps: float = 1e-5, groups: int = 32):
+    def __init__(self, in_ch: int, out_ch: int, temb_dim: int | None = None, eps: float = 1e-5,
+                 groups: int = 32):
         super().__init__()
         self.norm1 = group_norm(in_ch, eps, groups)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
@@ -81,7 +82,8 @@ class Attention(nn.Module):
             return
         parts = (self.to_q, self.to_k, self.to_v)
         w = self.to_q.weight
-        self.to_qkv = nn.Linear(w.shape[1], 3 * w.shape[0], bias=self.to_q.bias is not None, device=w.device, dtype=w.dtype)
+        self.to_qkv = nn.Linear(w.shape[1], 3 * w.shape[0], bias=self.to_q.bias is not None,
+                                device=w.device, dtype=w.dtype)
         with torch.no_grad():
             self.to_qkv.weight.copy_(torch.cat([p.weight for p in parts]))
             if self.to_qkv.bias is not None:
@@ -165,9 +167,11 @@ class SpatialTransformer(nn.Module):
         super().__init__()
         self.linear_proj = linear_proj
         self.norm = group_norm(channels, 1e-6, groups)
-        proj = (lambda: nn.Linear(channels, channels)) if linear_proj else (lambda: nn.Conv2d(channels, channels, 1))
+        proj = ((lambda: nn.Linear(channels, channels)) if linear_proj
+                else (lambda: nn.Conv2d(channels, channels, 1)))
         self.proj_in = proj()
-        self.transformer_blocks = nn.ModuleList(TransformerBlock(channels, heads, context_dim, upcast) for _ in range(depth))
+        self.transformer_blocks = nn.ModuleList(TransformerBlock(channels, heads, context_dim, upcast)
+                                                for _ in range(depth))
         self.proj_out = proj()
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, return_proj: bool = False):

@@ -123,8 +123,9 @@ class CLIPTextEncoder(nn.Module):
         self.config = config
         self.token_embedding = nn.Embedding(config.vocab_size, config.width)
         self.position_embedding = nn.Embedding(config.max_positions, config.width)
-        self.layers = nn.ModuleList(CLIPLayer(config.width, config.heads, config.mlp_width, config.activation,
-                                              config.layer_norm_eps, causal=True) for _ in range(config.layers))
+        self.layers = nn.ModuleList(
+            CLIPLayer(config.width, config.heads, config.mlp_width, config.activation, config.layer_norm_eps,
+                      causal=True) for _ in range(config.layers))
         self.final_norm = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:

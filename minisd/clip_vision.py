@@ -46,7 +46,8 @@ class VisionConfig:
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
         if self.image_size % self.patch_size:
-            raise ValueError(f"image size {self.image_size} is not a multiple of the patch size {self.patch_size}")
+            raise ValueError(f"image size {self.image_size} is not a multiple of the patch size "
+                             f"{self.patch_size}")
 
     @property
     def tokens(self) -> int:
@@ -62,7 +63,8 @@ VIT_BIGG14 = VisionConfig(width=1664, layers=48, heads=16, mlp_width=8192, embed
 
 
 class VisionTransformer(nn.Module):
-    """Normalised images [B, 3, S, S] (see `preprocess`) -> image embeddings [B, embed_dim], not L2-normalised."""
+    """Normalised images [B, 3, S, S] (see `preprocess`) -> image embeddings [B, embed_dim], not
+    L2-normalised."""
 
     def __init__(self, config: VisionConfig = VIT_L14):
         super().__init__()
@@ -73,15 +75,17 @@ class VisionTransformer(nn.Module):
         self.position_embedding = nn.Parameter(scale * torch.randn(config.tokens, config.width))
         self.norm_pre = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
         # the text tower's layer (minisd/clip.py) without its causal mask: every patch sees every other
-        self.layers = nn.ModuleList(CLIPLayer(config.width, config.heads, config.mlp_width, config.activation,
-                                              config.layer_norm_eps, causal=False) for _ in range(config.layers))
+        self.layers = nn.ModuleList(
+            CLIPLayer(config.width, config.heads, config.mlp_width, config.activation, config.layer_norm_eps,
+                      causal=False) for _ in range(config.layers))
         self.norm_post = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
-        self.projection = nn.Parameter(scale * torch.randn(config.width, config.embed_dim))  # used as x @ projection
+        # used as x @ projection
+        self.projection = nn.Parameter(scale * torch.randn(config.width, config.embed_dim))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.shape[-2:] != (self.config.image_size, self.config.image_size):
-            raise ValueError(f"images must be {self.config.image_size}x{self.config.image_size} (see preprocess), "
-                             f"got {tuple(images.shape[-2:])}")
+            size = self.config.image_size
+            raise ValueError(f"images must be {size}x{size} (see preprocess), got {tuple(images.shape[-2:])}")
         x = self.patch_embed(images)       # [B, width, grid, grid]
         x = x.flatten(2).transpose(1, 2)   # -> [B, grid*grid, width]
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
@@ -106,6 +110,7 @@ def preprocess(image: Image.Image, size: int = 224, mean=OPENAI_MEAN, std=OPENAI
     top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
     image = image.crop((left, top, left + size, top + size))
     # Only then to RGB (open_clip's MaybeConvertMode), and ToTensor: [H, W, 3] uint8 -> [3, H, W] in [0, 1].
-    x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1).float().div(255)
+    x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy())
+    x = x.permute(2, 0, 1).float().div(255)
     mean, std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
     return x.sub(mean).div(std)

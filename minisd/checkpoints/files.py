@@ -31,8 +31,8 @@ def read_checkpoint(path: str | Path) -> dict:
     try:
         data = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"cannot read {path} as a PyTorch checkpoint ({type(e).__name__}: {e}). "
-                         "Only plain tensor checkpoints load; convert others to .safetensors first.") from None
+        raise ValueError(f"cannot read {path} as a PyTorch checkpoint ({type(e).__name__}: {e}). Only plain "
+                         "tensor checkpoints load; convert others to .safetensors first.") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path} holds a {type(data).__name__}, not a dict of tensors")
     return data
@@ -93,7 +93,8 @@ def write_checkpoint(path: str | Path, data: dict) -> None:
     _atomic(Path(path), lambda tmp: torch.save(data, str(tmp)))
 
 
-def write_state_dict(path: str | Path, sd: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+def write_state_dict(path: str | Path, sd: dict[str, torch.Tensor],
+                     metadata: dict[str, str] | None = None) -> None:
     """Save tensors as .safetensors (contiguous, no shared storage, as the format requires)."""
     sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
     _atomic(Path(path), lambda tmp: save_file(sd, str(tmp), metadata=metadata or {"format": "pt"}))

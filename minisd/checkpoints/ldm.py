@@ -69,7 +69,8 @@ def unet_keys(table: UNetTable) -> set[str]:
     return {rename(k, unet_rules(table)) for k in unet.state_dict()}
 
 
-def detect_unet(unet_sd: dict[str, torch.Tensor], family: str | None = None, name: str | None = None) -> UNetTable:
+def detect_unet(unet_sd: dict[str, torch.Tensor], family: str | None = None,
+                name: str | None = None) -> UNetTable:
     """Which SD family and BK-SDM variant a single file's U-Net weights (keys without prefix) are.
 
     The family follows from the cross-attention width (`family_of`: 768 for SD-v1's CLIP, 1024 for
@@ -138,8 +139,8 @@ def _vae_as_conv1x1(key: str, tensor: torch.Tensor) -> torch.Tensor:
     return tensor[:, :, None, None] if tensor.ndim == 2 else tensor  # [out, in] -> [out, in, 1, 1]
 
 
-def vae_from_ldm(state_dict: dict[str, torch.Tensor], config: VAEConfig = SD_VAE, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu") -> AutoencoderKL:
+def vae_from_ldm(state_dict: dict[str, torch.Tensor], config: VAEConfig = SD_VAE,
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> AutoencoderKL:
     """The VAE of a whole single-file state dict (its `first_stage_model.*` keys; strict on those)."""
     vae_sd = {k[len(VAE_PREFIX):]: v for k, v in state_dict.items() if k.startswith(VAE_PREFIX)}
     if not vae_sd:
@@ -152,7 +153,8 @@ def vae_from_ldm(state_dict: dict[str, torch.Tensor], config: VAEConfig = SD_VAE
 
 def vae_to_ldm(vae: AutoencoderKL) -> dict[str, torch.Tensor]:
     """The VAE's weights as a single file holds them: prefixed LDM names, attention as 1x1 convs."""
-    return export(vae, vae_rules(len(vae.config.block_channels)), shape_fix=_vae_as_conv1x1, prefix=VAE_PREFIX)
+    return export(vae, vae_rules(len(vae.config.block_channels)), shape_fix=_vae_as_conv1x1,
+                  prefix=VAE_PREFIX)
 
 
 # ---- CLIP text encoder --------------------------------------------------------------------
@@ -189,7 +191,7 @@ def split_in_proj(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
             out[key] = tensor
             continue
         for name, part in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3)):
-            out[f"{stem}.{name}.{kind}"] = part.clone()  # own storage, so the model can be saved as safetensors
+            out[f"{stem}.{name}.{kind}"] = part.clone()  # own storage: the model can be saved as safetensors
     return out
 
 
@@ -206,8 +208,9 @@ def fuse_in_proj(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return out
 
 
-def text_encoder_from_ldm(state_dict: dict[str, torch.Tensor], family: str, dtype: torch.dtype = torch.float32,
-                          device: str | torch.device = "cpu", config: CLIPTextConfig | None = None) -> CLIPTextEncoder:
+def text_encoder_from_ldm(state_dict: dict[str, torch.Tensor], family: str,
+                          dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                          config: CLIPTextConfig | None = None) -> CLIPTextEncoder:
     """The text encoder of a whole single-file state dict (its `cond_stage_model.*` keys; strict on those).
 
     family "v1": CLIP ViT-L/14 under `cond_stage_model.transformer.`, with or without `text_model.`.
@@ -221,7 +224,8 @@ def text_encoder_from_ldm(state_dict: dict[str, torch.Tensor], family: str, dtyp
     config, prefix = config or TEXT_ENCODERS[family], TEXT_PREFIX[family]
     text_sd = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
     if not text_sd:
-        raise CheckpointError(f"no SD-{family} text encoder in this single file: no key starts with {prefix!r}")
+        raise CheckpointError(f"no SD-{family} text encoder in this single file: no key starts with "
+                              f"{prefix!r}")
     if family == "v1":
         text_sd, rules, ignore = with_text_model_prefix(text_sd), TEXT_RULES, TEXT_IGNORE
     else:
@@ -229,8 +233,8 @@ def text_encoder_from_ldm(state_dict: dict[str, torch.Tensor], family: str, dtyp
         ignore = (rf"transformer\.resblocks\.{config.layers}\.", r"text_projection$", r"logit_scale$")
     with torch.device("meta"):
         encoder = CLIPTextEncoder(config)
-    return load_into(encoder, text_sd, rules, ignore=ignore, what=f"single-file text encoder (keys under {prefix})",
-                     dtype=dtype, device=device)
+    return load_into(encoder, text_sd, rules, ignore=ignore,
+                     what=f"single-file text encoder (keys under {prefix})", dtype=dtype, device=device)
 
 
 def text_encoder_to_ldm(encoder: CLIPTextEncoder, family: str) -> dict[str, torch.Tensor]:
@@ -272,7 +276,8 @@ def read_single_file(path: str | Path) -> tuple[dict[str, torch.Tensor], int | N
     sd = raw["state_dict"] if isinstance(raw.get("state_dict"), dict) else raw
     tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
     prefixes = (UNET_PREFIX, VAE_PREFIX, "cond_stage_model.")
-    strays = sorted(k for k in tensors if not k.startswith(prefixes) and not any(re.match(p, k) for p in EXTRA_KEYS))
+    strays = sorted(k for k in tensors
+                    if not k.startswith(prefixes) and not any(re.match(p, k) for p in EXTRA_KEYS))
     if strays:
         raise CheckpointError(f"{path} is not an SD single file: {len(strays)} keys belong to no component, "
                               f"e.g. {', '.join(strays[:5])}")
