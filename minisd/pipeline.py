@@ -33,6 +33,9 @@ from minisd.vae import AutoencoderKL
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # the command-line names
+# diffusers' scheduler class names -> minisd's sampler names (the config says which SD shipped)
+SAMPLER_OF_CLASS = {"PNDMScheduler": "pndm", "DDIMScheduler": "ddim", "EulerDiscreteScheduler": "euler",
+                    "EulerAncestralDiscreteScheduler": "euler_a", "DPMSolverMultistepScheduler": "dpm"}
 
 
 def default_dtype(device: str | torch.device, training: bool = False) -> torch.dtype:
@@ -45,9 +48,7 @@ def default_dtype(device: str | torch.device, training: bool = False) -> torch.d
     if not str(device).startswith("cuda"):
         return torch.float32
     return torch.bfloat16 if training else torch.float16
-# diffusers' scheduler class names -> minisd's sampler names (the config says which SD shipped)
-SAMPLER_OF_CLASS = {"PNDMScheduler": "pndm", "DDIMScheduler": "ddim", "EulerDiscreteScheduler": "euler",
-                    "EulerAncestralDiscreteScheduler": "euler_a", "DPMSolverMultistepScheduler": "dpm"}
+
 
 @dataclass
 class Pipeline:
