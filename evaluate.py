@@ -29,7 +29,7 @@ import torch
 
 from minisd import evaluation
 from minisd.checkpoints.remap import CheckpointError
-from minisd.pipeline import DTYPES, load_pipeline
+from minisd.pipeline import DTYPES, default_dtype, load_pipeline
 from minisd.schedulers import SAMPLERS
 
 METRICS = ("fid", "is", "clip", "toy")
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
             return 0
         rows = evaluation.read_prompts(args.prompts)[:args.num]
         metrics = choose_metrics(args)
-        dtype = DTYPES[args.dtype or ("fp16" if device.startswith("cuda") else "fp32")]
+        dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)
         pipe = load_pipeline(args.model, device=device, dtype=dtype)
     except (ValueError, FileNotFoundError, NotADirectoryError, ConnectionError, CheckpointError) as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)

@@ -1,7 +1,7 @@
 """Text to image with Stable Diffusion or a BK-SDM student.
 
     python sample.py "a black vase holding a bouquet of roses"
-    python sample.py "a red panda" "an old castle" --model CompVis/stable-diffusion-v1-4 --num-images 4 --seed 7
+    python sample.py "a red panda" "a castle" --model CompVis/stable-diffusion-v1-4 --num-images 4 --seed 7
     python sample.py "a watercolour of the same scene" --init-image photo.png --strength 0.6
     python sample.py "a cat" --model weights/toy-sd --scheduler dpm --steps 20 --out cat.png
     python sample.py "a lighthouse" --model v2-1_512-ema-pruned.safetensors --prediction-type epsilon
@@ -20,8 +20,9 @@ import torch
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from minisd.checkpoints.remap import CheckpointError
+from minisd.clip import TEXT_ENCODERS
 from minisd.images import grid
-from minisd.pipeline import DTYPES, load_pipeline
+from minisd.pipeline import DTYPES, default_dtype, load_pipeline
 from minisd.schedulers import SAMPLERS
 from minisd.table import VARIANTS
 
@@ -31,27 +32,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("prompt", nargs="+", help="one or more prompts")
     p.add_argument("--model", default="nota-ai/bk-sdm-small", help="hub id, diffusers folder or single file")
     p.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; <= 1 turns it off")
+    p.add_argument("--guidance", type=float, default=7.5,
+                   help="classifier-free guidance scale; <= 1 turns it off")
     p.add_argument("--negative-prompt", default=None, help="what the image should not show (default: empty)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seed-mode", choices=["single", "per_image"], default="single",
                    help="single: one generator for the batch, as diffusers; per_image: image i uses seed+i")
-    p.add_argument("--height", type=int, default=None, help="pixels, a multiple of 8 (default: the model's native size)")
-    p.add_argument("--width", type=int, default=None, help="pixels, a multiple of 8 (default: the model's native size)")
+    p.add_argument("--height", type=int, default=None,
+                   help="pixels, a multiple of 8 (default: the model's native size)")
+    p.add_argument("--width", type=int, default=None,
+                   help="pixels, a multiple of 8 (default: the model's native size)")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    p.add_argument("--scheduler", choices=SAMPLERS, default=None, help="sampler (default: the model's, PNDM for SD)")
-    p.add_argument("--init-image", type=Path, default=None, help="image-to-image: start from this image (SDEdit)")
-    p.add_argument("--strength", type=float, default=0.8, help="image-to-image: how much to change it, in (0, 1]")
+    p.add_argument("--scheduler", choices=SAMPLERS, default=None,
+                   help="sampler (default: the model's, PNDM for SD)")
+    p.add_argument("--init-image", type=Path, default=None,
+                   help="image-to-image: start from this image (SDEdit)")
+    p.add_argument("--strength", type=float, default=0.8,
+                   help="image-to-image: how much to change it, in (0, 1]")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on CUDA, fp32 on CPU")
-    p.add_argument("--family", choices=["v1", "v2"], help="single-file model: SD family (default: detected)")
-    p.add_argument("--variant", choices=sorted(VARIANTS), help="single-file model: U-Net variant (default: detected)")
-    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], help="override the model's prediction type")
+    p.add_argument("--family", choices=sorted(TEXT_ENCODERS),
+                   help="single-file model: SD family (default: detected)")
+    p.add_argument("--variant", choices=sorted(VARIANTS),
+                   help="single-file model: U-Net variant (default: detected)")
+    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"],
+                   help="override the model's prediction type")
     p.add_argument("--out", type=Path, default=Path("sample.png"), help="output PNG (default sample.png)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--compile", action="store_true",
-                   help="fuse the U-Net's q/k/v, use channels_last and torch.compile it (CUDA graphs on CUDA); "
-                        "the first run compiles first (a minute or more), which pays off over many images")
+                   help="fuse the U-Net's q/k/v, use channels_last and torch.compile it (CUDA graphs on "
+                        "CUDA); the first run compiles first (a minute or more), which pays off over many "
+                        "images")
     args = p.parse_args(argv)
     for name in ("height", "width"):
         value = getattr(args, name)
@@ -79,27 +90,28 @@ def main(argv=None) -> int:
     logging.basicConfig(format="warning: %(message)s", level=logging.WARNING)
     try:
         init = read_image(args.init_image) if args.init_image else None
-        dtype = DTYPES[args.dtype or ("fp16" if str(args.device).startswith("cuda") else "fp32")]
-        pipe = load_pipeline(args.model, device=args.device, dtype=dtype, family=args.family, variant=args.variant,
-                             prediction_type=args.prediction_type)
+        dtype = DTYPES[args.dtype] if args.dtype else default_dtype(args.device)
+        pipe = load_pipeline(args.model, device=args.device, dtype=dtype, family=args.family,
+                             variant=args.variant, prediction_type=args.prediction_type)
         if args.compile:
             pipe.fuse_qkv().channels_last().compile("reduce-overhead" if pipe.device.type == "cuda" else None)
-        images = pipe(args.prompt, steps=args.steps, guidance=args.guidance, seed=args.seed, height=args.height,
-                      width=args.width, negative_prompt=args.negative_prompt, num_images=args.num_images,
-                      scheduler=args.scheduler, seed_mode=args.seed_mode, init_image=init, strength=args.strength,
-                      progress=not args.no_progress)
+        images = pipe(args.prompt, steps=args.steps, guidance=args.guidance, seed=args.seed,
+                      height=args.height, width=args.width, negative_prompt=args.negative_prompt,
+                      num_images=args.num_images, scheduler=args.scheduler, seed_mode=args.seed_mode,
+                      init_image=init, strength=args.strength, progress=not args.no_progress)
     except (ValueError, FileNotFoundError, ConnectionError, CheckpointError) as e:
         print(f"sample.py: error: {e}", file=sys.stderr)
         return 2
 
     scheduler = args.scheduler or type(pipe.scheduler).__name__
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    paths = [args.out] if len(images) == 1 else [args.out.with_name(f"{args.out.stem}-{i:02d}{args.out.suffix}")
-                                                  for i in range(len(images))]
+    paths = [args.out] if len(images) == 1 else [
+        args.out.with_name(f"{args.out.stem}-{i:02d}{args.out.suffix}") for i in range(len(images))]
     for i, (image, path) in enumerate(zip(images, paths)):
         info = PngImagePlugin.PngInfo()
         seed = args.seed + i if args.seed_mode == "per_image" else args.seed
-        for key, value in dict(prompt=args.prompt[i // args.num_images], negative_prompt=args.negative_prompt or "",
+        for key, value in dict(prompt=args.prompt[i // args.num_images],
+                               negative_prompt=args.negative_prompt or "",
                                seed=seed, seed_mode=args.seed_mode, batch_index=i, steps=args.steps,
                                guidance=args.guidance, scheduler=scheduler, model=args.model,
                                size=f"{image.width}x{image.height}", init_image=args.init_image or "",

@@ -32,7 +32,7 @@ from minisd.checkpoints.files import read_json
 from minisd.data import ResumableSampler, make_loader, open_dataset
 from minisd.distill import feature_pairs, kd_losses, student_from_teacher, total_loss
 from minisd.images import grid
-from minisd.pipeline import Pipeline, load_pipeline
+from minisd.pipeline import Pipeline, default_dtype, load_pipeline
 from minisd.schedulers import NoiseSchedule
 from minisd.table import VARIANTS, variant
 from minisd.training import (
@@ -153,7 +153,7 @@ def main(argv=None) -> int:
         student = student_from_teacher(teacher.unet, variant(teacher.unet.table, args.variant)).train()
     if rank == 0:  # the checkpoints link to the teacher's other components, saved once as loaded
         write_shared(teacher, args.out)
-    teacher.to(dtype=torch.bfloat16 if cuda else torch.float32)
+    teacher.to(dtype=default_dtype(device, training=True))
     pairs = [] if args.plain else feature_pairs(student.table, teacher.unet.table)
     schedule = NoiseSchedule.from_config(teacher.scheduler_config)
     # --train-text-encoder: the text encoder learns with the student, in fp32 like it

@@ -1,4 +1,4 @@
-"""The layers that Stable Diffusion's U-Net (and its VAE) are built from.
+"""The layers that Stable Diffusion's U-Net (and its VAE) are built from; CLIP's towers share `Attention`.
 
 Follows the LDM code (Rombach et al., 2022, arXiv 2112.10752; CompVis/stable-diffusion,
 ldm/modules/diffusionmodules/openaimodel.py and ldm/modules/attention.py). Parameter names
@@ -36,7 +36,8 @@ class ResBlock(nn.Module):
     The VAE uses the same block without a time embedding (temb_dim=None) and with eps 1e-6.
     """
 
-    def __init__(self, in_ch: int, out_ch: int, temb_dim: int | None = None, eps: float = 1e-5, groups: int = 32):
+    def __init__(self, in_ch: int, out_ch: int, temb_dim: int | None = None, eps: float = 1e-5,
+                 groups: int = 32):
         super().__init__()
         self.norm1 = group_norm(in_ch, eps, groups)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
@@ -58,11 +59,13 @@ class Attention(nn.Module):
     """Multi-head attention over tokens [B, N, C]; self-attention, or cross-attention to `context`.
 
     upcast: compute in fp32 when the inputs are half precision (SD-v2.1 768 overflows in fp16).
+    causal: each token attends only to itself and the tokens before it (CLIP's text tower).
     """
 
-    def __init__(self, dim: int, heads: int, context_dim: int | None = None, qkv_bias: bool = False, upcast: bool = False):
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None, qkv_bias: bool = False,
+                 upcast: bool = False, causal: bool = False):
         super().__init__()
-        self.heads, self.upcast, self.cross = heads, upcast, context_dim is not None
+        self.heads, self.upcast, self.causal, self.cross = heads, upcast, causal, context_dim is not None
         context_dim = context_dim or dim
         self.to_q = nn.Linear(dim, dim, bias=qkv_bias)
         self.to_k = nn.Linear(context_dim, dim, bias=qkv_bias)
@@ -79,7 +82,8 @@ class Attention(nn.Module):
             return
         parts = (self.to_q, self.to_k, self.to_v)
         w = self.to_q.weight
-        self.to_qkv = nn.Linear(w.shape[1], 3 * w.shape[0], bias=self.to_q.bias is not None, device=w.device, dtype=w.dtype)
+        self.to_qkv = nn.Linear(w.shape[1], 3 * w.shape[0], bias=self.to_q.bias is not None,
+                                device=w.device, dtype=w.dtype)
         with torch.no_grad():
             self.to_qkv.weight.copy_(torch.cat([p.weight for p in parts]))
             if self.to_qkv.bias is not None:
@@ -97,9 +101,10 @@ class Attention(nn.Module):
         # [B, N, heads*head_dim] -> [B, heads, N, head_dim]
         q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))
         if self.upcast and q.dtype in (torch.float16, torch.bfloat16):
-            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
+                                                 is_causal=self.causal).to(q.dtype)
         else:
-            out = F.scaled_dot_product_attention(q, k, v)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         return self.to_out(out.transpose(1, 2).flatten(2))  # -> [B, N, heads*head_dim]
 
 
@@ -162,9 +167,11 @@ class SpatialTransformer(nn.Module):
         super().__init__()
         self.linear_proj = linear_proj
         self.norm = group_norm(channels, 1e-6, groups)
-        proj = (lambda: nn.Linear(channels, channels)) if linear_proj else (lambda: nn.Conv2d(channels, channels, 1))
+        proj = ((lambda: nn.Linear(channels, channels)) if linear_proj
+                else (lambda: nn.Conv2d(channels, channels, 1)))
         self.proj_in = proj()
-        self.transformer_blocks = nn.ModuleList(TransformerBlock(channels, heads, context_dim, upcast) for _ in range(depth))
+        self.transformer_blocks = nn.ModuleList(TransformerBlock(channels, heads, context_dim, upcast)
+                                                for _ in range(depth))
         self.proj_out = proj()
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, return_proj: bool = False):

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minisd.blocks import Attention
+
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     """OpenAI CLIP's sigmoid approximation of GELU (openai/CLIP model.py, QuickGELU)."""
@@ -73,38 +75,36 @@ class CLIPTextConfig:
 
 
 CLIP_VIT_L14 = CLIPTextConfig()  # SD-v1; 123.1M parameters
-OPENCLIP_VIT_H14 = CLIPTextConfig(width=1024, layers=23, heads=16, mlp_width=4096, activation="gelu")  # SD-v2; 340.4M
+# SD-v2; 340.4M parameters
+OPENCLIP_VIT_H14 = CLIPTextConfig(width=1024, layers=23, heads=16, mlp_width=4096, activation="gelu")
+
+# The text encoder of each SD family. Its width is the width of the U-Net's context (the cross-attention
+# keys, UNetTable.context_dim), which is how a U-Net, or a single file's weights, tell their family.
+TEXT_ENCODERS = {"v1": CLIP_VIT_L14, "v2": OPENCLIP_VIT_H14}
 
 
-class CausalSelfAttention(nn.Module):
-    """Multi-head self-attention in which each token sees only itself and the tokens before it."""
-
-    def __init__(self, width: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.to_q = nn.Linear(width, width)
-        self.to_k = nn.Linear(width, width)
-        self.to_v = nn.Linear(width, width)
-        self.to_out = nn.Linear(width, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # [B, N, heads*head_dim] -> [B, heads, N, head_dim]
-        q, k, v = (proj(x).unflatten(-1, (self.heads, -1)).transpose(1, 2) for proj in (self.to_q, self.to_k, self.to_v))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.to_out(out.transpose(1, 2).flatten(2))  # -> [B, N, heads*head_dim]
+def family_of(context_dim: int) -> str:
+    """The SD family of a U-Net that attends to context_dim-wide text states: "v1" for CLIP ViT-L/14's
+    768, "v2" otherwise: OpenCLIP ViT-H/14's 1024, and widths that no SD family has (reduced test
+    models), which a single file then holds in SD-v2's layout."""
+    return "v1" if context_dim == TEXT_ENCODERS["v1"].width else "v2"
 
 
 class CLIPLayer(nn.Module):
-    """x + attn(LN(x)), then x + MLP(LN(x)); the MLP is fc1 -> activation -> fc2."""
+    """x + attn(LN(x)), then x + MLP(LN(x)); the MLP is fc1 -> activation -> fc2.
 
-    def __init__(self, cfg: CLIPTextConfig):
+    Both CLIP towers stack this layer: the text tower with a causal mask (each token sees only
+    itself and the tokens before it), the image tower (minisd/clip_vision.py) without one.
+    """
+
+    def __init__(self, width: int, heads: int, mlp_width: int, activation: str, eps: float, causal: bool):
         super().__init__()
-        self.act = ACTIVATIONS[cfg.activation]
-        self.norm1 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
-        self.attn = CausalSelfAttention(cfg.width, cfg.heads)
-        self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
-        self.fc1 = nn.Linear(cfg.width, cfg.mlp_width)
-        self.fc2 = nn.Linear(cfg.mlp_width, cfg.width)
+        self.act = ACTIVATIONS[activation]
+        self.norm1 = nn.LayerNorm(width, eps=eps)
+        self.attn = Attention(width, heads, qkv_bias=True, causal=causal)
+        self.norm2 = nn.LayerNorm(width, eps=eps)
+        self.fc1 = nn.Linear(width, mlp_width)
+        self.fc2 = nn.Linear(mlp_width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
@@ -118,13 +118,15 @@ class CLIPTextEncoder(nn.Module):
     filled from a checkpoint.
     """
 
-    def __init__(self, cfg: CLIPTextConfig = CLIP_VIT_L14):
+    def __init__(self, config: CLIPTextConfig = CLIP_VIT_L14):
         super().__init__()
-        self.cfg = cfg
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
-        self.position_embedding = nn.Embedding(cfg.max_positions, cfg.width)
-        self.layers = nn.ModuleList(CLIPLayer(cfg) for _ in range(cfg.layers))
-        self.final_norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.config = config
+        self.token_embedding = nn.Embedding(config.vocab_size, config.width)
+        self.position_embedding = nn.Embedding(config.max_positions, config.width)
+        self.layers = nn.ModuleList(
+            CLIPLayer(config.width, config.heads, config.mlp_width, config.activation, config.layer_norm_eps,
+                      causal=True) for _ in range(config.layers))
+        self.final_norm = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(ids.shape[1], device=ids.device)
@@ -141,8 +143,8 @@ class CLIPTextEncoder(nn.Module):
         take the position of the largest id, which is <|endoftext|> (49407) in CLIP's vocabulary;
         others take the first position holding eos_token_id.
         """
-        if self.cfg.eos_token_id == 2:
+        if self.config.eos_token_id == 2:
             pos = ids.argmax(dim=-1)
         else:
-            pos = (ids == self.cfg.eos_token_id).int().argmax(dim=-1)
+            pos = (ids == self.config.eos_token_id).int().argmax(dim=-1)
         return hidden[torch.arange(ids.shape[0], device=hidden.device), pos.to(hidden.device)]

@@ -17,11 +17,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from minisd.clip import ACTIVATIONS
+from minisd.clip import ACTIVATIONS, CLIPLayer
 
 # Normalisation of OpenAI's CLIP training (open_clip/constants.py, OPENAI_DATASET_MEAN/STD), which
 # most open_clip checkpoints keep, LAION's ViT-g-14 included.
@@ -47,7 +46,8 @@ class VisionConfig:
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
         if self.image_size % self.patch_size:
-            raise ValueError(f"image size {self.image_size} is not a multiple of the patch size {self.patch_size}")
+            raise ValueError(f"image size {self.image_size} is not a multiple of the patch size "
+                             f"{self.patch_size}")
 
     @property
     def tokens(self) -> int:
@@ -62,60 +62,30 @@ VIT_G14 = VisionConfig(width=1408, layers=40, heads=16, mlp_width=6144, embed_di
 VIT_BIGG14 = VisionConfig(width=1664, layers=48, heads=16, mlp_width=8192, embed_dim=1280)          # 1,844.9M
 
 
-class SelfAttention(nn.Module):
-    """Multi-head self-attention over all tokens (no mask), as nn.MultiheadAttention computes it."""
-
-    def __init__(self, width: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.to_q = nn.Linear(width, width)
-        self.to_k = nn.Linear(width, width)
-        self.to_v = nn.Linear(width, width)
-        self.to_out = nn.Linear(width, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # [B, N, heads*head_dim] -> [B, heads, N, head_dim]
-        q, k, v = (proj(x).unflatten(-1, (self.heads, -1)).transpose(1, 2) for proj in (self.to_q, self.to_k, self.to_v))
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.to_out(out.transpose(1, 2).flatten(2))  # -> [B, N, heads*head_dim]
-
-
-class VisionLayer(nn.Module):
-    """x + attn(LN(x)), then x + MLP(LN(x)): the text tower's block (minisd/clip.py) without the mask."""
-
-    def __init__(self, cfg: VisionConfig):
-        super().__init__()
-        self.act = ACTIVATIONS[cfg.activation]
-        self.norm1 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
-        self.attn = SelfAttention(cfg.width, cfg.heads)
-        self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
-        self.fc1 = nn.Linear(cfg.width, cfg.mlp_width)
-        self.fc2 = nn.Linear(cfg.mlp_width, cfg.width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.fc2(self.act(self.fc1(self.norm2(x))))
-
-
 class VisionTransformer(nn.Module):
-    """Normalised images [B, 3, S, S] (see `preprocess`) -> image embeddings [B, embed_dim], not L2-normalised."""
+    """Normalised images [B, 3, S, S] (see `preprocess`) -> image embeddings [B, embed_dim], not
+    L2-normalised."""
 
-    def __init__(self, cfg: VisionConfig = VIT_L14):
+    def __init__(self, config: VisionConfig = VIT_L14):
         super().__init__()
-        self.cfg = cfg
-        scale = cfg.width ** -0.5  # open_clip's initial scale of the embeddings and the projection
-        self.patch_embed = nn.Conv2d(3, cfg.width, cfg.patch_size, stride=cfg.patch_size, bias=False)
-        self.class_embedding = nn.Parameter(scale * torch.randn(cfg.width))
-        self.position_embedding = nn.Parameter(scale * torch.randn(cfg.tokens, cfg.width))
-        self.norm_pre = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
-        self.layers = nn.ModuleList(VisionLayer(cfg) for _ in range(cfg.layers))
-        self.norm_post = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
-        self.projection = nn.Parameter(scale * torch.randn(cfg.width, cfg.embed_dim))  # used as x @ projection
+        self.config = config
+        scale = config.width ** -0.5  # open_clip's initial scale of the embeddings and the projection
+        self.patch_embed = nn.Conv2d(3, config.width, config.patch_size, stride=config.patch_size, bias=False)
+        self.class_embedding = nn.Parameter(scale * torch.randn(config.width))
+        self.position_embedding = nn.Parameter(scale * torch.randn(config.tokens, config.width))
+        self.norm_pre = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
+        # the text tower's layer (minisd/clip.py) without its causal mask: every patch sees every other
+        self.layers = nn.ModuleList(
+            CLIPLayer(config.width, config.heads, config.mlp_width, config.activation, config.layer_norm_eps,
+                      causal=False) for _ in range(config.layers))
+        self.norm_post = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
+        # used as x @ projection
+        self.projection = nn.Parameter(scale * torch.randn(config.width, config.embed_dim))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if images.shape[-2:] != (self.cfg.image_size, self.cfg.image_size):
-            raise ValueError(f"images must be {self.cfg.image_size}x{self.cfg.image_size} (see preprocess), "
-                             f"got {tuple(images.shape[-2:])}")
+        if images.shape[-2:] != (self.config.image_size, self.config.image_size):
+            size = self.config.image_size
+            raise ValueError(f"images must be {size}x{size} (see preprocess), got {tuple(images.shape[-2:])}")
         x = self.patch_embed(images)       # [B, width, grid, grid]
         x = x.flatten(2).transpose(1, 2)   # -> [B, grid*grid, width]
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
@@ -140,6 +110,7 @@ def preprocess(image: Image.Image, size: int = 224, mean=OPENAI_MEAN, std=OPENAI
     top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
     image = image.crop((left, top, left + size, top + size))
     # Only then to RGB (open_clip's MaybeConvertMode), and ToTensor: [H, W, 3] uint8 -> [3, H, W] in [0, 1].
-    x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1).float().div(255)
+    x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy())
+    x = x.permute(2, 0, 1).float().div(255)
     mean, std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
     return x.sub(mean).div(std)

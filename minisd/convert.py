@@ -13,19 +13,25 @@ import sys
 from pathlib import Path
 
 from minisd.checkpoints.remap import CheckpointError
+from minisd.clip import TEXT_ENCODERS
 from minisd.pipeline import DTYPES, load_pipeline
 from minisd.table import VARIANTS
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help="hub id, diffusers folder, or .safetensors/.ckpt single file")
     parser.add_argument("dest", help="a .safetensors/.ckpt path (single file) or a folder (diffusers layout)")
-    parser.add_argument("--family", choices=["v1", "v2"], help="single-file source: SD family (default: detected)")
-    parser.add_argument("--variant", choices=sorted(VARIANTS), help="single-file source: U-Net variant (default: detected)")
+    parser.add_argument("--family", choices=sorted(TEXT_ENCODERS),
+                        help="single-file source: SD family (default: detected)")
+    parser.add_argument("--variant", choices=sorted(VARIANTS),
+                        help="single-file source: U-Net variant (default: detected)")
     parser.add_argument("--prediction-type", choices=["epsilon", "v_prediction"],
-                        help="single-file source: what the U-Net predicts (default: detected as diffusers does)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the written weights")
+                        help="single-file source: what the U-Net predicts (default: detected as diffusers "
+                             "does)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                        help="dtype of the written weights")
     args = parser.parse_args(argv)
     try:
         pipe = load_pipeline(args.source, dtype=DTYPES[args.dtype], family=args.family, variant=args.variant,

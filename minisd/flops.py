@@ -28,13 +28,7 @@ import torch
 from torch import nn
 
 from minisd.blocks import Attention
-from minisd.clip import (
-    CLIP_VIT_L14,
-    OPENCLIP_VIT_H14,
-    CausalSelfAttention,
-    CLIPTextConfig,
-    CLIPTextEncoder,
-)
+from minisd.clip import CLIP_VIT_L14, TEXT_ENCODERS, CLIPTextConfig, CLIPTextEncoder
 from minisd.table import TEACHERS, VARIANTS, UNetTable, variant
 from minisd.vae import SD_VAE, AutoencoderKL, VAEConfig
 
@@ -76,7 +70,7 @@ def count_macs(model: nn.Module, inputs: tuple, part_of: Callable[[str], str],
             def hook(m, args, out, name=name):
                 add(name, m.in_features * out.numel())  # out.numel() = tokens * out_features
             handles.append(m.register_forward_hook(hook))
-        elif attention_matmuls and isinstance(m, (Attention, CausalSelfAttention)):
+        elif attention_matmuls and isinstance(m, Attention):
             def hook(m, args, kwargs, name=name):
                 add(name, _attention_macs(m, args, kwargs))
             handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
@@ -158,7 +152,7 @@ def text_encoder_macs(config: CLIPTextConfig = CLIP_VIT_L14, tokens: int = TEXT_
 
 def text_config_for(table: UNetTable) -> CLIPTextConfig:
     """The text encoder whose hidden states this U-Net cross-attends to (by their width)."""
-    return {CLIP_VIT_L14.width: CLIP_VIT_L14, OPENCLIP_VIT_H14.width: OPENCLIP_VIT_H14}[table.context_dim]
+    return {text.width: text for text in TEXT_ENCODERS.values()}[table.context_dim]
 
 
 def sampling_flops(unet_table: UNetTable, vae_config: VAEConfig = SD_VAE, text_config: CLIPTextConfig | None = None,

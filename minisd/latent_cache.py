@@ -99,7 +99,7 @@ def encode(teacher, samples: list[dict | None], resolution: int) -> dict[str, to
     text_dtype = next(teacher.text_encoder.parameters()).dtype
     rows = {"mean": torch.zeros(len(samples), *latent, dtype=teacher.vae_dtype),
             "std": torch.zeros(len(samples), *latent, dtype=teacher.vae_dtype),
-            "context": torch.zeros(len(samples), teacher.tokenizer.max_length, teacher.text_encoder.cfg.width,
+            "context": torch.zeros(len(samples), teacher.tokenizer.max_length, teacher.text_encoder.config.width,
                                    dtype=text_dtype)}
     if ok:
         posterior = teacher.vae.encode(torch.stack([s["pixels"] for s in ok]).to(teacher.device, teacher.vae_dtype))

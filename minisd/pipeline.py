@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from minisd.checkpoints import diffusers as diffusers_layout
 from minisd.checkpoints import hub, ldm
 from minisd.checkpoints.files import WEIGHT_SUFFIXES
-from minisd.clip import CLIPTextEncoder
+from minisd.clip import CLIPTextEncoder, family_of
 from minisd.schedulers import make_sampler
 from minisd.tokenizer import CLIPTokenizer
 from minisd.unet import UNet
@@ -36,6 +36,19 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16} 
 # diffusers' scheduler class names -> minisd's sampler names (the config says which SD shipped)
 SAMPLER_OF_CLASS = {"PNDMScheduler": "pndm", "DDIMScheduler": "ddim", "EulerDiscreteScheduler": "euler",
                     "EulerAncestralDiscreteScheduler": "euler_a", "DPMSolverMultistepScheduler": "dpm"}
+
+
+def default_dtype(device: str | torch.device, training: bool = False) -> torch.dtype:
+    """The precision the scripts run their frozen models in when no --dtype is given.
+
+    fp32 off CUDA (CPUs have no fast half-precision matmuls). On CUDA, fp16 to sample and evaluate,
+    as SD's fp16 weight files are meant for (decode falls back to fp32 where the VAE overflows), and
+    bf16 to train: the teacher's targets match the student's bf16 autocast and keep fp32's range.
+    """
+    if not str(device).startswith("cuda"):
+        return torch.float32
+    return torch.bfloat16 if training else torch.float16
+
 
 @dataclass
 class Pipeline:
@@ -62,7 +75,7 @@ class Pipeline:
 
     @property
     def family(self) -> str:
-        return "v1" if self.unet.table.context_dim == 768 else "v2"
+        return family_of(self.unet.table.context_dim)
 
     def components(self) -> dict:
         return dict(tokenizer=self.tokenizer, text_encoder=self.text_encoder, unet=self.unet, vae=self.vae,
@@ -90,9 +103,10 @@ class Pipeline:
         return self.text_encoder(self.tokenizer(prompts).to(self.device)).to(self.dtype)
 
     @torch.no_grad()
-    def __call__(self, prompt: str | list[str], steps: int = 25, guidance: float = 7.5, seed: int | torch.Generator = 0,
-                 height: int | None = None, width: int | None = None, negative_prompt: str | list[str] | None = None,
-                 num_images: int = 1, scheduler: str | None = None, seed_mode: str = "single",
+    def __call__(self, prompt: str | list[str], steps: int = 25, guidance: float = 7.5,
+                 seed: int | torch.Generator = 0, height: int | None = None, width: int | None = None,
+                 negative_prompt: str | list[str] | None = None, num_images: int = 1,
+                 scheduler: str | None = None, seed_mode: str = "single",
                  init_image: Image.Image | None = None, strength: float = 0.8, progress: bool = True,
                  output: str = "pil"):
         """Generate images: a list of PIL images (output="np": a float array [N, H, W, 3] in [0, 1];
@@ -104,9 +118,13 @@ class Pipeline:
         also be a CPU torch.Generator that goes on from call to call (one generator for a whole run).
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        negatives = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * len(prompts)
+        if isinstance(negative_prompt, list):
+            negatives = negative_prompt
+        else:
+            negatives = [negative_prompt or ""] * len(prompts)
         height, width = height or self.native_size, width or self.native_size
-        check_settings(steps, height, width, self.vae_scale, strength, seed_mode, len(negatives) == len(prompts))
+        check_settings(steps, height, width, self.vae_scale, strength, seed_mode,
+                       len(negatives) == len(prompts))
         sampler = self.scheduler if scheduler is None else make_sampler(scheduler, self.scheduler_config)
         sampler.set_timesteps(steps, device=self.device)
 
@@ -114,7 +132,8 @@ class Pipeline:
         use_cfg = guidance > 1.0
         # with guidance, the negative prompts and the prompts go through the text encoder in one batch,
         # and the U-Net sees [unconditional; conditional] in one batch, as diffusers concatenates them
-        context = self.encode_prompts(negatives + prompts if use_cfg else prompts).repeat_interleave(num_images, dim=0)
+        context = self.encode_prompts(negatives + prompts if use_cfg else prompts)
+        context = context.repeat_interleave(num_images, dim=0)
         if isinstance(seed, torch.Generator):
             generator = seed
         elif seed_mode == "per_image":
@@ -160,21 +179,23 @@ class Pipeline:
         self.compiled_unet = torch.compile(self.unet, fullgraph=True, dynamic=False, mode=mode)
         return self
 
-    def warm_up(self, batch: int = 1, height: int | None = None, width: int | None = None, guidance: float = 7.5,
-                scheduler: str | None = None) -> None:
+    def warm_up(self, batch: int = 1, height: int | None = None, width: int | None = None,
+                guidance: float = 7.5, scheduler: str | None = None) -> None:
         """A short run at the shape of the runs to come, so that compilation, CUDA graph capture (the
         2nd and 3rd calls) and cuDNN's first-call setup happen here rather than in them."""
         self([""] * batch, steps=3, guidance=guidance, height=height, width=width, scheduler=scheduler,
              progress=False, output="np")
 
     def fuse_qkv(self) -> "Pipeline":
-        """Fuse the U-Net's self-attention q/k/v projections (UNet.fuse_qkv); saving keeps the standard layout."""
+        """Fuse the U-Net's self-attention q/k/v projections (UNet.fuse_qkv); saving keeps the standard
+        layout."""
         self.unet.fuse_qkv()
         return self
 
     def channels_last(self) -> "Pipeline":
         """Keep the U-Net's and VAE's feature maps NHWC (torch.channels_last): the layout of cuDNN's fast
-        convolution kernels, and in it the SpatialTransformer's [B, C, H, W] <-> [B, H*W, C] reshapes are views."""
+        convolution kernels, and in it the SpatialTransformer's [B, C, H, W] <-> [B, H*W, C] reshapes are
+        views."""
         return self.to(memory_format=torch.channels_last)
 
     def encode_image(self, image: Image.Image, height: int, width: int, n: int, generator) -> torch.Tensor:
@@ -182,7 +203,8 @@ class Pipeline:
         image = image.convert("RGB")
         if image.size != (width, height):
             image = image.resize((width, height), Image.LANCZOS)  # diffusers' VaeImageProcessor resamples so
-        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]  # [1, 3, H, W]
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
+        x = x.permute(2, 0, 1)[None]  # [H, W, 3] -> [1, 3, H, W]
         x = (2.0 * x - 1.0).to(self.device, self.vae_dtype)
         if isinstance(generator, list):  # one posterior sample per image, each from its own generator
             latents = torch.cat([self.vae.encode(x).sample(g) for g in generator])
@@ -205,7 +227,8 @@ class Pipeline:
         return images.float()
 
     def to(self, device=None, dtype=None, memory_format=None) -> "Pipeline":
-        """Move and cast every model; memory_format (e.g. torch.channels_last) applies to 4-d conv weights only."""
+        """Move and cast every model; memory_format (e.g. torch.channels_last) applies to 4-d conv weights
+        only."""
         for model in (self.text_encoder, self.unet, self.vae):
             model.to(device=device, dtype=dtype, memory_format=memory_format)
         return self
@@ -270,9 +293,10 @@ def load_pipeline(source: str | Path, device: str | torch.device = "cpu", dtype:
     elif hub.looks_like_hub_id(str(source)):
         half = dtype in (torch.float16, torch.bfloat16)
         folder = hub.download(str(source), half=half)
-        parts = diffusers_layout.load_folder(folder, dtype=dtype, device=device, variant="fp16" if half else None)
+        parts = diffusers_layout.load_folder(folder, dtype=dtype, device=device, half=half)
     else:
-        raise FileNotFoundError(f"model source {str(source)!r} is not a file, a folder or a hub id (owner/name)")
+        raise FileNotFoundError(f"model source {str(source)!r} is not a file, a folder or a hub id "
+                                "(owner/name)")
     if prediction_type is not None:
         parts["scheduler_config"] = dict(parts["scheduler_config"], prediction_type=prediction_type)
     pipe = Pipeline(**parts, source=str(source))

@@ -39,7 +39,7 @@ class VAEConfig:
     in_channels: int = 3
     out_channels: int = 3
     latent_channels: int = 4
-    block_channels: tuple[int, ...] = (128, 256, 512, 512)  # one per level; every level but the last halves H, W
+    block_channels: tuple[int, ...] = (128, 256, 512, 512)  # one per level; all but the last halve H, W
     layers_per_block: int = 2  # ResBlocks per encoder level; the decoder has one more per level
     norm_groups: int = 32
     # Latents are multiplied by this before the U-Net sees them, to give them roughly unit variance:
@@ -47,7 +47,7 @@ class VAEConfig:
     # LDM can instead set it to 1 / std of the first training batch's latents (`scale_by_std` in
     # ldm/models/diffusion/ddpm.py); SD fixes the number.
     scaling_factor: float = 0.18215
-    sample_size: int = 512  # training resolution (768 for SD-v2 768); diffusers uses it only for tiled decoding
+    sample_size: int = 512  # training resolution (768 for SD-v2 768); diffusers reads it only to tile
 
     @classmethod
     def from_diffusers(cls, config: dict) -> "VAEConfig":
@@ -57,15 +57,17 @@ class VAEConfig:
         """
         n = len(config.get("block_out_channels", cls.block_channels))
         expected = {"act_fn": "silu", "use_quant_conv": True, "use_post_quant_conv": True,
-                    "mid_block_add_attention": True, "shift_factor": None, "latents_mean": None, "latents_std": None,
-                    "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n}
+                    "mid_block_add_attention": True, "shift_factor": None, "latents_mean": None,
+                    "latents_std": None, "down_block_types": ["DownEncoderBlock2D"] * n,
+                    "up_block_types": ["UpDecoderBlock2D"] * n}
         got = {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}  # JSON lists vs tuples
         unsupported = {k: got[k] for k, v in expected.items() if k in got and got[k] != v}
         if unsupported:
             raise ValueError(f"unsupported AutoencoderKL settings (this is SD's VAE only): {unsupported}")
-        names = {"in_channels": "in_channels", "out_channels": "out_channels", "latent_channels": "latent_channels",
-                 "block_out_channels": "block_channels", "layers_per_block": "layers_per_block",
-                 "norm_num_groups": "norm_groups", "scaling_factor": "scaling_factor", "sample_size": "sample_size"}
+        names = {"in_channels": "in_channels", "out_channels": "out_channels",
+                 "latent_channels": "latent_channels", "block_out_channels": "block_channels",
+                 "layers_per_block": "layers_per_block", "norm_num_groups": "norm_groups",
+                 "scaling_factor": "scaling_factor", "sample_size": "sample_size"}
         fields = {ours: config[theirs] for theirs, ours in names.items() if theirs in config}
         if "block_channels" in fields:
             fields["block_channels"] = tuple(fields["block_channels"])
@@ -144,7 +146,8 @@ class MidBlock(nn.Module):
 class Level(nn.Module):
     """One resolution level: ResBlocks, then (except at the last level) a down- or upsampler."""
 
-    def __init__(self, in_ch: int, out_ch: int, n_res: int, groups: int, down: bool = False, up: bool = False):
+    def __init__(self, in_ch: int, out_ch: int, n_res: int, groups: int, down: bool = False,
+                 up: bool = False):
         super().__init__()
         self.res = nn.ModuleList(ResBlock(in_ch if j == 0 else out_ch, out_ch, eps=EPS, groups=groups)
                                  for j in range(n_res))
@@ -165,16 +168,16 @@ class Level(nn.Module):
 class Encoder(nn.Module):
     """Image [B, 3, H, W] -> Gaussian moments (mean and log-variance) [B, 2*latent, H/8, W/8] (4 levels)."""
 
-    def __init__(self, cfg: VAEConfig):
+    def __init__(self, config: VAEConfig):
         super().__init__()
-        ch, last = cfg.block_channels, len(cfg.block_channels) - 1
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        ch, last = config.block_channels, len(config.block_channels) - 1
+        self.conv_in = nn.Conv2d(config.in_channels, ch[0], 3, padding=1)
         # Each level starts from the previous level's channels (level 0 from conv_in's).
-        self.down = nn.ModuleList(Level(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, cfg.norm_groups, down=i < last)
-                                  for i in range(len(ch)))
-        self.mid = MidBlock(ch[-1], cfg.norm_groups)
-        self.norm_out = nn.GroupNorm(cfg.norm_groups, ch[-1], eps=EPS)
-        self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
+        self.down = nn.ModuleList(Level(ch[max(i - 1, 0)], ch[i], config.layers_per_block, config.norm_groups,
+                                        down=i < last) for i in range(len(ch)))
+        self.mid = MidBlock(ch[-1], config.norm_groups)
+        self.norm_out = nn.GroupNorm(config.norm_groups, ch[-1], eps=EPS)
+        self.conv_out = nn.Conv2d(ch[-1], 2 * config.latent_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv_in(x)
@@ -187,16 +190,16 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """Latents [B, latent, h, w] -> image [B, 3, 8h, 8w]; the encoder's levels in reverse."""
 
-    def __init__(self, cfg: VAEConfig):
+    def __init__(self, config: VAEConfig):
         super().__init__()
-        ch, last = cfg.block_channels[::-1], len(cfg.block_channels) - 1
-        self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
-        self.mid = MidBlock(ch[0], cfg.norm_groups)
+        ch, last = config.block_channels[::-1], len(config.block_channels) - 1
+        self.conv_in = nn.Conv2d(config.latent_channels, ch[0], 3, padding=1)
+        self.mid = MidBlock(ch[0], config.norm_groups)
         # One more ResBlock per level than the encoder has (LDM: num_res_blocks + 1).
-        self.up = nn.ModuleList(Level(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, cfg.norm_groups, up=i < last)
-                                for i in range(len(ch)))
-        self.norm_out = nn.GroupNorm(cfg.norm_groups, ch[-1], eps=EPS)
-        self.conv_out = nn.Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
+        self.up = nn.ModuleList(Level(ch[max(i - 1, 0)], ch[i], config.layers_per_block + 1,
+                                      config.norm_groups, up=i < last) for i in range(len(ch)))
+        self.norm_out = nn.GroupNorm(config.norm_groups, ch[-1], eps=EPS)
+        self.conv_out = nn.Conv2d(ch[-1], config.out_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.mid(self.conv_in(x))

@@ -12,25 +12,33 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig as HFTextConfig
 from transformers import CLIPTextModel
 
-from minisd.checkpoints.diffusers import TEXT_RULES, load_text_encoder, save_text_encoder, with_text_model_prefix
+from minisd.checkpoints.diffusers import (
+    TEXT_RULES,
+    load_text_encoder,
+    save_text_encoder,
+    with_text_model_prefix,
+)
 from minisd.checkpoints.files import write_json
 from minisd.checkpoints.ldm import text_encoder_from_ldm, text_encoder_to_ldm
 from minisd.checkpoints.remap import load_into
 from minisd.clip import CLIP_VIT_L14, OPENCLIP_VIT_H14, CLIPTextConfig, CLIPTextEncoder
 
-# text_encoder/config.json as the hub has it: runwayml/stable-diffusion-v1-5 and stabilityai/stable-diffusion-2-1
+# text_encoder/config.json as the hub has it: runwayml/stable-diffusion-v1-5 and
+# stabilityai/stable-diffusion-2-1
 SD_V1_CONFIG = {
-    "_name_or_path": "openai/clip-vit-large-patch14", "architectures": ["CLIPTextModel"], "attention_dropout": 0.0,
-    "bos_token_id": 0, "dropout": 0.0, "eos_token_id": 2, "hidden_act": "quick_gelu", "hidden_size": 768,
+    "_name_or_path": "openai/clip-vit-large-patch14", "architectures": ["CLIPTextModel"],
+    "attention_dropout": 0.0, "bos_token_id": 0, "dropout": 0.0, "eos_token_id": 2,
+    "hidden_act": "quick_gelu", "hidden_size": 768,
     "initializer_factor": 1.0, "initializer_range": 0.02, "intermediate_size": 3072, "layer_norm_eps": 1e-05,
     "max_position_embeddings": 77, "model_type": "clip_text_model", "num_attention_heads": 12,
     "num_hidden_layers": 12, "pad_token_id": 1, "projection_dim": 768, "torch_dtype": "float32",
     "transformers_version": "4.22.0.dev0", "vocab_size": 49408,
 }
 SD_V2_CONFIG = {**SD_V1_CONFIG, "_name_or_path": "hf-models/stable-diffusion-v2-768x768/text_encoder",
-                "hidden_act": "gelu", "hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16,
-                "num_hidden_layers": 23, "projection_dim": 512}
-# Full width, reduced depth for speed; the eos id transformers >= 4.31 writes, to cover the other pooling rule.
+                "hidden_act": "gelu", "hidden_size": 1024, "intermediate_size": 4096,
+                "num_attention_heads": 16, "num_hidden_layers": 23, "projection_dim": 512}
+# Full width, reduced depth for speed; the eos id transformers >= 4.31 writes, to cover the other
+# pooling rule.
 SD_V2_SMALL_CONFIG = {**SD_V2_CONFIG, "num_hidden_layers": 3, "bos_token_id": 49406, "eos_token_id": 49407}
 V2_SMALL = dataclasses.replace(OPENCLIP_VIT_H14, layers=3, bos_token_id=49406, eos_token_id=49407)
 
@@ -101,7 +109,7 @@ def test_presets_match_hub_configs():
     with torch.device("meta"):
         encoders = [CLIPTextEncoder(c) for c in (CLIP_VIT_L14, OPENCLIP_VIT_H14)]
     assert [sum(p.numel() for p in e.parameters()) for e in encoders] == [123_060_480, 340_387_840]
-    assert not any(list(e.buffers()) for e in encoders)  # nothing that a meta-device build would leave unfilled
+    assert not any(list(e.buffers()) for e in encoders)  # nothing a meta-device build would leave unfilled
 
 
 @pytest.mark.parametrize("family", ["v1", "v2"])
@@ -116,7 +124,7 @@ def test_hub_layout(family, ref_v1, ref_v2, tmp_path):
     save_file(hub_sd, hub / "model.safetensors")
     write_json(hub / "config.json", ref.config)
     ours = load_text_encoder(hub)
-    assert ours.cfg == CLIPTextConfig.from_transformers(ref.config)
+    assert ours.config == CLIPTextConfig.from_transformers(ref.config)
     assert_same(ours, ref)
 
     save_text_encoder(ours, tmp_path / "saved")
@@ -143,7 +151,8 @@ def test_single_file_v1(ref_v1):
     ldm["model.diffusion_model.out.2.bias"] = torch.zeros(4)
     unprefixed = {k.replace(".transformer.text_model.", ".transformer."): v for k, v in ldm.items()}
     for single_file in (ldm, unprefixed):
-        assert_same_weights(convert_ldm_clip_checkpoint(single_file), ref_v1)  # diffusers reads it as the reference
+        # diffusers reads it as the reference
+        assert_same_weights(convert_ldm_clip_checkpoint(single_file), ref_v1)
         assert_same(text_encoder_from_ldm(single_file, "v1"), ref_v1)
 
 
@@ -153,16 +162,19 @@ def test_single_file_v2(ref_v2):
     assert "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight" in ldm
     assert "cond_stage_model.model.positional_embedding" in ldm
     assert not any("q_proj" in k for k in ldm)
-    assert_same_weights(convert_open_clip_checkpoint(ref_v2.model, ldm), ref_v2)  # diffusers reads it as the reference
+    # diffusers reads it as the reference
+    assert_same_weights(convert_open_clip_checkpoint(ref_v2.model, ldm), ref_v2)
 
-    # A real SD-v2 file also holds OpenCLIP's last block, which SD does not run, text_projection and logit_scale.
+    # A real SD-v2 file also holds OpenCLIP's last block, which SD does not run, text_projection and
+    # logit_scale.
     width, gen = V2_SMALL.width, torch.Generator().manual_seed(2)
     unused = {"ln_1.weight": [width], "ln_1.bias": [width], "attn.in_proj_weight": [3 * width, width],
-              "attn.in_proj_bias": [3 * width], "attn.out_proj.weight": [width, width], "attn.out_proj.bias": [width],
-              "ln_2.weight": [width], "ln_2.bias": [width], "mlp.c_fc.weight": [4 * width, width],
-              "mlp.c_fc.bias": [4 * width], "mlp.c_proj.weight": [width, 4 * width], "mlp.c_proj.bias": [width]}
-    full = {**ldm, **{f"cond_stage_model.model.transformer.resblocks.{V2_SMALL.layers}.{k}": torch.randn(s, generator=gen)
-                      for k, s in unused.items()},
+              "attn.in_proj_bias": [3 * width], "attn.out_proj.weight": [width, width],
+              "attn.out_proj.bias": [width], "ln_2.weight": [width], "ln_2.bias": [width],
+              "mlp.c_fc.weight": [4 * width, width], "mlp.c_fc.bias": [4 * width],
+              "mlp.c_proj.weight": [width, 4 * width], "mlp.c_proj.bias": [width]}
+    last = f"cond_stage_model.model.transformer.resblocks.{V2_SMALL.layers}."
+    full = {**ldm, **{last + k: torch.randn(s, generator=gen) for k, s in unused.items()},
             "cond_stage_model.model.text_projection": torch.randn(width, width, generator=gen),
             "cond_stage_model.model.logit_scale": torch.tensor(4.6052),
             "first_stage_model.decoder.conv_out.bias": torch.zeros(3)}

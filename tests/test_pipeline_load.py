@@ -34,7 +34,8 @@ from minisd.convert import main as convert
 from sample import main as sample_main
 
 
-def assert_same_outputs(pipe: minisd.Pipeline, ref: dict, prompts=("a black vase holding a bouquet of roses", "")):
+def assert_same_outputs(pipe: minisd.Pipeline, ref: dict,
+                        prompts=("a black vase holding a bouquet of roses", "")):
     ids = pipe.tokenizer(list(prompts))
     if "tokenizer" in ref:
         expected = ref["tokenizer"](list(prompts), padding="max_length", max_length=77, truncation=True,
@@ -80,7 +81,8 @@ def test_save_loads_in_diffusers(v2_folder, tmp_path):
 
 def test_folder_saved_by_transformers5(tmp_path):
     """A folder saved by current diffusers/transformers: unprefixed text keys, tokenizer.json only."""
-    parts = reference_parts("v1", reduced_config("v1", "small"), text_config("v1", 96, 2, 4), VAE_SMALL, seed=3)
+    parts = reference_parts("v1", reduced_config("v1", "small"), text_config("v1", 96, 2, 4), VAE_SMALL,
+                            seed=3)
     tokenizer = CLIPTokenizer.from_pretrained(hub_folder(tmp_path / "tok", PADS["v1"]))
     ref = StableDiffusionPipeline(**parts, tokenizer=tokenizer, scheduler=PNDMScheduler(**SD_SCHEDULER),
                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
@@ -91,8 +93,8 @@ def test_folder_saved_by_transformers5(tmp_path):
 
 def single_file(parts: dict, family: str, tmp_path, **extra) -> dict:
     """An LDM single-file state dict built from the reference models, with the extras real files carry."""
-    for name, save in (("unet", "save_pretrained"), ("vae", "save_pretrained"), ("text_encoder", "save_pretrained")):
-        getattr(parts[name], save)(tmp_path / name)
+    for name in ("unet", "vae", "text_encoder"):
+        parts[name].save_pretrained(tmp_path / name)
     unet = load_unet(tmp_path / "unet")
     sd = {**unet_to_ldm(unet), **vae_to_ldm(load_vae(tmp_path / "vae")),
           **text_encoder_to_ldm(load_text_encoder(tmp_path / "text_encoder"), family)}
@@ -113,7 +115,8 @@ def test_single_file_sd_v1_full_size(tmp_path):
     """Real SD-v1 sizes: U-Net 0.86B, VAE, CLIP ViT-L/14; text keys without `text_model.`; safetensors."""
     parts = reference_parts("v1", real_config("v1", "sd"), text_config("v1", 768, 12, 12), VAE_FULL)
     sd = single_file(parts, "v1", tmp_path)
-    sd = {k.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."): v for k, v in sd.items()}
+    sd = {k.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."): v
+          for k, v in sd.items()}
     save_file(sd, tmp_path / "sd-v1.safetensors")
     del sd
     pipe = minisd.load_pipeline(tmp_path / "sd-v1.safetensors")
@@ -126,7 +129,8 @@ def test_single_file_sd_v1_full_size(tmp_path):
 @pytest.mark.slow
 def test_single_file_bk_tiny_v2_ckpt(tmp_path):
     """An SD-v2 BK-tiny .ckpt with a `state_dict` wrapper: OpenCLIP-H text, variant and epsilon detected."""
-    parts = reference_parts("v2", real_config("v2", "tiny"), text_config("v2", 1024, 23, 16), VAE_FULL, seed=1)
+    parts = reference_parts("v2", real_config("v2", "tiny"), text_config("v2", 1024, 23, 16), VAE_FULL,
+                            seed=1)
     sd = single_file(parts, "v2", tmp_path)
     torch.save({"state_dict": sd, "global_step": 875000, "epoch": 3}, tmp_path / "bk-tiny-v2.ckpt")
     del sd
@@ -139,11 +143,13 @@ def test_single_file_bk_tiny_v2_ckpt(tmp_path):
     pipe.save_single_file(tmp_path / "again.safetensors")
     again = minisd.load_pipeline(tmp_path / "again.safetensors")
     assert again.scheduler_config["prediction_type"] == "v_prediction" and again.unet.table.upcast_attention
-    assert minisd.load_pipeline(tmp_path / "again.safetensors", prediction_type="epsilon").unet.table.sample_size == 64
+    epsilon = minisd.load_pipeline(tmp_path / "again.safetensors", prediction_type="epsilon")
+    assert epsilon.unet.table.sample_size == 64
 
 
 def test_single_file_rejects_foreign_keys(tmp_path):
-    save_file({"model.diffusion_model.conv_in.weight": torch.zeros(1), "transformer.h.0.weight": torch.zeros(1)},
+    save_file({"model.diffusion_model.conv_in.weight": torch.zeros(1),
+               "transformer.h.0.weight": torch.zeros(1)},
               tmp_path / "other.safetensors")
     with pytest.raises(CheckpointError, match="transformer.h.0.weight"):
         minisd.load_pipeline(tmp_path / "other.safetensors")
@@ -151,7 +157,8 @@ def test_single_file_rejects_foreign_keys(tmp_path):
 
 @pytest.mark.slow
 def test_convert_round_trip(tmp_path, capsys):
-    """`python -m minisd.convert`: hub folder -> single file -> folder keeps every weight (BK-tiny, real sizes)."""
+    """`python -m minisd.convert`: hub folder -> single file -> folder keeps every weight (BK-tiny, real
+    sizes)."""
     parts = reference_parts("v1", real_config("v1", "tiny"), text_config("v1", 768, 12, 12), VAE_FULL, seed=2)
     _, folder = save_hub_layout(parts, "v1", tmp_path)
     del parts
@@ -167,19 +174,24 @@ def test_convert_round_trip(tmp_path, capsys):
     assert convert([str(tmp_path / "missing.ckpt"), str(tmp_path / "x")]) == 2
     assert "is not a file, a folder or a hub id" in capsys.readouterr().err
     # sample.py takes the single file as --model
-    assert sample_main(["a black vase", "--model", str(tmp_path / "tiny.safetensors"), "--steps", "1", "--height", "64",
-                        "--width", "64", "--out", str(tmp_path / "s.png"), "--no-progress"]) == 0
+    assert sample_main(["a black vase", "--model", str(tmp_path / "tiny.safetensors"), "--steps", "1",
+                        "--height", "64", "--width", "64", "--out", str(tmp_path / "s.png"),
+                        "--no-progress"]) == 0
     assert Image.open(tmp_path / "s.png").text["model"] == str(tmp_path / "tiny.safetensors")
 
 
 def test_hub_file_selection():
-    files = ["model_index.json", "unet/diffusion_pytorch_model.bin", "unet/diffusion_pytorch_model.safetensors",
-             "unet/diffusion_pytorch_model.fp16.safetensors", "vae/diffusion_pytorch_model.bin",
-             "text_encoder/model.safetensors", "text_encoder/model.fp16.safetensors", "safety_checker/model.bin"]
+    files = ["model_index.json", "unet/diffusion_pytorch_model.bin",
+             "unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors",
+             "vae/diffusion_pytorch_model.bin",
+             "text_encoder/model.safetensors", "text_encoder/model.fp16.safetensors",
+             "safety_checker/model.bin"]
     assert hub.select_files(files, half=False) == ["unet/diffusion_pytorch_model.safetensors",
-                                                   "vae/diffusion_pytorch_model.bin", "text_encoder/model.safetensors"]
+                                                   "vae/diffusion_pytorch_model.bin",
+                                                   "text_encoder/model.safetensors"]
     assert hub.select_files(files, half=True) == ["unet/diffusion_pytorch_model.fp16.safetensors",
-                                                  "vae/diffusion_pytorch_model.bin", "text_encoder/model.fp16.safetensors"]
+                                                  "vae/diffusion_pytorch_model.bin",
+                                                  "text_encoder/model.fp16.safetensors"]
     with pytest.raises(FileNotFoundError, match="no vae weights"):
         hub.select_files(["unet/diffusion_pytorch_model.safetensors"], half=False)
     assert hub.looks_like_hub_id("nota-ai/bk-sdm-small") and not hub.looks_like_hub_id("./weights/x")

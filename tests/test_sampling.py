@@ -18,7 +18,15 @@ from diffusers import (
     StableDiffusionPipeline,
 )
 from PIL import Image
-from reference import VAE_FULL, VAE_SMALL, real_config, reduced_config, reference_parts, save_hub_layout, text_config
+from reference import (
+    VAE_FULL,
+    VAE_SMALL,
+    real_config,
+    reduced_config,
+    reference_parts,
+    save_hub_layout,
+    text_config,
+)
 
 import minisd
 from sample import main as sample_main
@@ -55,9 +63,11 @@ def sd_v1(tmp_path_factory):
 @pytest.mark.slow
 def test_full_size_sd_v1_same_image(tmp_path_factory):
     """Real SD-v1 sizes (U-Net 0.86B, CLIP ViT-L/14, VAE) at 128 px, 4 PNDM steps."""
-    ref, pipe, path = build(tmp_path_factory, "v1", real_config("v1", "sd"), text_config("v1", 768, 12, 12), VAE_FULL)
+    ref, pipe, path = build(tmp_path_factory, "v1", real_config("v1", "sd"), text_config("v1", 768, 12, 12),
+                            VAE_FULL)
     shutil.rmtree(path)
-    kwargs = dict(steps=4, seed=0, height=128, width=128, negative_prompt="blurry", progress=False, output="np")
+    kwargs = dict(steps=4, seed=0, height=128, width=128, negative_prompt="blurry", progress=False,
+                  output="np")
     ours = pipe(PROMPT, **kwargs)
     theirs = reference_images(ref, PROMPT, 4, 0, 128, negative_prompt="blurry")
     assert np.abs(ours - theirs).max() <= TOLERANCE
@@ -66,18 +76,19 @@ def test_full_size_sd_v1_same_image(tmp_path_factory):
 
 
 def test_v2_v_prediction_same_image(tmp_path_factory):
-    ref, pipe, _ = build(tmp_path_factory, "v2", reduced_config("v2", "sd"), text_config("v2", 128, 2, 4), VAE_SMALL,
-                         prediction_type="v_prediction", seed=1)
+    ref, pipe, _ = build(tmp_path_factory, "v2", reduced_config("v2", "sd"), text_config("v2", 128, 2, 4),
+                         VAE_SMALL, prediction_type="v_prediction", seed=1)
     assert pipe.scheduler_config["prediction_type"] == "v_prediction"
-    ours = pipe([PROMPT, OTHER], steps=5, seed=3, height=64, width=64, guidance=5.0, progress=False, output="np")
+    ours = pipe([PROMPT, OTHER], steps=5, seed=3, height=64, width=64, guidance=5.0, progress=False,
+                output="np")
     theirs = reference_images(ref, [PROMPT, OTHER], 5, 3, 64, guidance_scale=5.0)
     assert np.abs(ours - theirs).max() <= TOLERANCE
     assert np.abs(ours[0] - ours[1]).mean() > 0.01
 
 
 def test_bk_tiny_same_image(tmp_path_factory):
-    ref, pipe, _ = build(tmp_path_factory, "v1", reduced_config("v1", "tiny"), text_config("v1", 96, 2, 4), VAE_SMALL,
-                         seed=2)
+    ref, pipe, _ = build(tmp_path_factory, "v1", reduced_config("v1", "tiny"), text_config("v1", 96, 2, 4),
+                         VAE_SMALL, seed=2)
     assert pipe.unet.table.mid is False and len(pipe.unet.table.stages) == 3
     ours = pipe(PROMPT, steps=6, seed=11, height=48, width=48, num_images=2, progress=False, output="np")
     theirs = reference_images(ref, PROMPT, 6, 11, 48, num_images_per_prompt=2)
@@ -103,8 +114,10 @@ def test_no_guidance_skips_unconditional_pass(sd_v1):
 def test_per_image_seeds(sd_v1):
     """seed_mode='per_image' is diffusers with one generator per image, and independent of the batch."""
     ref, pipe, _ = sd_v1
-    ref.scheduler = EulerAncestralDiscreteScheduler.from_config(ref.scheduler.config)  # uses the generators per step
-    kwargs = dict(steps=5, height=64, width=64, scheduler="euler_a", seed_mode="per_image", progress=False, output="np")
+    # Euler ancestral draws from the generators at every step too
+    ref.scheduler = EulerAncestralDiscreteScheduler.from_config(ref.scheduler.config)
+    kwargs = dict(steps=5, height=64, width=64, scheduler="euler_a", seed_mode="per_image", progress=False,
+                  output="np")
     batch = pipe([PROMPT, OTHER], seed=20, **kwargs)
     assert np.abs(batch - reference_images(ref, [PROMPT, OTHER], 5, [20, 21], 64)).max() <= TOLERANCE
     alone = pipe(OTHER, seed=21, **kwargs)
@@ -137,10 +150,10 @@ def test_sample_py_writes_pngs_with_settings(sd_v1, tmp_path, capsys):
     _, pipe, path = sd_v1
     out = tmp_path / "out" / "roses.png"
     code = sample_main([PROMPT, "--model", str(path), "--steps", "3", "--height", "64", "--width", "64",
-                        "--num-images", "2", "--seed", "5", "--negative-prompt", "blurry", "--scheduler", "ddim",
-                        "--out", str(out), "--no-progress"])
+                        "--num-images", "2", "--seed", "5", "--negative-prompt", "blurry",
+                        "--scheduler", "ddim", "--out", str(out), "--no-progress"])
     assert code == 0
-    files = [tmp_path / "out" / f"roses-{i:02d}.png" for i in range(2)] + [tmp_path / "out" / "roses-grid.png"]
+    files = [tmp_path / "out" / name for name in ("roses-00.png", "roses-01.png", "roses-grid.png")]
     assert all(f.is_file() for f in files)
     image = Image.open(files[1])
     assert image.text["prompt"] == PROMPT and image.text["seed"] == "5" and image.text["scheduler"] == "ddim"
@@ -173,8 +186,8 @@ def test_sample_py_errors_are_one_line(sd_v1, tmp_path, capsys, monkeypatch, cap
 
     long_prompt = " ".join(f"word{i}" for i in range(80))
     with caplog.at_level(logging.WARNING):
-        assert sample_main([long_prompt, "--model", str(path), "--steps", "1", "--height", "32", "--width", "32",
-                            "--out", str(tmp_path / "long.png"), "--no-progress"]) == 0
+        assert sample_main([long_prompt, "--model", str(path), "--steps", "1", "--height", "32",
+                            "--width", "32", "--out", str(tmp_path / "long.png"), "--no-progress"]) == 0
     # CLIP splits digits, and the dropped text is decoded as diffusers shows it ("word 7 9")
     assert "truncated after" in caplog.text and "dropped:" in caplog.text and "word 7 9" in caplog.text
 

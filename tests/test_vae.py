@@ -51,7 +51,8 @@ def folder(reference, tmp_path_factory):
 @pytest.fixture(scope="module")
 def inputs() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
-    return {"images": torch.rand(1, 3, 64, 64, generator=g) * 2 - 1, "latents": torch.randn(1, 4, 8, 8, generator=g)}
+    return {"images": torch.rand(1, 3, 64, 64, generator=g) * 2 - 1,
+            "latents": torch.randn(1, 4, 8, 8, generator=g)}
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +107,8 @@ def test_save_vae_loads_in_diffusers(vae, reference, inputs, expected, tmp_path)
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
     with torch.no_grad():
-        assert_close(reloaded.decode(inputs["latents"]).sample, expected["decoded"], "diffusers after save_vae")
+        assert_close(reloaded.decode(inputs["latents"]).sample, expected["decoded"],
+                     "diffusers after save_vae")
 
 
 def test_legacy_attention_names(vae, reference, folder, tmp_path):
@@ -126,8 +128,10 @@ def test_legacy_attention_names(vae, reference, folder, tmp_path):
 
 def test_single_file_layout(vae, reference, inputs, expected):
     ldm = vae_to_ldm(vae)
-    assert ldm["first_stage_model.encoder.mid.attn_1.q.weight"].shape == (512, 512, 1, 1)  # 1x1 conv, as in real files
-    assert ldm["first_stage_model.decoder.up.0.block.0.nin_shortcut.weight"].shape == (128, 256, 1, 1)  # up.0: last run
+    # a 1x1 conv, as in real files
+    assert ldm["first_stage_model.encoder.mid.attn_1.q.weight"].shape == (512, 512, 1, 1)
+    # LDM's up.0 runs last
+    assert ldm["first_stage_model.decoder.up.0.block.0.nin_shortcut.weight"].shape == (128, 256, 1, 1)
     # Checked from the other side: diffusers' own converter must give back exactly the reference's weights.
     converted = convert_ldm_vae_checkpoint(ldm, dict(reference.config))
     theirs = reference.state_dict()

@@ -84,7 +84,7 @@ def diffusers_pipeline(pipe: Pipeline):
     _quiet()
     vae_config = {k: v for k, v in pipe.vae.config.to_diffusers().items() if not k.startswith("_")}
     vae = _loaded(DiffusersVAE(**vae_config), export(pipe.vae, VAE_RULES), pipe.vae)
-    text_config = {k: v for k, v in pipe.text_encoder.cfg.to_transformers().items()
+    text_config = {k: v for k, v in pipe.text_encoder.config.to_transformers().items()
                    if k not in ("architectures", "model_type")}
     text_model = CLIPTextModel(CLIPTextConfig(**text_config))
     weights = export(pipe.text_encoder, TEXT_RULES)

@@ -49,7 +49,7 @@ def run_config(args, name: str, device: torch.device, dtype: torch.dtype) -> lis
     pipe.fuse_qkv().channels_last()
     size = args.size or pipe.native_size
     calls = args.steps + 1  # PNDM (PLMS) spends one extra U-Net call on its warm-up
-    flops = sampling_flops(pipe.unet.table, pipe.vae.config, pipe.text_encoder.cfg, size=size, steps=calls)["total"]
+    flops = sampling_flops(pipe.unet.table, pipe.vae.config, pipe.text_encoder.config, size=size, steps=calls)["total"]
     resident = {"minisd": model_bytes(pipe.unet, pipe.vae, pipe.text_encoder),
                 "diffusers": model_bytes(ref.unet, ref.vae, ref.text_encoder)}
     generate = {

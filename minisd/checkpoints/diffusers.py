@@ -56,10 +56,12 @@ def unet_table_from_config(cfg: dict, name: str = "unet") -> UNetTable:
     layers = _per_stage(cfg.get("layers_per_block", 2), n, "layers_per_block")
     # SD's configs put the head count in `attention_head_dim` (a long-standing diffusers misnomer);
     # newer configs may set `num_attention_heads` instead, which then wins.
-    heads = _per_stage(cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8), n, "attention_head_dim")
+    heads = _per_stage(cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8), n,
+                       "attention_head_dim")
     mid_type = cfg.get("mid_block_type", "UNetMidBlock2DCrossAttn")
     if mid_type not in ("UNetMidBlock2DCrossAttn", None):
-        raise ValueError(f"U-Net config: mid_block_type {mid_type!r} not supported (UNetMidBlock2DCrossAttn or null)")
+        raise ValueError(f"U-Net config: mid_block_type {mid_type!r} not supported "
+                         "(UNetMidBlock2DCrossAttn or null)")
     depth = cfg.get("transformer_layers_per_block", 1)
     if not isinstance(depth, int):
         raise ValueError(f"U-Net config: transformer_layers_per_block must be one number, not {depth!r}")
@@ -67,9 +69,11 @@ def unet_table_from_config(cfg: dict, name: str = "unet") -> UNetTable:
                    for c, a, h, k in zip(channels, attention, heads, layers))
     sample = cfg.get("sample_size", 64)
     return UNetTable(name, stages, mid=mid_type is not None, context_dim=cfg.get("cross_attention_dim", 1280),
-                     linear_proj=cfg.get("use_linear_projection", False), upcast_attention=cfg.get("upcast_attention", False),
-                     teacher_down=max(layers), teacher_up=max(layers) + 1, in_channels=cfg.get("in_channels", 4),
-                     out_channels=cfg.get("out_channels", 4), depth=depth, groups=cfg.get("norm_num_groups", 32),
+                     linear_proj=cfg.get("use_linear_projection", False),
+                     upcast_attention=cfg.get("upcast_attention", False),
+                     teacher_down=max(layers), teacher_up=max(layers) + 1,
+                     in_channels=cfg.get("in_channels", 4), out_channels=cfg.get("out_channels", 4),
+                     depth=depth, groups=cfg.get("norm_num_groups", 32),
                      sample_size=sample if isinstance(sample, int) else sample[0])
 
 
@@ -77,17 +81,19 @@ def unet_config_from_table(table: UNetTable) -> dict:
     """A diffusers UNet2DConditionModel config.json for a table (students included)."""
     for s, st in enumerate(table.stages):
         if len(st.up) != len(st.down) + 1:
-            raise ValueError(f"table {table.name}, stage {s}: diffusers needs one more up block than down blocks "
-                             f"(has {len(st.down)} down, {len(st.up)} up)")
+            raise ValueError(f"table {table.name}, stage {s}: diffusers needs one more up block than down "
+                             f"blocks (has {len(st.down)} down, {len(st.up)} up)")
     layers = [len(st.down) for st in table.stages]
     heads = [st.heads for st in table.stages]
     return {
         "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.27.0",
         **UNET_FIXED, "norm_num_groups": table.groups,
-        "sample_size": table.sample_size, "in_channels": table.in_channels, "out_channels": table.out_channels,
-        "block_out_channels": [st.channels for st in table.stages],
-        "down_block_types": ["CrossAttnDownBlock2D" if st.attention else "DownBlock2D" for st in table.stages],
-        "up_block_types": ["CrossAttnUpBlock2D" if st.attention else "UpBlock2D" for st in reversed(table.stages)],
+        "sample_size": table.sample_size, "in_channels": table.in_channels,
+        "out_channels": table.out_channels, "block_out_channels": [st.channels for st in table.stages],
+        "down_block_types": ["CrossAttnDownBlock2D" if st.attention else "DownBlock2D"
+                             for st in table.stages],
+        "up_block_types": ["CrossAttnUpBlock2D" if st.attention else "UpBlock2D"
+                           for st in reversed(table.stages)],
         "mid_block_type": "UNetMidBlock2DCrossAttn" if table.mid else None,
         "layers_per_block": layers[0] if len(set(layers)) == 1 else layers,
         "attention_head_dim": heads[0] if len(set(heads)) == 1 else heads,
@@ -121,14 +127,15 @@ def unet_rules(table: UNetTable) -> list[Rule]:
 
 
 def load_unet(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-              variant: str | None = None) -> UNet:
+              half: bool = False) -> UNet:
     folder = Path(folder)
     table = unet_table_from_config(read_json(folder / "config.json"))
     table = dataclasses.replace(table, name=identify(table))
-    path = find_weights(folder, ("diffusion_pytorch_model",), variant)
+    path = find_weights(folder, ("diffusion_pytorch_model",), half)
     with torch.device("meta"):
         unet = UNet(table)
-    return load_into(unet, read_state_dict(path), unet_rules(table), what=f"U-Net weights {path}", dtype=dtype, device=device)
+    return load_into(unet, read_state_dict(path), unet_rules(table), what=f"U-Net weights {path}",
+                     dtype=dtype, device=device)
 
 
 def save_unet(unet: UNet, folder: str | Path) -> None:
@@ -149,7 +156,7 @@ VAE_RULES: list[Rule] = [
     ("mid.res1.", "mid_block.resnets.0."),
     ("mid.res2.", "mid_block.resnets.1."),
     ("mid.attn.norm.", "mid_block.attentions.0.group_norm."),
-    ("mid.attn.to_out.", "mid_block.attentions.0.to_out.0."),  # diffusers wraps the output Linear with a Dropout
+    ("mid.attn.to_out.", "mid_block.attentions.0.to_out.0."),  # diffusers wraps it with a Dropout
     ("mid.attn.", "mid_block.attentions.0."),
     ("norm_out.", "conv_norm_out."),
 ]
@@ -167,11 +174,11 @@ VAE_LEGACY_RULES: list[Rule] = [
 
 
 def load_vae(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-             variant: str | None = None) -> AutoencoderKL:
-    """Read a diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model[.variant].safetensors/.bin)."""
+             half: bool = False) -> AutoencoderKL:
+    """Read a diffusers AutoencoderKL folder: config.json, diffusion_pytorch_model[.fp16].safetensors/.bin."""
     folder = Path(folder)
     config = VAEConfig.from_diffusers(read_json(folder / "config.json"))
-    path = find_weights(folder, ("diffusion_pytorch_model",), variant)
+    path = find_weights(folder, ("diffusion_pytorch_model",), half)
     state_dict = read_state_dict(path)
     legacy = "encoder.mid_block.attentions.0.query.weight" in state_dict
     with torch.device("meta"):
@@ -220,12 +227,12 @@ def with_text_model_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, tor
     return {"text_model." + k: v for k, v in state_dict.items()}
 
 
-def load_text_encoder(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                      variant: str | None = None) -> CLIPTextEncoder:
-    """Read a transformers CLIPTextModel folder (config.json + model[.variant].safetensors/.bin)."""
+def load_text_encoder(folder: str | Path, dtype: torch.dtype = torch.float32,
+                      device: str | torch.device = "cpu", half: bool = False) -> CLIPTextEncoder:
+    """Read a transformers CLIPTextModel folder (config.json + model[.fp16].safetensors/.bin)."""
     folder = Path(folder)
     config = CLIPTextConfig.from_transformers(read_json(folder / "config.json"))
-    path = find_weights(folder, ("model", "pytorch_model"), variant)
+    path = find_weights(folder, ("model", "pytorch_model"), half)
     with torch.device("meta"):
         encoder = CLIPTextEncoder(config)
     return load_into(encoder, with_text_model_prefix(read_state_dict(path)), TEXT_RULES, ignore=TEXT_IGNORE,
@@ -235,7 +242,7 @@ def load_text_encoder(folder: str | Path, dtype: torch.dtype = torch.float32, de
 def save_text_encoder(encoder: CLIPTextEncoder, folder: str | Path) -> None:
     """Write config.json and model.safetensors, which transformers' CLIPTextModel loads."""
     folder = Path(folder)
-    write_json(folder / "config.json", encoder.cfg.to_transformers())
+    write_json(folder / "config.json", encoder.config.to_transformers())
     write_state_dict(folder / "model.safetensors", export(encoder, TEXT_RULES))
 
 
@@ -263,17 +270,22 @@ def model_index(scheduler_class: str) -> dict:
 
 
 def load_folder(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                variant: str | None = None) -> dict:
-    """Every component of a diffusers-layout pipeline folder, as a dict of minisd objects."""
+                half: bool = False) -> dict:
+    """Every component of a diffusers-layout pipeline folder, as a dict of minisd objects.
+
+    half: read the half-precision copies of the weights (NAME.fp16.safetensors, diffusers'
+    variant="fp16") where the folder has them; the models are cast to `dtype` either way.
+    """
     folder = Path(folder)
     missing = [f"{c}/" for c in COMPONENT_DIRS if not (folder / c).is_dir()]
     if missing:
-        raise FileNotFoundError(f"{folder} is not a diffusers-layout pipeline folder: it has no {', '.join(missing)} "
-                                "(expected model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
+        raise FileNotFoundError(f"{folder} is not a diffusers-layout pipeline folder: it has no "
+                                f"{', '.join(missing)} (expected model_index.json, unet/, vae/, "
+                                "text_encoder/, tokenizer/, scheduler/)")
     return dict(tokenizer=load_tokenizer(folder / "tokenizer"),
-                text_encoder=load_text_encoder(folder / "text_encoder", dtype, device, variant),
-                unet=load_unet(folder / "unet", dtype, device, variant),
-                vae=load_vae(folder / "vae", dtype, device, variant),
+                text_encoder=load_text_encoder(folder / "text_encoder", dtype, device, half),
+                unet=load_unet(folder / "unet", dtype, device, half),
+                vae=load_vae(folder / "vae", dtype, device, half),
                 scheduler_config=read_json(folder / "scheduler" / "scheduler_config.json"))
 
 

@@ -31,8 +31,8 @@ def read_checkpoint(path: str | Path) -> dict:
     try:
         data = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"cannot read {path} as a PyTorch checkpoint ({type(e).__name__}: {e}). "
-                         "Only plain tensor checkpoints load; convert others to .safetensors first.") from None
+        raise ValueError(f"cannot read {path} as a PyTorch checkpoint ({type(e).__name__}: {e}). Only plain "
+                         "tensor checkpoints load; convert others to .safetensors first.") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path} holds a {type(data).__name__}, not a dict of tensors")
     return data
@@ -43,18 +43,18 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in read_checkpoint(path).items() if isinstance(v, torch.Tensor)}
 
 
-def find_weights(folder: str | Path, stems: tuple[str, ...], variant: str | None = None) -> Path:
+def find_weights(folder: str | Path, stems: tuple[str, ...], half: bool = False) -> Path:
     """The weight file of a diffusers/transformers component folder.
 
     stems: file names without suffix, e.g. ("diffusion_pytorch_model",) or ("model", "pytorch_model").
-    variant: "fp16" prefers `NAME.fp16.safetensors`. safetensors is preferred over .bin.
+    half: prefer the half-precision copy, `NAME.fp16.safetensors` (diffusers' variant="fp16"), where
+    there is one. safetensors is preferred over .bin.
     """
     folder = Path(folder)
-    variants = ([f".{variant}"] if variant else []) + [""]
-    for v in variants:
+    for precision in ([".fp16"] if half else []) + [""]:
         for suffix in (".safetensors", ".bin"):
             for stem in stems:
-                p = folder / f"{stem}{v}{suffix}"
+                p = folder / f"{stem}{precision}{suffix}"
                 if p.is_file():
                     return p
     raise FileNotFoundError(f"no weights in {folder}: expected one of "
@@ -93,7 +93,8 @@ def write_checkpoint(path: str | Path, data: dict) -> None:
     _atomic(Path(path), lambda tmp: torch.save(data, str(tmp)))
 
 
-def write_state_dict(path: str | Path, sd: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+def write_state_dict(path: str | Path, sd: dict[str, torch.Tensor],
+                     metadata: dict[str, str] | None = None) -> None:
     """Save tensors as .safetensors (contiguous, no shared storage, as the format requires)."""
     sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
     _atomic(Path(path), lambda tmp: save_file(sd, str(tmp), metadata=metadata or {"format": "pt"}))

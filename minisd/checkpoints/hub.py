@@ -1,8 +1,9 @@
 """Download a diffusers-layout repo from the Hugging Face hub into weights/hub/.
 
 Only what minisd needs is fetched: the five components' configs, the tokenizer files and one
-weight file per model component (safetensors first, .bin only as a fallback; the fp16 variant
-when half precision is asked for and the repo has it). The safety checker is never fetched.
+weight file per model component (safetensors first, .bin only as a fallback; the fp16 copy,
+NAME.fp16.safetensors, when half precision is asked for and the repo has it). The safety checker
+is never fetched.
 """
 
 import os
@@ -25,14 +26,15 @@ def looks_like_hub_id(source: str) -> bool:
 
 def select_files(repo_files: list[str], half: bool) -> list[str]:
     """The one weight file per component that minisd loads, from a repo's file list."""
+    precisions = ([".fp16"] if half else []) + [""]  # NAME.fp16.safetensors: the half-precision copy
     chosen = []
     for component, stems in COMPONENTS.items():
-        variants = ([".fp16"] if half else []) + [""]
-        candidates = [f"{component}/{stem}{v}{suffix}" for v in variants
+        candidates = [f"{component}/{stem}{precision}{suffix}" for precision in precisions
                       for suffix in (".safetensors", ".bin") for stem in stems]
         found = next((c for c in candidates if c in repo_files), None)
         if found is None:
-            raise FileNotFoundError(f"the repo has no {component} weights (looked for {', '.join(candidates)})")
+            raise FileNotFoundError(f"the repo has no {component} weights "
+                                    f"(looked for {', '.join(candidates)})")
         chosen.append(found)
     return chosen
 
@@ -44,17 +46,20 @@ def download(repo_id: str, half: bool = False, cache_dir: Path = CACHE) -> Path:
         if offline:
             raise OSError("HF_HUB_OFFLINE is set")
         files = select_files(huggingface_hub.list_repo_files(repo_id), half)
-        return Path(huggingface_hub.snapshot_download(repo_id, cache_dir=cache_dir, allow_patterns=ALWAYS + files))
+        return Path(huggingface_hub.snapshot_download(repo_id, cache_dir=cache_dir,
+                                                      allow_patterns=ALWAYS + files))
     except FileNotFoundError:
         raise
     except huggingface_hub.errors.RepositoryNotFoundError:
         raise FileNotFoundError(f"no model {repo_id!r} on the hub (and no such local path)") from None
     except Exception as online_error:  # no network, hub down, offline mode: fall back on the cache
         try:
+            cached = ALWAYS + [f"{c}/*" for c in COMPONENTS]
             return Path(huggingface_hub.snapshot_download(repo_id, cache_dir=cache_dir, local_files_only=True,
-                                                          allow_patterns=ALWAYS + [f"{c}/*" for c in COMPONENTS]))
+                                                          allow_patterns=cached))
         except LocalEntryNotFoundError:
             raise ConnectionError(
-                f"cannot download {repo_id!r} ({type(online_error).__name__}: {online_error}) and it is not in "
-                f"{cache_dir}. On a machine with network, run `hf download {repo_id} --local-dir DIR` and pass "
-                "DIR (a diffusers-layout folder) or a single .safetensors/.ckpt file instead of the hub id.") from None
+                f"cannot download {repo_id!r} ({type(online_error).__name__}: {online_error}) and it is not "
+                f"in {cache_dir}. On a machine with network, run `hf download {repo_id} --local-dir DIR` and "
+                "pass DIR (a diffusers-layout folder) or a single .safetensors/.ckpt file instead of the hub "
+                "id.") from None

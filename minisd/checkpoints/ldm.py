@@ -14,7 +14,7 @@ import torch
 from minisd.checkpoints.diffusers import TEXT_IGNORE, TEXT_RULES, with_text_model_prefix
 from minisd.checkpoints.files import read_checkpoint, write_checkpoint, write_state_dict
 from minisd.checkpoints.remap import CheckpointError, Rule, conv1x1_as_linear, export, load_into, rename
-from minisd.clip import CLIP_VIT_L14, OPENCLIP_VIT_H14, CLIPTextConfig, CLIPTextEncoder
+from minisd.clip import TEXT_ENCODERS, CLIPTextConfig, CLIPTextEncoder, family_of
 from minisd.table import TEACHERS, VARIANTS, UNetTable, variant
 from minisd.tokenizer import CLIPTokenizer
 from minisd.unet import UNet
@@ -69,16 +69,19 @@ def unet_keys(table: UNetTable) -> set[str]:
     return {rename(k, unet_rules(table)) for k in unet.state_dict()}
 
 
-def detect_unet(unet_sd: dict[str, torch.Tensor], family: str | None = None, name: str | None = None) -> UNetTable:
+def detect_unet(unet_sd: dict[str, torch.Tensor], family: str | None = None,
+                name: str | None = None) -> UNetTable:
     """Which SD family and BK-SDM variant a single file's U-Net weights (keys without prefix) are.
 
-    The family follows from the cross-attention width (768: SD-v1's CLIP, 1024: SD-v2's OpenCLIP);
-    the variant is the table whose key set the file has exactly. `family`/`name` skip the guess.
+    The family follows from the cross-attention width (`family_of`: 768 for SD-v1's CLIP, 1024 for
+    SD-v2's OpenCLIP); the variant is the table whose key set the file has exactly. `family`/`name`
+    skip the guess.
     """
     if family is None:
         widths = {v.shape[1] for k, v in unet_sd.items() if k.endswith("attn2.to_k.weight")}
-        family = {768: "v1", 1024: "v2"}.get(widths.pop()) if len(widths) == 1 else None
-        if family is None:
+        width = widths.pop() if len(widths) == 1 else 0
+        family = family_of(width)
+        if width != TEXT_ENCODERS[family].width:  # none, several, or a width that no SD family has
             raise ValueError("cannot tell the SD family from the single file's cross-attention width "
                              "(expected 768 for SD-v1 or 1024 for SD-v2); pass the family explicitly")
     keys = set(unet_sd)
@@ -136,8 +139,8 @@ def _vae_as_conv1x1(key: str, tensor: torch.Tensor) -> torch.Tensor:
     return tensor[:, :, None, None] if tensor.ndim == 2 else tensor  # [out, in] -> [out, in, 1, 1]
 
 
-def vae_from_ldm(state_dict: dict[str, torch.Tensor], config: VAEConfig = SD_VAE, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu") -> AutoencoderKL:
+def vae_from_ldm(state_dict: dict[str, torch.Tensor], config: VAEConfig = SD_VAE,
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> AutoencoderKL:
     """The VAE of a whole single-file state dict (its `first_stage_model.*` keys; strict on those)."""
     vae_sd = {k[len(VAE_PREFIX):]: v for k, v in state_dict.items() if k.startswith(VAE_PREFIX)}
     if not vae_sd:
@@ -150,14 +153,14 @@ def vae_from_ldm(state_dict: dict[str, torch.Tensor], config: VAEConfig = SD_VAE
 
 def vae_to_ldm(vae: AutoencoderKL) -> dict[str, torch.Tensor]:
     """The VAE's weights as a single file holds them: prefixed LDM names, attention as 1x1 convs."""
-    return export(vae, vae_rules(len(vae.config.block_channels)), shape_fix=_vae_as_conv1x1, prefix=VAE_PREFIX)
+    return export(vae, vae_rules(len(vae.config.block_channels)), shape_fix=_vae_as_conv1x1,
+                  prefix=VAE_PREFIX)
 
 
 # ---- CLIP text encoder --------------------------------------------------------------------
 
 
 TEXT_PREFIX = {"v1": "cond_stage_model.transformer.", "v2": "cond_stage_model.model."}
-TEXT_PRESET = {"v1": CLIP_VIT_L14, "v2": OPENCLIP_VIT_H14}
 
 # SD-v1 holds transformers' CLIPTextModel as is, so it uses diffusers.py's TEXT_RULES.
 # SD-v2 holds OpenCLIP's TextTransformer (open_clip/transformer.py), with q/k/v as split by
@@ -188,7 +191,7 @@ def split_in_proj(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
             out[key] = tensor
             continue
         for name, part in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3)):
-            out[f"{stem}.{name}.{kind}"] = part.clone()  # own storage, so the model can be saved as safetensors
+            out[f"{stem}.{name}.{kind}"] = part.clone()  # own storage: the model can be saved as safetensors
     return out
 
 
@@ -205,22 +208,24 @@ def fuse_in_proj(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return out
 
 
-def text_encoder_from_ldm(state_dict: dict[str, torch.Tensor], family: str, dtype: torch.dtype = torch.float32,
-                          device: str | torch.device = "cpu", config: CLIPTextConfig | None = None) -> CLIPTextEncoder:
+def text_encoder_from_ldm(state_dict: dict[str, torch.Tensor], family: str,
+                          dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                          config: CLIPTextConfig | None = None) -> CLIPTextEncoder:
     """The text encoder of a whole single-file state dict (its `cond_stage_model.*` keys; strict on those).
 
     family "v1": CLIP ViT-L/14 under `cond_stage_model.transformer.`, with or without `text_model.`.
     family "v2": OpenCLIP ViT-H/14 under `cond_stage_model.model.`. SD-v2 runs only the first 23
     of its 24 blocks (minisd/clip.py), so the last block is ignored, as are text_projection and
     logit_scale, which only CLIP's contrastive training uses.
-    config: the encoder's shape; the family's preset by default.
+    config: the encoder's shape; the family's (TEXT_ENCODERS) by default.
     """
     if family not in TEXT_PREFIX:
         raise ValueError(f"family must be one of {sorted(TEXT_PREFIX)}, not {family!r}")
-    config, prefix = config or TEXT_PRESET[family], TEXT_PREFIX[family]
+    config, prefix = config or TEXT_ENCODERS[family], TEXT_PREFIX[family]
     text_sd = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
     if not text_sd:
-        raise CheckpointError(f"no SD-{family} text encoder in this single file: no key starts with {prefix!r}")
+        raise CheckpointError(f"no SD-{family} text encoder in this single file: no key starts with "
+                              f"{prefix!r}")
     if family == "v1":
         text_sd, rules, ignore = with_text_model_prefix(text_sd), TEXT_RULES, TEXT_IGNORE
     else:
@@ -228,8 +233,8 @@ def text_encoder_from_ldm(state_dict: dict[str, torch.Tensor], family: str, dtyp
         ignore = (rf"transformer\.resblocks\.{config.layers}\.", r"text_projection$", r"logit_scale$")
     with torch.device("meta"):
         encoder = CLIPTextEncoder(config)
-    return load_into(encoder, text_sd, rules, ignore=ignore, what=f"single-file text encoder (keys under {prefix})",
-                     dtype=dtype, device=device)
+    return load_into(encoder, text_sd, rules, ignore=ignore,
+                     what=f"single-file text encoder (keys under {prefix})", dtype=dtype, device=device)
 
 
 def text_encoder_to_ldm(encoder: CLIPTextEncoder, family: str) -> dict[str, torch.Tensor]:
@@ -271,7 +276,8 @@ def read_single_file(path: str | Path) -> tuple[dict[str, torch.Tensor], int | N
     sd = raw["state_dict"] if isinstance(raw.get("state_dict"), dict) else raw
     tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
     prefixes = (UNET_PREFIX, VAE_PREFIX, "cond_stage_model.")
-    strays = sorted(k for k in tensors if not k.startswith(prefixes) and not any(re.match(p, k) for p in EXTRA_KEYS))
+    strays = sorted(k for k in tensors
+                    if not k.startswith(prefixes) and not any(re.match(p, k) for p in EXTRA_KEYS))
     if strays:
         raise CheckpointError(f"{path} is not an SD single file: {len(strays)} keys belong to no component, "
                               f"e.g. {', '.join(strays[:5])}")
@@ -288,7 +294,7 @@ def load_single_file(path: str | Path, dtype: torch.dtype = torch.float32, devic
     if not unet_sd:
         raise CheckpointError(f"{path} has no U-Net: no key starts with {UNET_PREFIX!r}")
     table = detect_unet(unet_sd, family, variant)
-    family = "v1" if table.context_dim == 768 else "v2"
+    family = family_of(table.context_dim)
     if prediction_type is None:  # SD-v2 files are 2.x-768 (v) unless the step says 2.x-base (epsilon)
         prediction_type = "v_prediction" if family == "v2" and step != STEP_SD2_BASE else "epsilon"
     if family == "v2" and prediction_type == "v_prediction":
@@ -303,7 +309,7 @@ def load_single_file(path: str | Path, dtype: torch.dtype = torch.float32, devic
 def save_single_file(components: dict, path: str | Path) -> None:
     """Write one LDM-layout file: .safetensors, or .ckpt with a `state_dict` as the original code saves."""
     unet = components["unet"]
-    family = "v1" if unet.table.context_dim == 768 else "v2"
+    family = family_of(unet.table.context_dim)
     sd = {**unet_to_ldm(unet), **vae_to_ldm(components["vae"]),
           **text_encoder_to_ldm(components["text_encoder"], family)}
     path = Path(path)

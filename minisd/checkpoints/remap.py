@@ -116,7 +116,8 @@ def load_into(model: torch.nn.Module, checkpoint: dict[str, torch.Tensor], rules
         if tensor.shape != target.shape:
             misshaped.append(f"{layout}: checkpoint {tuple(tensor.shape)}, model {tuple(target.shape)}")
             continue
-        native_sd[native] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() and dtype else tensor.dtype)
+        cast = dtype if tensor.is_floating_point() and dtype else tensor.dtype  # integer buffers keep theirs
+        native_sd[native] = tensor.to(device=device, dtype=cast)
 
     if missing or unexpected or misshaped:
         parts = [f"{what} does not match the model:"]
@@ -133,7 +134,8 @@ def load_into(model: torch.nn.Module, checkpoint: dict[str, torch.Tensor], rules
     return model
 
 
-def export(model: torch.nn.Module, rules: Iterable[Rule], shape_fix: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+def export(model: torch.nn.Module, rules: Iterable[Rule],
+           shape_fix: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
            prefix: str = "") -> dict[str, torch.Tensor]:
     """The model's weights under a layout's names (the reverse of `load_into`)."""
     rules = list(rules)

@@ -60,12 +60,13 @@ class CLIPModel(nn.Module):
     Neither is L2-normalised (as open_clip's encode_* with normalize=False).
     """
 
-    def __init__(self, cfg: CLIPConfig = PRESETS["ViT-g-14"]):
+    def __init__(self, config: CLIPConfig = PRESETS["ViT-g-14"]):
         super().__init__()
-        self.cfg = cfg
-        self.visual = VisionTransformer(cfg.vision)
-        self.text = CLIPTextEncoder(cfg.text)
-        self.text_projection = nn.Parameter(cfg.text.width ** -0.5 * torch.randn(cfg.text.width, cfg.embed_dim))
+        self.config = config
+        self.visual = VisionTransformer(config.vision)
+        self.text = CLIPTextEncoder(config.text)
+        width = config.text.width
+        self.text_projection = nn.Parameter(width ** -0.5 * torch.randn(width, config.embed_dim))
         # CLIP's learned softmax temperature, log(1/0.07) at the start of training; the CLIP score
         # is a raw cosine and does not use it, but it belongs to the checkpoint.
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
@@ -78,9 +79,9 @@ class CLIPModel(nn.Module):
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
         """PIL images -> [B, 3, S, S], as open_clip's eval transform for these weights."""
-        size = self.cfg.vision.image_size
-        return torch.stack([preprocess(im, size, self.cfg.image_mean, self.cfg.image_std) for im in images])
+        size = self.config.vision.image_size
+        return torch.stack([preprocess(im, size, self.config.image_mean, self.config.image_std) for im in images])
 
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
         """Prompts -> ids [B, 77], as open_clip's tokenizer for these weights."""
-        return open_clip_tokenizer(self.cfg.text.max_positions)(prompts)
+        return open_clip_tokenizer(self.config.text.max_positions)(prompts)
