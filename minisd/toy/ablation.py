@@ -30,8 +30,9 @@ from minisd.checkpoints.diffusers import unet_config_from_table, write_json
 from minisd.evaluation import read_prompts
 from minisd.images import grid
 from minisd.pipeline import load_pipeline
-from minisd.table import count_params, variant
+from minisd.table import variant
 from minisd.toy.metric import evaluate_folder
+from minisd.unet import count_params
 
 TRAIN = Path(__file__).resolve().parents[2] / "train.py"
 RUNS = {  # train.py flags of each run, beyond the shared ones
