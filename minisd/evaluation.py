@@ -147,7 +147,7 @@ def write_scores(out: Path, name: str, scores: dict) -> str:
 def fid_is_scores(files: list[Path], metrics: set[str], stats: Path | None, eval_size: int, weights: Path | None,
                   batch_size: int, device, progress: bool = True) -> dict:
     """FID against real-image statistics and/or the Inception Score, from one read of the images."""
-    from minisd.checkpoints.inception import load_inception
+    from minisd.metrics.inception_weights import load_inception
     from minisd.metrics.fid import feature_stats, folder_features, frechet_distance, load_stats
     from minisd.metrics.inception_score import inception_score
 
@@ -187,7 +187,7 @@ def generation_record(out: Path, made: int, seconds: float, batch_size: int, pro
 def real_stats(folder: Path, save: Path, eval_size: int, weights: Path | None, batch_size: int, device,
                progress: bool = True) -> Path:
     """FID statistics of real images, each squashed to eval_size with PIL's bicubic resize as the protocol does."""
-    from minisd.checkpoints.inception import load_inception
+    from minisd.metrics.inception_weights import load_inception
     from minisd.metrics.fid import feature_stats, folder_features, image_files, save_stats
 
     files = image_files(folder)
@@ -207,7 +207,7 @@ def compute_scores(out: Path, rows: list[tuple[str, str]], metrics: set[str], ar
         scores.update(fid_is_scores(files, metrics, args.fid_stats, eval_size, args.inception_weights,
                                     args.score_batch_size, device, progress))
     if "clip" in metrics:
-        from minisd.checkpoints.open_clip import load_clip
+        from minisd.metrics.open_clip_weights import load_clip
         from minisd.metrics.clip_score import folder_clip_score
 
         model = load_clip(args.clip_model, args.clip_pretrained, device=device)
