@@ -85,7 +85,8 @@ def parse_args(argv=None):
 def read_prompts(path: Path) -> list[tuple[str, str]]:
     """The (file_name, text) rows of --prompts."""
     if not path.is_file():
-        raise FileNotFoundError(f"prompts file not found: {path} (BK-SDM's is data/mscoco_val2014_30k/metadata.csv)")
+        raise FileNotFoundError(f"prompts file not found: {path} "
+                                "(BK-SDM's is data/mscoco_val2014_30k/metadata.csv)")
     try:
         return read_metadata(path)
     except ValueError as e:
@@ -136,9 +137,10 @@ def main(argv=None) -> int:
     per_rank = -(-len(rows) // world)  # ceil
     mine = list(range(rank * per_rank, min(len(rows), (rank + 1) * per_rank)))
     folders = {args.out / "im512": None, args.out / evaluation.SCORE_FOLDER: eval_size}
-    made, seconds = evaluation.generate(pipe, rows, mine, folders, steps=args.steps, guidance=args.guidance, seed=args.seed,
-                                        seed_mode=args.seed_mode, size=size, batch_size=args.batch_size,
-                                        scheduler=args.scheduler, progress=rank == 0 and not args.no_progress)
+    made, seconds = evaluation.generate(pipe, rows, mine, folders, steps=args.steps, guidance=args.guidance,
+                                        seed=args.seed, seed_mode=args.seed_mode, size=size,
+                                        batch_size=args.batch_size, scheduler=args.scheduler,
+                                        progress=rank == 0 and not args.no_progress)
     print(f"rank {rank}: {len(mine)} images in {args.out / evaluation.SCORE_FOLDER} ({made} generated now)")
     if world > 1:  # the first process scores the whole set once every slice is on disk
         torch.distributed.init_process_group("gloo", timeout=timedelta(days=1))

@@ -25,17 +25,18 @@ from minisd.images import grid
 SCORE_FOLDER = "im256"  # what the scores read: the protocol scores the 256 px copies
 
 
-def generate(pipe, rows: list[tuple[str, str]], indices: list[int], folders: dict[Path, int | None], *, steps: int,
-             guidance: float, seed: int, seed_mode: str = "per_prompt", size: int | None = None, batch_size: int = 1,
-             scheduler: str | None = None, resume: bool = True, progress: bool = True) -> tuple[int, float]:
-    """Make the images of rows[i] for i in `indices`, each saved as folder/file_name in every folder of `folders`,
-    resized there to the folder's size (None: as generated; the protocol's copies are squashed with PIL's default
-    bicubic resize). Returns (number made, seconds).
+def generate(pipe, rows: list[tuple[str, str]], indices: list[int], folders: dict[Path, int | None], *,
+             steps: int, guidance: float, seed: int, seed_mode: str = "per_prompt", size: int | None = None,
+             batch_size: int = 1, scheduler: str | None = None, resume: bool = True,
+             progress: bool = True) -> tuple[int, float]:
+    """Make the images of rows[i] for i in `indices`, each saved as folder/file_name in every folder of
+    `folders`, resized there to the folder's size (None: as generated; the protocol's copies are squashed
+    with PIL's default bicubic resize). Returns (number made, seconds).
 
     size: the generated size (default: the model's). resume: skip the rows already in every folder, so an
     interrupted run goes on where it stopped. per_prompt seeds: prompt i uses seed + i, so an image does not
-    depend on the batch it ran in or on the GPU count; single: one CPU generator for the whole run, as BK-SDM's
-    script (batch 1, from the start).
+    depend on the batch it ran in or on the GPU count; single: one CPU generator for the whole run, as
+    BK-SDM's script (batch 1, from the start).
     """
     todo = [i for i in indices if not (resume and all((folder / rows[i][0]).is_file() for folder in folders))]
     generator = torch.Generator("cpu").manual_seed(seed) if seed_mode == "single" else None
@@ -188,20 +189,20 @@ def real_stats(folder: Path, save: Path, eval_size: int, weights: Path | None, b
 
 
 def compute_scores(out: Path, rows: list[tuple[str, str]], metrics: set[str], eval_size: int, device, *,
-                   fid_stats: Path | None = None, inception_weights: Path | None = None, clip_model: str = "ViT-g-14",
-                   clip_pretrained: str = "laion2b_s34b_b88k", batch_size: int = 50,
+                   fid_stats: Path | None = None, inception_weights: Path | None = None,
+                   clip_model: str = "ViT-g-14", clip_pretrained: str = "laion2b_s34b_b88k", batch_size: int = 50,
                    others: dict[str, Callable[[Path, list[tuple[str, str]]], dict]] | None = None,
                    progress: bool = True) -> dict:
     """The chosen metrics over the images of `rows` in out/im256: "fid" (against `fid_stats`), "is", "clip"
-    (open_clip's `clip_model` with weights `clip_pretrained`), and each metric of `others` chosen, a function of
-    the image folder and the rows whose result is stored under its name."""
+    (open_clip's `clip_model` with weights `clip_pretrained`), and each chosen metric of `others`: a
+    function of the image folder and the rows, whose result is stored under its name."""
     if not metrics:
         return {}
     files = score_files(out, rows)
     scores = {}
     if metrics & {"fid", "is"}:
-        scores.update(fid_is_scores(files, metrics, fid_stats, eval_size, inception_weights, batch_size, device,
-                                    progress))
+        scores.update(fid_is_scores(files, metrics, fid_stats, eval_size, inception_weights, batch_size,
+                                    device, progress))
     if "clip" in metrics:
         from minisd.metrics.clip_score import folder_clip_score
         from minisd.metrics.open_clip_weights import load_clip

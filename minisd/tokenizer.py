@@ -110,7 +110,8 @@ class CLIPTokenizer:
         folder = Path(folder)
 
         def read(name: str) -> dict:  # {} for a file the folder does not have
-            return json.loads((folder / name).read_text(encoding="utf-8")) if (folder / name).is_file() else {}
+            path = folder / name
+            return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
         config, special = read("tokenizer_config.json"), read("special_tokens_map.json")
         pad = special.get("pad_token") or config.get("pad_token") or EOS
@@ -160,7 +161,7 @@ class CLIPTokenizer:
                  "tokenizer_config.json": {
                      "add_prefix_space": False, "do_lower_case": True, "errors": "replace",
                      "model_max_length": self.max_length, "tokenizer_class": "CLIPTokenizer",
-                     "bos_token": {**added, **bos}, "eos_token": {**added, **eos}, "unk_token": {**added, **eos},
-                     "pad_token": self.pad_token}}
+                     "bos_token": {**added, **bos}, "eos_token": {**added, **eos},
+                     "unk_token": {**added, **eos}, "pad_token": self.pad_token}}
         for name, data in files.items():  # as minisd.checkpoints.files writes configs: sorted keys, indent 2
             (folder / name).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -215,7 +215,8 @@ def describe(table: UNetTable, teacher: UNetTable | None = None) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Print the U-Net stage/block table of SD and its BK-SDM students.")
+    parser = argparse.ArgumentParser(description="Print the U-Net stage/block table of SD and its BK-SDM "
+                                                 "students, with the parameters of each stage.")
     parser.add_argument("--family", choices=sorted(TEACHERS), default="v1", help="teacher family (default v1)")
     parser.add_argument("--variant", choices=sorted(VARIANTS) + ["all"], default="all")
     args = parser.parse_args(argv)

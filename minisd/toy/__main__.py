@@ -72,9 +72,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {info['counts']} to {args.out} in {time.perf_counter() - start:.1f} s; "
               f"held-out pairs {info['heldout_pairs']}")
         return
-    from minisd.data import read_metadata  # here, not above: spawned workers re-import this module, without torch
+    from minisd.data import read_metadata  # not above: spawned workers import this module again, torch-free
 
-    totals = check_folder(args.images, read_metadata(args.metadata or args.images / "metadata.csv"), args.workers)
+    rows = read_metadata(args.metadata or args.images / "metadata.csv")
+    totals = check_folder(args.images, rows, args.workers)
     for name in ("colour", "shape", "size", "count", "position", "relation", "caption_correct"):
         right, judged = totals.get(name, (0, 0))
         if judged:

@@ -12,10 +12,11 @@ and seed, then sampled and scored alike. docs/toy-ablation.md holds the results.
 
     python -m minisd.toy ablation --teacher weights/toy-sd --data data/toy --out results/toy-ablation
 
-Run it from the repository root: each run calls train.py's main() with the run's flags, in this process. Each run
-lands in OUT/<run>/ as train.py writes it (re-running resumes, a finished run is skipped), with its images for the
-held-out prompts in OUT/<run>/images/. OUT/results.json and OUT/results.md hold the table, and OUT/grid.png one row
-per model (the teacher first, then the runs in the order above) for the same prompts and seeds.
+Run it from the repository root: each run calls train.py's main() with the run's flags, in this process.
+Each run lands in OUT/<run>/ as train.py writes it (re-running resumes, a finished run is skipped), with its
+images for the held-out prompts in OUT/<run>/images/. OUT/results.json and OUT/results.md hold the table, and
+OUT/grid.png one row per model (the teacher first, then the runs in the order above) for the same prompts
+and seeds.
 """
 
 import json
@@ -58,11 +59,11 @@ def train_script():
 def train(teacher: Path, data: Path, out: Path, name: str, steps: int, batch: int, lr: float, seed: int) -> Path:
     """One run of train.py; returns its last checkpoint, a whole pipeline folder."""
     flags = [f.format(tiny_config=out / "tiny-unet.json") for f in RUNS[name]]
-    argv = [*flags, "--teacher", str(teacher), "--data", str(data / "train"),
-            "--out", str(out / name), "--resolution", "64", "--no-flip", "--batch-size", str(batch),
-            "--global-batch", str(batch), "--max-steps", str(steps), "--lr", str(lr), "--caption-dropout", "0.1",
-            "--seed", str(seed), "--num-workers", "1", "--save-steps", str(max(1, steps // 4)), "--keep", "1",
-            "--valid-steps", "0", "--log-steps", "25"]
+    argv = [*flags, "--teacher", str(teacher), "--data", str(data / "train"), "--out", str(out / name),
+            "--resolution", "64", "--no-flip", "--batch-size", str(batch), "--global-batch", str(batch),
+            "--max-steps", str(steps), "--lr", str(lr), "--caption-dropout", "0.1", "--seed", str(seed),
+            "--num-workers", "1", "--save-steps", str(max(1, steps // 4)), "--keep", "1", "--valid-steps", "0",
+            "--log-steps", "25"]
     status = train_script().main(argv)
     if status:
         raise RuntimeError(f"train.py stopped with status {status} on run {name}")
@@ -93,14 +94,16 @@ def run_ablation(teacher: Path, data: Path, out: Path, steps: int, batch: int, l
     table, sheets = [], []
     for name, source in models.items():
         pipe = load_pipeline(source)
-        # every image again (resume=False), so that s/image times this model; image i from seed + i
-        _, seconds = generate(pipe, rows, list(range(len(rows))), {out / name / "images": None}, steps=sample_steps,
-                              guidance=guidance, seed=seed, batch_size=16, resume=False, progress=False)
+        # image i from seed + i; every image made again (resume=False), so that s/image times this model
+        _, seconds = generate(pipe, rows, list(range(len(rows))), {out / name / "images": None},
+                              steps=sample_steps, guidance=guidance, seed=seed, batch_size=16, resume=False,
+                              progress=False)
         scores = evaluate_folder(out / name / "images", rows, real_dir=data / "heldout")
         log = out / name / "log.jsonl"
         last = json.loads(log.read_text().splitlines()[-1]) if log.is_file() else {}
         table.append({"model": name, "params": count_params(pipe.unet.table)["total"],
-                      "s_per_image": seconds / len(rows), **{k: last[k] for k in ("sd", "out", "feat") if k in last}, **scores})
+                      "s_per_image": seconds / len(rows),
+                      **{k: last[k] for k in ("sd", "out", "feat") if k in last}, **scores})
         sheets.append(labelled_row([Image.open(out / name / "images" / f) for f, _ in rows[:grid_prompts]], name))
         del pipe
     (out / "results.json").write_text(json.dumps(table, indent=1) + "\n")
