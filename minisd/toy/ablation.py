@@ -64,10 +64,10 @@ def train(teacher: Path, data: Path, out: Path, name: str, steps: int, batch: in
             "--max-steps", str(steps), "--lr", str(lr), "--caption-dropout", "0.1", "--seed", str(seed),
             "--num-workers", "1", "--save-steps", str(max(1, steps // 4)), "--keep", "1", "--valid-steps", "0",
             "--log-steps", "25"]
-    status = train_script().main(argv)
-    if status:
-        raise RuntimeError(f"train.py stopped with status {status} on run {name}")
-    return out / name / f"checkpoint-{steps:07d}"
+    status, checkpoint = train_script().main(argv), out / name / f"checkpoint-{steps:07d}"
+    if status or not checkpoint.is_dir():  # stopped early: on Ctrl-C train.py saves where it is and returns
+        raise RuntimeError(f"train.py stopped run {name} before step {steps}; run the ablation again to resume")
+    return checkpoint
 
 
 def labelled_row(images: list[Image.Image], label: str, scale: int = 2) -> Image.Image:
