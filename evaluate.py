@@ -23,14 +23,17 @@ import json
 import os
 import sys
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from minisd import evaluation
 from minisd.checkpoints.remap import CheckpointError
+from minisd.data import read_metadata
 from minisd.pipeline import DTYPES, default_dtype, load_pipeline
 from minisd.schedulers import SAMPLERS
+from minisd.toy.metric import evaluate_folder
 
 METRICS = ("fid", "is", "clip", "toy")
 
@@ -38,7 +41,7 @@ METRICS = ("fid", "is", "clip", "toy")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="hub id, diffusers folder, single file, or a train.py checkpoint")
-    p.add_argument("--prompts", type=Path, help="metadata.csv with file_name,text")
+    p.add_argument("--prompts", type=Path, help="metadata.csv with file_name,text (or metadata.jsonl)")
     p.add_argument("--out", type=Path, help="results folder: im512/, im256/, scores.json, scores.md, grid.png")
     p.add_argument("--num", type=int, default=None, help="only the first N prompts")
     p.add_argument("--steps", type=int, default=25)
@@ -79,6 +82,18 @@ def parse_args(argv=None):
     return args
 
 
+def read_prompts(path: Path) -> list[tuple[str, str]]:
+    """The (file_name, text) rows of --prompts."""
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file not found: {path} "
+                                "(BK-SDM's is data/mscoco_val2014_30k/metadata.csv)")
+    try:
+        return read_metadata(path)
+    except ValueError as e:
+        raise ValueError(f"{e}\n--prompts takes a metadata.csv (expected a header with file_name,text) "
+                         "or a metadata.jsonl") from None
+
+
 def choose_metrics(args) -> set[str]:
     """--metrics as given, else the protocol's scores that can run: FID only with a statistics file."""
     if args.metrics is not None:
@@ -109,7 +124,7 @@ def main(argv=None) -> int:
                                          args.inception_weights, args.score_batch_size, device, not args.no_progress)
             print(f"wrote FID statistics of {args.fid_stats_from} to {path}")
             return 0
-        rows = evaluation.read_prompts(args.prompts)[:args.num]
+        rows = read_prompts(args.prompts)[:args.num]
         metrics = choose_metrics(args)
         dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)
         pipe = load_pipeline(args.model, device=device, dtype=dtype)
@@ -121,8 +136,9 @@ def main(argv=None) -> int:
     eval_size = args.eval_size or min(256, size)
     per_rank = -(-len(rows) // world)  # ceil
     mine = list(range(rank * per_rank, min(len(rows), (rank + 1) * per_rank)))
-    made, seconds = evaluation.generate(pipe, rows, mine, args.out, steps=args.steps, guidance=args.guidance, size=size,
-                                        eval_size=eval_size, seed=args.seed, seed_mode=args.seed_mode,
+    folders = {args.out / "im512": None, args.out / evaluation.SCORE_FOLDER: eval_size}
+    made, seconds = evaluation.generate(pipe, rows, mine, folders, steps=args.steps, guidance=args.guidance,
+                                        seed=args.seed, seed_mode=args.seed_mode, size=size,
                                         batch_size=args.batch_size, scheduler=args.scheduler,
                                         progress=rank == 0 and not args.no_progress)
     print(f"rank {rank}: {len(mine)} images in {args.out / evaluation.SCORE_FOLDER} ({made} generated now)")
@@ -140,8 +156,13 @@ def main(argv=None) -> int:
               "generation": evaluation.generation_record(args.out, made, seconds, args.batch_size, world, device)}
     del pipe  # the metric networks need the memory more
     try:
-        scores.update(evaluation.compute_scores(args.out, rows, metrics, args, eval_size, device,
-                                                not args.no_progress))
+        # the toy world's prompts are scored by its pixel checker, against the real images beside them
+        toy = partial(evaluate_folder, real_dir=args.prompts.parent)
+        scores.update(evaluation.compute_scores(
+            args.out, rows, metrics, eval_size, device, fid_stats=args.fid_stats,
+            inception_weights=args.inception_weights, clip_model=args.clip_model,
+            clip_pretrained=args.clip_pretrained, batch_size=args.score_batch_size, others={"toy": toy},
+            progress=not args.no_progress))
     except (ValueError, FileNotFoundError, NotADirectoryError, ConnectionError, CheckpointError) as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2

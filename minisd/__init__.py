@@ -4,7 +4,7 @@ __all__ = ["Pipeline", "load_pipeline"]
 
 
 def __getattr__(name: str):
-    # Imported on first use, so that `python -m minisd.table` (and the other module CLIs) do not
+    # Imported on first use, so that `python -m minisd.unet` (and the other module CLIs) do not
     # load their own module twice through the package.
     if name in __all__:
         from minisd import pipeline

@@ -103,22 +103,26 @@ class Strings:
         return self.data[self.offsets[i]:self.offsets[i + 1]].tobytes().decode()
 
 
-def read_metadata(root: Path) -> list[tuple[str, str]]:
-    """The (file_name, text) rows of root/metadata.csv or root/metadata.jsonl."""
-    csv_path, jsonl_path = root / "metadata.csv", root / "metadata.jsonl"
-    if csv_path.exists() and jsonl_path.exists():
-        raise ValueError(f"{root} holds both metadata.csv and metadata.jsonl; keep one.")
-    if csv_path.exists():
+def read_metadata(root: str | Path) -> list[tuple[str, str]]:
+    """The (file_name, text) rows of root/metadata.csv or root/metadata.jsonl, or of the file `root` itself (a
+    prompts file such as evaluate.py's --prompts: JSON lines if its name ends in .jsonl, else CSV)."""
+    root = path = Path(root)
+    if not root.is_file():
+        csv_path, jsonl_path = root / "metadata.csv", root / "metadata.jsonl"
+        if csv_path.exists() and jsonl_path.exists():
+            raise ValueError(f"{root} holds both metadata.csv and metadata.jsonl; keep one.")
+        path = csv_path if csv_path.exists() else jsonl_path
+    if path.suffix != ".jsonl":
         # newline="": quoted captions may hold line breaks; utf-8-sig: spreadsheets write a BOM
-        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f, restval="")
-            check_columns(csv_path, reader.fieldnames or [])
+            check_columns(path, reader.fieldnames or [])
             rows = [(row["file_name"], row["text"]) for row in reader]
     else:
-        with open(jsonl_path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f:
             records = [(n, json.loads(line)) for n, line in enumerate(f, 1) if line.strip()]
         for line_no, record in records:
-            check_columns(f"{jsonl_path}, line {line_no}", list(record))
+            check_columns(f"{path}, line {line_no}", list(record))
         rows = [(record["file_name"], record["text"]) for _, record in records]
     if not rows:
         raise ValueError(f"{root}: the metadata lists no images.")

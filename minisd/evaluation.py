@@ -3,14 +3,15 @@
 Generation: one image per prompt (PNDM, 25 steps, guidance 7.5, 512 px), saved under its file_name in
 im512/, and a 256 px copy squashed with PIL's default bicubic resize in im256/, as BK-SDM's script
 does. Scores on the im256 copies: FID against real-image statistics (minisd.metrics.fid), the
-Inception Score (minisd.metrics.inception_score) and the CLIP score (minisd.metrics.clip_score).
-The toy world (minisd.toy) is scored by its pixel checker instead.
+Inception Score (minisd.metrics.inception_score) and the CLIP score (minisd.metrics.clip_score),
+and any other metric the caller passes in (evaluate.py passes the toy world's pixel checker).
+Prompts are read by minisd.data.read_metadata.
 """
 
-import csv
 import json
 import platform
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -24,30 +25,20 @@ from minisd.images import grid
 SCORE_FOLDER = "im256"  # what the scores read: the protocol scores the 256 px copies
 
 
-def read_prompts(path: Path) -> list[tuple[str, str]]:
-    """(file_name, text) rows of a metadata.csv with a `file_name,text` header."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompts file not found: {path} (BK-SDM's is data/mscoco_val2014_30k/metadata.csv)")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        if not {"file_name", "text"} <= set(reader.fieldnames or []):
-            raise ValueError(f"{path} has columns {reader.fieldnames}; expected a header with file_name,text")
-        rows = [(row["file_name"], row["text"]) for row in reader]
-    if not rows:
-        raise ValueError(f"{path} has a header but no prompts")
-    return rows
-
-
-def generate(pipe, rows: list[tuple[str, str]], indices: list[int], out: Path, *, steps: int, guidance: float,
-             size: int, eval_size: int, seed: int, seed_mode: str, batch_size: int = 1, scheduler: str | None = None,
+def generate(pipe, rows: list[tuple[str, str]], indices: list[int], folders: dict[Path, int | None], *,
+             steps: int, guidance: float, seed: int, seed_mode: str = "per_prompt", size: int | None = None,
+             batch_size: int = 1, scheduler: str | None = None, resume: bool = True,
              progress: bool = True) -> tuple[int, float]:
-    """Make the images of rows[i] for i in `indices` that are not on disk yet. Returns (number made, seconds).
+    """Make the images of rows[i] for i in `indices`, each saved as folder/file_name in every folder of
+    `folders`, resized there to the folder's size (None: as generated; the protocol's copies are squashed
+    with PIL's default bicubic resize). Returns (number made, seconds).
 
-    per_prompt seeds: prompt i uses seed + i, so an image does not depend on the batch it ran in or on the
-    GPU count; single: one CPU generator for the whole run, as BK-SDM's script (batch 1, from the start).
+    size: the generated size (default: the model's). resume: skip the rows already in every folder, so an
+    interrupted run goes on where it stopped. per_prompt seeds: prompt i uses seed + i, so an image does not
+    depend on the batch it ran in or on the GPU count; single: one CPU generator for the whole run, as
+    BK-SDM's script (batch 1, from the start).
     """
-    todo = [i for i in indices if not ((out / "im512" / rows[i][0]).is_file() and (out / SCORE_FOLDER / rows[i][0]).is_file())]
+    todo = [i for i in indices if not (resume and all((folder / rows[i][0]).is_file() for folder in folders))]
     generator = torch.Generator("cpu").manual_seed(seed) if seed_mode == "single" else None
     bar = tqdm(total=len(todo), disable=not progress, desc="generating", unit="img")
     start = time.perf_counter()
@@ -59,10 +50,11 @@ def generate(pipe, rows: list[tuple[str, str]], indices: list[int], out: Path, *
             images = pipe([rows[i][1] for i in group], steps=steps, guidance=guidance, seed=generator or seed + group[0],
                           seed_mode="per_image", height=size, width=size, scheduler=scheduler, progress=False)
             for i, image in zip(group, images):
-                for folder, picture in (("im512", image), (SCORE_FOLDER, image.resize((eval_size, eval_size)))):
-                    path = out / folder / rows[i][0]
+                for folder, copy_size in folders.items():
+                    path = folder / rows[i][0]
                     path.parent.mkdir(parents=True, exist_ok=True)
-                    picture.save(path)  # Image.resize's default filter is bicubic, as the protocol's
+                    # Image.resize's default filter is bicubic, as the protocol's
+                    (image if copy_size is None else image.resize((copy_size, copy_size))).save(path)
         bar.update(len(batch))
         bar.set_postfix(img_per_s=f"{(b + len(batch)) / (time.perf_counter() - start):.2f}")
     bar.close()
@@ -147,7 +139,7 @@ def write_scores(out: Path, name: str, scores: dict) -> str:
 def fid_is_scores(files: list[Path], metrics: set[str], stats: Path | None, eval_size: int, weights: Path | None,
                   batch_size: int, device, progress: bool = True) -> dict:
     """FID against real-image statistics and/or the Inception Score, from one read of the images."""
-    from minisd.checkpoints.inception import load_inception
+    from minisd.metrics.inception_weights import load_inception
     from minisd.metrics.fid import feature_stats, folder_features, frechet_distance, load_stats
     from minisd.metrics.inception_score import inception_score
 
@@ -187,7 +179,7 @@ def generation_record(out: Path, made: int, seconds: float, batch_size: int, pro
 def real_stats(folder: Path, save: Path, eval_size: int, weights: Path | None, batch_size: int, device,
                progress: bool = True) -> Path:
     """FID statistics of real images, each squashed to eval_size with PIL's bicubic resize as the protocol does."""
-    from minisd.checkpoints.inception import load_inception
+    from minisd.metrics.inception_weights import load_inception
     from minisd.metrics.fid import feature_stats, folder_features, image_files, save_stats
 
     files = image_files(folder)
@@ -196,26 +188,30 @@ def real_stats(folder: Path, save: Path, eval_size: int, weights: Path | None, b
     return save_stats(save, *feature_stats(found.pool), size=eval_size, num_images=len(files))
 
 
-def compute_scores(out: Path, rows: list[tuple[str, str]], metrics: set[str], args, eval_size: int, device,
+def compute_scores(out: Path, rows: list[tuple[str, str]], metrics: set[str], eval_size: int, device, *,
+                   fid_stats: Path | None = None, inception_weights: Path | None = None,
+                   clip_model: str = "ViT-g-14", clip_pretrained: str = "laion2b_s34b_b88k", batch_size: int = 50,
+                   others: dict[str, Callable[[Path, list[tuple[str, str]]], dict]] | None = None,
                    progress: bool = True) -> dict:
-    """The chosen metrics over the images of `rows` in out/im256."""
+    """The chosen metrics over the images of `rows` in out/im256: "fid" (against `fid_stats`), "is", "clip"
+    (open_clip's `clip_model` with weights `clip_pretrained`), and each chosen metric of `others`: a
+    function of the image folder and the rows, whose result is stored under its name."""
     if not metrics:
         return {}
     files = score_files(out, rows)
     scores = {}
     if metrics & {"fid", "is"}:
-        scores.update(fid_is_scores(files, metrics, args.fid_stats, eval_size, args.inception_weights,
-                                    args.score_batch_size, device, progress))
+        scores.update(fid_is_scores(files, metrics, fid_stats, eval_size, inception_weights, batch_size,
+                                    device, progress))
     if "clip" in metrics:
-        from minisd.checkpoints.open_clip import load_clip
         from minisd.metrics.clip_score import folder_clip_score
+        from minisd.metrics.open_clip_weights import load_clip
 
-        model = load_clip(args.clip_model, args.clip_pretrained, device=device)
-        scores["clip_score"], _ = folder_clip_score(out / SCORE_FOLDER, rows, model, batch_size=args.score_batch_size,
+        model = load_clip(clip_model, clip_pretrained, device=device)
+        scores["clip_score"], _ = folder_clip_score(out / SCORE_FOLDER, rows, model, batch_size=batch_size,
                                                     device=device, progress=progress)
-        scores["clip_model"] = f"{args.clip_model} {args.clip_pretrained}"
-    if "toy" in metrics:
-        from minisd.toy.metric import evaluate_folder
-
-        scores["toy"] = evaluate_folder(out / SCORE_FOLDER, rows, real_dir=args.prompts.parent)
+        scores["clip_model"] = f"{clip_model} {clip_pretrained}"
+    for name, metric in (others or {}).items():
+        if name in metrics:
+            scores[name] = metric(out / SCORE_FOLDER, rows)
     return scores

@@ -30,6 +30,7 @@ from torch import nn
 from minisd.blocks import Attention
 from minisd.clip import CLIP_VIT_L14, TEXT_ENCODERS, CLIPTextConfig, CLIPTextEncoder
 from minisd.table import TEACHERS, VARIANTS, UNetTable, variant
+from minisd.unet import UNet, unet_part
 from minisd.vae import SD_VAE, AutoencoderKL, VAEConfig
 
 TEXT_TOKENS = 77  # CLIP's context length: SD always encodes padded 77-token prompts
@@ -85,25 +86,14 @@ def count_macs(model: nn.Module, inputs: tuple, part_of: Callable[[str], str],
     return counts
 
 
-def _unet_part(name: str) -> str:
-    part, _, rest = name.partition(".")
-    if part in ("down", "up"):
-        return f"stage {rest.split('.')[0]}"
-    return "mid" if part == "mid" else "stem"  # stem: time embedding, conv_in, conv_out
-
-
 def unet_macs(table: UNetTable, height: int, width: int, batch: int = 1,
               attention_matmuls: bool = True) -> dict[str, int]:
     """MACs of one U-Net forward on `batch` latents of height x width: `stem`, `stage s`, `mid`, `total`."""
-    from minisd.unet import (
-        UNet,  # imported here: flops is a leaf utility, the U-Net may import widely
-    )
-
     with torch.device("meta"):
         unet = UNet(table)
         inputs = (torch.empty(batch, table.in_channels, height, width), torch.zeros(batch),
                   torch.empty(batch, TEXT_TOKENS, table.context_dim))
-    counts = count_macs(unet, inputs, _unet_part, attention_matmuls)
+    counts = count_macs(unet, inputs, unet_part, attention_matmuls)
     parts = ["stem", *(f"stage {s}" for s in range(len(table.stages)))] + (["mid"] if table.mid else [])
     return {p: counts.get(p, 0) for p in parts} | {"total": counts["total"]}
 

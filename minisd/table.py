@@ -10,14 +10,12 @@ tree, the teacher -> student weight map and the KD feature pairs are all read of
 Removing the innermost stage (BK-SDM-Tiny) just leaves fewer stages: stage s of the student is
 stage s of the teacher, which is why diffusers' `up_blocks.{j}` of tiny is `up_blocks.{j+1}` of SD.
 
-`python -m minisd.table --variant tiny --family v1` prints a table and its parameter counts.
+Data only: minisd/unet.py builds the U-Net from a table, and `python -m minisd.unet --variant tiny
+--family v1` prints a table with the parameters of each stage.
 """
 
-import argparse
 import dataclasses
 from dataclasses import dataclass
-
-import torch
 
 
 @dataclass(frozen=True)
@@ -107,61 +105,3 @@ def identify(table: UNetTable) -> str:
             if _shape(known) == _shape(table):
                 return known.name
     return "custom"
-
-
-def count_params(table: UNetTable) -> dict[str, int]:
-    """Parameters per part (`stem`, `stage s`, `mid`) and in `total`, from the table alone."""
-    from minisd.unet import UNet  # the U-Net module is built from this table; import here to avoid a cycle
-
-    with torch.device("meta"):
-        unet = UNet(table)
-    counts = {"stem": 0, "mid": 0, **{f"stage {s}": 0 for s in range(len(table.stages))}}
-    for name, p in unet.named_parameters():
-        part, _, rest = name.partition(".")
-        if part in ("down", "up"):
-            counts[f"stage {rest.split('.')[0]}"] += p.numel()
-        elif part == "mid":
-            counts["mid"] += p.numel()
-        else:
-            counts["stem"] += p.numel()  # time embedding, conv_in, norm_out, conv_out
-    counts["total"] = sum(counts.values())
-    return counts
-
-
-def describe(table: UNetTable, teacher: UNetTable | None = None) -> str:
-    """A printable table: per stage, the teacher's blocks kept (+) and removed (-), and params."""
-    teacher = teacher or table
-    counts = count_params(table)
-    lines = [f"{table.name}: context {table.context_dim}, "
-             f"{'linear' if table.linear_proj else 'conv'} proj, {'mid block' if table.mid else 'no mid block'}",
-             f"{'stage':>5} {'ch':>5} {'attn':>4} {'heads':>5}  {'down blocks':<12} {'up blocks':<12} {'params':>13}"]
-
-    def marks(kept, n):
-        return " ".join(("+" if i in kept else "-") + str(i) for i in range(n))
-
-    for s, t_stage in enumerate(teacher.stages):
-        if s < len(table.stages):
-            st = table.stages[s]
-            lines.append(f"{s:>5} {st.channels:>5} {'yes' if st.attention else 'no':>4} {st.heads:>5}  "
-                         f"{marks(st.down, teacher.teacher_down):<12} {marks(st.up, teacher.teacher_up):<12} "
-                         f"{counts[f'stage {s}']:>13,}")
-        else:
-            lines.append(f"{s:>5} {t_stage.channels:>5} {'':>4} {'':>5}  {'(stage removed)':<25} {0:>13,}")
-    lines.append(f"{'mid':>5} {'':>5} {'':>4} {'':>5}  {'kept' if table.mid else 'removed':<25} {counts['mid']:>13,}")
-    lines.append(f"{'stem':>5} {'':>5} {'':>4} {'':>5}  {'time embed, conv in/out':<25} {counts['stem']:>13,}")
-    lines.append(f"{'total':>5} {'':>42} {counts['total']:>13,}")
-    return "\n".join(lines)
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="Print the U-Net stage/block table of SD and its BK-SDM students.")
-    parser.add_argument("--family", choices=sorted(TEACHERS), default="v1", help="teacher family (default v1)")
-    parser.add_argument("--variant", choices=sorted(VARIANTS) + ["all"], default="all")
-    args = parser.parse_args(argv)
-    teacher = TEACHERS[args.family]
-    names = list(VARIANTS) if args.variant == "all" else [args.variant]
-    print("\n\n".join(describe(variant(teacher, n), teacher) for n in names))
-
-
-if __name__ == "__main__":
-    main()

@@ -18,13 +18,12 @@ list (MIT licence, copied from open-clip-torch), from which `builtin()` derives 
 """
 
 import gzip
+import json
 from pathlib import Path
 
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE
-
-from minisd.checkpoints.files import read_json, write_json
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 MAX_LENGTH = 77  # CLIP's context length
@@ -109,8 +108,12 @@ class CLIPTokenizer:
         """A hub tokenizer folder: vocab.json, merges.txt, and the pad token and length from
         special_tokens_map.json (which transformers lets override) or tokenizer_config.json."""
         folder = Path(folder)
-        config = read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
-        special = read_json(folder / "special_tokens_map.json") if (folder / "special_tokens_map.json").is_file() else {}
+
+        def read(name: str) -> dict:  # {} for a file the folder does not have
+            path = folder / name
+            return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+        config, special = read("tokenizer_config.json"), read("special_tokens_map.json")
         pad = special.get("pad_token") or config.get("pad_token") or EOS
         pad = pad["content"] if isinstance(pad, dict) else pad  # an AddedToken written as a dict
         length = config.get("model_max_length", MAX_LENGTH)
@@ -118,7 +121,7 @@ class CLIPTokenizer:
             return cls.from_files(folder / "vocab.json", folder / "merges.txt", pad_token=pad, max_length=length)
         if (folder / "tokenizer.json").is_file():
             # transformers >= 5 saves only tokenizer.json: its BPE model holds the same vocab and merges
-            model = read_json(folder / "tokenizer.json")["model"]
+            model = read("tokenizer.json")["model"]
             merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
             return cls(model["vocab"], merges, pad_token=pad, max_length=length)
         raise FileNotFoundError(f"no tokenizer in {folder}: expected vocab.json and merges.txt (or tokenizer.json)")
@@ -152,11 +155,13 @@ class CLIPTokenizer:
         self.backend.model.save(str(folder))  # vocab.json, and merges.txt under "#version: 0.2"
         token = {"lstrip": False, "normalized": True, "rstrip": False, "single_word": False}
         bos, eos = {"content": BOS, **token}, {"content": EOS, **token}
-        write_json(folder / "special_tokens_map.json",
-                   {"bos_token": bos, "eos_token": eos, "unk_token": eos, "pad_token": self.pad_token})
         added = {"__type": "AddedToken"}
-        write_json(folder / "tokenizer_config.json", {
-            "add_prefix_space": False, "do_lower_case": True, "errors": "replace",
-            "model_max_length": self.max_length, "tokenizer_class": "CLIPTokenizer",
-            "bos_token": {**added, **bos}, "eos_token": {**added, **eos}, "unk_token": {**added, **eos},
-            "pad_token": self.pad_token})
+        files = {"special_tokens_map.json": {"bos_token": bos, "eos_token": eos, "unk_token": eos,
+                                             "pad_token": self.pad_token},
+                 "tokenizer_config.json": {
+                     "add_prefix_space": False, "do_lower_case": True, "errors": "replace",
+                     "model_max_length": self.max_length, "tokenizer_class": "CLIPTokenizer",
+                     "bos_token": {**added, **bos}, "eos_token": {**added, **eos},
+                     "unk_token": {**added, **eos}, "pad_token": self.pad_token}}
+        for name, data in files.items():  # as minisd.checkpoints.files writes configs: sorted keys, indent 2
+            (folder / name).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")

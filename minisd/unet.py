@@ -8,8 +8,14 @@ it takes to know each up block's input width, so any BK-SDM removal builds witho
 Native parameter names follow the table: `down.{stage}.blocks.{block}.res|attn`,
 `down.{stage}.downsample`, `mid.res1|attn|res2`, `up.{stage}.blocks.{block}.res|attn`,
 `up.{stage}.upsample`. `up.{stage}` is indexed by stage like `down`, so up.0 runs last.
+`unet_part` reads a stage off those names; the parameter counts here and the MAC counts of
+minisd/flops.py both group by it.
+
+`python -m minisd.unet [--family v1|v2|v2-768] [--variant sd|base|small|tiny|all]` prints the
+stage/block table of SD and its BK-SDM students with the parameters of each stage.
 """
 
+import argparse
 from collections.abc import Collection
 
 import torch
@@ -18,7 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from minisd.blocks import Attention, Downsample, ResBlock, SpatialTransformer, Upsample, group_norm, timestep_embedding
-from minisd.table import Stage, UNetTable
+from minisd.table import TEACHERS, VARIANTS, Stage, UNetTable, variant
 
 
 class Block(nn.Module):
@@ -161,3 +167,63 @@ class UNet(nn.Module):
             feats[f"up.{s}"] = x
         out = self.conv_out(F.silu(self.norm_out(x)))
         return (out, {name: feats[name] for name in taps}) if taps is not None else out
+
+
+def unet_part(name: str) -> str:
+    """The part of the U-Net a native parameter or module name belongs to: `stage s` (its down and up
+    blocks and resamplers), `mid`, or `stem` (time embedding, conv_in, norm_out, conv_out)."""
+    part, _, rest = name.partition(".")
+    if part in ("down", "up"):
+        return f"stage {rest.split('.')[0]}"
+    return "mid" if part == "mid" else "stem"
+
+
+def count_params(table: UNetTable) -> dict[str, int]:
+    """Parameters per part (`stem`, `stage s`, `mid`) and in `total`, from the table alone."""
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        unet = UNet(table)
+    counts = {"stem": 0, "mid": 0, **{f"stage {s}": 0 for s in range(len(table.stages))}}
+    for name, p in unet.named_parameters():
+        counts[unet_part(name)] += p.numel()
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def describe(table: UNetTable, teacher: UNetTable | None = None) -> str:
+    """A printable table: per stage, the teacher's blocks kept (+) and removed (-), and params."""
+    teacher = teacher or table
+    counts = count_params(table)
+    lines = [f"{table.name}: context {table.context_dim}, "
+             f"{'linear' if table.linear_proj else 'conv'} proj, {'mid block' if table.mid else 'no mid block'}",
+             f"{'stage':>5} {'ch':>5} {'attn':>4} {'heads':>5}  {'down blocks':<12} {'up blocks':<12} {'params':>13}"]
+
+    def marks(kept, n):
+        return " ".join(("+" if i in kept else "-") + str(i) for i in range(n))
+
+    for s, t_stage in enumerate(teacher.stages):
+        if s < len(table.stages):
+            st = table.stages[s]
+            lines.append(f"{s:>5} {st.channels:>5} {'yes' if st.attention else 'no':>4} {st.heads:>5}  "
+                         f"{marks(st.down, teacher.teacher_down):<12} {marks(st.up, teacher.teacher_up):<12} "
+                         f"{counts[f'stage {s}']:>13,}")
+        else:
+            lines.append(f"{s:>5} {t_stage.channels:>5} {'':>4} {'':>5}  {'(stage removed)':<25} {0:>13,}")
+    lines.append(f"{'mid':>5} {'':>5} {'':>4} {'':>5}  {'kept' if table.mid else 'removed':<25} {counts['mid']:>13,}")
+    lines.append(f"{'stem':>5} {'':>5} {'':>4} {'':>5}  {'time embed, conv in/out':<25} {counts['stem']:>13,}")
+    lines.append(f"{'total':>5} {'':>42} {counts['total']:>13,}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Print the U-Net stage/block table of SD and its BK-SDM "
+                                                 "students, with the parameters of each stage.")
+    parser.add_argument("--family", choices=sorted(TEACHERS), default="v1", help="teacher family (default v1)")
+    parser.add_argument("--variant", choices=sorted(VARIANTS) + ["all"], default="all")
+    args = parser.parse_args(argv)
+    teacher = TEACHERS[args.family]
+    names = list(VARIANTS) if args.variant == "all" else [args.variant]
+    print("\n\n".join(describe(variant(teacher, n), teacher) for n in names))
+
+
+if __name__ == "__main__":
+    main()

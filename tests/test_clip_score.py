@@ -17,9 +17,9 @@ from PIL import Image
 from reference import perturb_, rel_diff
 from safetensors.torch import save_file
 
-from minisd.checkpoints import open_clip as oc_layout
+from minisd.metrics import open_clip_weights as oc_layout
 from minisd.checkpoints.ldm import split_in_proj
-from minisd.checkpoints.open_clip import PRETRAINED, config_from_open_clip, load_clip
+from minisd.metrics.open_clip_weights import PRETRAINED, config_from_open_clip, load_clip
 from minisd.checkpoints.remap import CheckpointError, rename
 from minisd.clip_vision import preprocess
 from minisd.metrics.clip_model import PRESETS, CLIPModel

@@ -21,7 +21,7 @@ from test_metrics_inception import random_inception_state
 from torch_fidelity import calculate_metrics
 
 from evaluate import main as evaluate
-from minisd.checkpoints import inception as inception_layout
+from minisd.metrics import inception_weights as inception_layout
 
 pytestmark = pytest.mark.slow  # a full-size Inception on the CPU over a dozen images
 N = 10  # IS needs at least its 10 splits' worth of images

@@ -22,7 +22,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorIncepti
 from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 from torch_fidelity.metric_isc import isc_features_to_metric
 
-import minisd.checkpoints.inception as ckpt
+import minisd.metrics.inception_weights as ckpt
 from minisd.checkpoints.remap import CheckpointError
 from minisd.metrics import feature_stats, folder_features, folder_stats, frechet_distance, inception_score, load_stats, save_stats
 from minisd.metrics.inception import prepare, resize_tf1_bilinear

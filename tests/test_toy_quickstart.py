@@ -13,7 +13,7 @@ from PIL import Image
 import sample
 import train
 from evaluate import main as evaluate
-from minisd.evaluation import read_prompts
+from minisd.data import read_metadata
 from minisd.toy.ablation import RUNS, run_ablation
 from minisd.toy.dataset import write_dataset
 from minisd.toy.metric import evaluate_folder
@@ -52,7 +52,7 @@ def test_quick_start(toy, tmp_path):
                      "--guidance", "4", "--steps", "5", "--batch-size", "3", "--name", "toy-tiny",
                      "--no-progress"]) == 0
     scores = json.loads((results / "scores.json").read_text())
-    rows = read_prompts(metadata)[:6]
+    rows = read_metadata(metadata)[:6]
     assert Image.open(results / "im256" / rows[0][0]).size == (64, 64)  # scored at the toy world's own size
     expected = evaluate_folder(results / "im256", rows, real_dir=toy / "heldout", workers=1)
     assert scores["num_images"] == 6 and scores["guidance"] == 4

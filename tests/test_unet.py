@@ -9,7 +9,8 @@ from safetensors.torch import load_file, save_file
 
 from minisd.checkpoints.diffusers import load_unet, save_unet, unet_config_from_table, unet_table_from_config
 from minisd.checkpoints.remap import CheckpointError
-from minisd.table import SD_V1, SD_V2, TEACHERS, VARIANTS, count_params, describe, variant
+from minisd.table import SD_V1, SD_V2, TEACHERS, VARIANTS, variant
+from minisd.unet import count_params, describe
 
 PARAMS = {  # diffusers' parameter counts for these configs (docs/bksdm.md)
     ("v1", "sd"): 859_520_964, ("v1", "base"): 579_384_964, ("v1", "small"): 482_346_884, ("v1", "tiny"): 323_384_964,

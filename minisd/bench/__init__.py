@@ -9,11 +9,12 @@ Models carry random weights at the real configs (models.py); the libraries alter
 excluded, and the figures land in --out (default bench/) as JSON, Markdown and, for sampling, a PNG
 of images/s against batch size. FLOPs come from the analytic count of minisd.flops.
 
-    models.py     random-weight minisd pipelines and their diffusers/transformers twins
+    models.py     random-weight minisd pipelines
+    reference.py  their diffusers/transformers twins: the only module that imports those libraries
     measure.py    timing, peak memory, the device's peak TFLOP/s, host-device sync counts
     sampling.py   `sample`: Pipeline vs StableDiffusionPipeline
     kd_steps.py   train.py's KD step, and BK-SDM's reference step (hooks, fp16, checkpointing)
     training.py   `train`: the two KD steps, and the memory probe
     report.py     JSON, Markdown tables and the plot
-diffusers and transformers are imported only for the reference side (requirements-test.txt).
+diffusers and transformers (requirements-test.txt) are imported only when the reference side runs.
 """

@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 
 from minisd import latent_cache
-from minisd.bench.models import diffusers_pipeline, diffusers_unet
 from minisd.distill import feature_pairs, kd_losses, student_from_teacher, total_loss
 from minisd.pipeline import Pipeline
 from minisd.schedulers import NoiseSchedule
@@ -98,7 +97,7 @@ def add_hooks(net: torch.nn.Module, memory: dict, names: list[str]) -> None:
 class ReferenceKD:
     def __init__(self, teacher: Pipeline, student, name: str, lr: float = 5e-5):
         """teacher: a minisd pipeline; student: the minisd student U-Net whose weights to start from."""
-        from diffusers import DDPMScheduler
+        from minisd.bench.reference import DDPMScheduler, diffusers_pipeline, diffusers_unet
 
         self.device = teacher.device
         cuda = self.device.type == "cuda"

@@ -1,19 +1,14 @@
-"""Random-weight models for the benchmarks: minisd pipelines at the real SD/BK-SDM configs (or at
-an eighth of the width, for smoke runs), and diffusers/transformers twins holding the same weights.
+"""Random-weight models for the benchmarks: minisd pipelines at the real SD/BK-SDM configs, or at
+an eighth of the width for smoke runs. Their diffusers/transformers twins are in reference.py.
 
-No checkpoint is needed: speed and memory do not depend on what the weights are. The twins are
-built from minisd's weights through the same key tables that save and load checkpoints
-(minisd/checkpoints/diffusers.py), so both libraries compute the same function.
+No checkpoint is needed: speed and memory do not depend on what the weights are.
 """
 
 import dataclasses
-import tempfile
 
 import torch
 
-from minisd.checkpoints.diffusers import TEXT_RULES, VAE_RULES, unet_config_from_table, unet_rules
 from minisd.checkpoints.ldm import SD_SCHEDULER  # SD's scheduler_config.json (PNDM, scaled-linear betas)
-from minisd.checkpoints.remap import export
 from minisd.clip import CLIP_VIT_L14, OPENCLIP_VIT_H14, CLIPTextEncoder
 from minisd.pipeline import Pipeline
 from minisd.table import TEACHERS, UNetTable, variant
@@ -50,52 +45,3 @@ def random_pipeline(family: str = "v1", name: str = "sd", small: bool = False, d
     for model in parts.values():
         model.to(dtype=dtype).eval().requires_grad_(False)
     return pipe
-
-
-def _quiet() -> None:
-    """diffusers notes each cast of a model it did not load from files itself; these are random models."""
-    from diffusers.utils import logging
-
-    logging.set_verbosity_error()
-
-
-def _loaded(model: torch.nn.Module, state_dict: dict, like: torch.nn.Module) -> torch.nn.Module:
-    p = next(like.parameters())
-    model.load_state_dict(state_dict, strict=True)
-    return model.to(p.device, p.dtype).eval().requires_grad_(False)
-
-
-def diffusers_unet(unet: UNet):
-    """diffusers' UNet2DConditionModel with the weights of a minisd U-Net."""
-    from diffusers import UNet2DConditionModel
-
-    _quiet()
-    config = {k: v for k, v in unet_config_from_table(unet.table).items() if not k.startswith("_")}
-    return _loaded(UNet2DConditionModel(**config), export(unet, unet_rules(unet.table)), unet)
-
-
-def diffusers_pipeline(pipe: Pipeline):
-    """diffusers' StableDiffusionPipeline holding the weights of a minisd pipeline (no safety checker)."""
-    from diffusers import AutoencoderKL as DiffusersVAE
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel
-    from transformers import CLIPTokenizer as HFTokenizer
-
-    _quiet()
-    vae_config = {k: v for k, v in pipe.vae.config.to_diffusers().items() if not k.startswith("_")}
-    vae = _loaded(DiffusersVAE(**vae_config), export(pipe.vae, VAE_RULES), pipe.vae)
-    text_config = {k: v for k, v in pipe.text_encoder.config.to_transformers().items()
-                   if k not in ("architectures", "model_type")}
-    text_model = CLIPTextModel(CLIPTextConfig(**text_config))
-    weights = export(pipe.text_encoder, TEXT_RULES)
-    if not any(k.startswith("text_model.") for k in text_model.state_dict()):  # transformers >= 5: no prefix
-        weights = {k.removeprefix("text_model."): v for k, v in weights.items()}
-    text_encoder = _loaded(text_model, weights, pipe.text_encoder)
-    with tempfile.TemporaryDirectory() as folder:  # transformers reads a tokenizer from its files only
-        pipe.tokenizer.save(folder)
-        tokenizer = HFTokenizer.from_pretrained(folder)
-    ref = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=diffusers_unet(pipe.unet),
-                                  scheduler=PNDMScheduler.from_config(pipe.scheduler_config), safety_checker=None,
-                                  feature_extractor=None, requires_safety_checker=False)
-    ref.set_progress_bar_config(disable=True)
-    return ref

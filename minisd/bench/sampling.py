@@ -18,7 +18,7 @@ torch.compile of the U-Net with the same mode and fullgraph=True.
 import torch
 
 from minisd.bench.measure import alternate, device_peak, median, model_bytes
-from minisd.bench.models import diffusers_pipeline, random_pipeline
+from minisd.bench.models import random_pipeline
 from minisd.flops import sampling_flops
 
 PROMPT = "a black vase holding a bouquet of roses"
@@ -43,6 +43,8 @@ def run(args, device: torch.device, dtype: torch.dtype) -> list[dict]:
 
 
 def run_config(args, name: str, device: torch.device, dtype: torch.dtype) -> list[dict]:
+    from minisd.bench.reference import diffusers_pipeline  # diffusers: imported when the reference side runs
+
     peak_tflops, _ = device_peak(device, dtype, args.peak_tflops)
     pipe = random_pipeline(args.family, name, small=args.small, device=device, dtype=dtype)
     ref = diffusers_pipeline(pipe)

@@ -1,7 +1,8 @@
 """The MS-COCO protocol's metrics: FID (as pytorch-fid) and Inception Score (as torch-fidelity) on the TF-FID
 Inception-v3, and the CLIP score (as BK-SDM computes it with open_clip) in minisd.metrics.clip_score.
 
-The weights load with `minisd.checkpoints.inception.load_inception` and `minisd.checkpoints.open_clip.load_clip`.
+The weights load with `minisd.metrics.inception_weights.load_inception` and
+`minisd.metrics.open_clip_weights.load_clip` (through minisd.checkpoints' rule tables).
 """
 
 from minisd.metrics.fid import (

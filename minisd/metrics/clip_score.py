@@ -14,7 +14,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from minisd.checkpoints.open_clip import load_clip
+from minisd.metrics.open_clip_weights import load_clip
 from minisd.metrics.clip_model import CLIPModel
 
 

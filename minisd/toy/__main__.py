@@ -14,7 +14,6 @@ checker finds, and the share with all of them (caption accuracy). Images of any 
 """
 
 import argparse
-import csv
 import os
 import sys
 import time
@@ -22,15 +21,6 @@ from pathlib import Path
 
 from minisd.toy.checker import check_folder
 from minisd.toy.dataset import write_dataset
-
-
-def read_rows(path: Path) -> list[tuple[str, str]]:
-    """(file_name, text) rows of a metadata.csv with a `file_name,text` header."""
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        if not {"file_name", "text"} <= set(reader.fieldnames or []):
-            raise ValueError(f"{path} has columns {reader.fieldnames}; expected a header with file_name,text")
-        return [(row["file_name"], row["text"]) for row in reader]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -82,7 +72,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {info['counts']} to {args.out} in {time.perf_counter() - start:.1f} s; "
               f"held-out pairs {info['heldout_pairs']}")
         return
-    totals = check_folder(args.images, read_rows(args.metadata or args.images / "metadata.csv"), args.workers)
+    from minisd.data import read_metadata  # not above: spawned workers import this module again, torch-free
+
+    rows = read_metadata(args.metadata or args.images / "metadata.csv")
+    totals = check_folder(args.images, rows, args.workers)
     for name in ("colour", "shape", "size", "count", "position", "relation", "caption_correct"):
         right, judged = totals.get(name, (0, 0))
         if judged:

@@ -12,28 +12,28 @@ and seed, then sampled and scored alike. docs/toy-ablation.md holds the results.
 
     python -m minisd.toy ablation --teacher weights/toy-sd --data data/toy --out results/toy-ablation
 
+Run it from the repository root: each run calls train.py's main() with the run's flags, in this process.
 Each run lands in OUT/<run>/ as train.py writes it (re-running resumes, a finished run is skipped), with its
 images for the held-out prompts in OUT/<run>/images/. OUT/results.json and OUT/results.md hold the table, and
-OUT/grid.png one row per model (the teacher first, then the runs in the order above) for the same prompts and seeds.
+OUT/grid.png one row per model (the teacher first, then the runs in the order above) for the same prompts
+and seeds.
 """
 
 import json
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
 
 from minisd.checkpoints.diffusers import unet_config_from_table, write_json
-from minisd.evaluation import read_prompts
+from minisd.data import read_metadata
+from minisd.evaluation import generate
 from minisd.images import grid
 from minisd.pipeline import load_pipeline
-from minisd.table import count_params, variant
+from minisd.table import variant
 from minisd.toy.metric import evaluate_folder
+from minisd.unet import count_params
 
-TRAIN = Path(__file__).resolve().parents[2] / "train.py"
 RUNS = {  # train.py flags of each run, beyond the shared ones
     "base": ["--variant", "base"],
     "small": ["--variant", "small"],
@@ -44,30 +44,30 @@ RUNS = {  # train.py flags of each run, beyond the shared ones
 }
 
 
+def train_script():
+    """train.py, the script at the repository root, imported as a module."""
+    try:
+        import train
+    except ModuleNotFoundError as e:
+        if e.name != "train":
+            raise
+        raise ModuleNotFoundError("the toy ablation runs train.py's main(): run it from the repository root, "
+                                  "where train.py is (python -m minisd.toy ablation ...)") from None
+    return train
+
+
 def train(teacher: Path, data: Path, out: Path, name: str, steps: int, batch: int, lr: float, seed: int) -> Path:
     """One run of train.py; returns its last checkpoint, a whole pipeline folder."""
     flags = [f.format(tiny_config=out / "tiny-unet.json") for f in RUNS[name]]
-    command = [sys.executable, str(TRAIN), *flags, "--teacher", str(teacher), "--data", str(data / "train"),
-               "--out", str(out / name), "--resolution", "64", "--no-flip", "--batch-size", str(batch),
-               "--global-batch", str(batch), "--max-steps", str(steps), "--lr", str(lr), "--caption-dropout", "0.1",
-               "--seed", str(seed), "--num-workers", "1", "--save-steps", str(max(1, steps // 4)), "--keep", "1",
-               "--valid-steps", "0", "--log-steps", "25"]
-    subprocess.run(command, check=True)
-    return out / name / f"checkpoint-{steps:07d}"
-
-
-def generate(pipe, rows: list[tuple[str, str]], folder: Path, steps: int, guidance: float, seed: int,
-             batch: int = 16) -> float:
-    """Images for the (file_name, caption) rows, row i from seed + i; returns seconds per image."""
-    folder.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    for b in range(0, len(rows), batch):
-        group = rows[b:b + batch]
-        images = pipe([text for _, text in group], steps=steps, guidance=guidance, seed=seed + b,
-                      seed_mode="per_image", progress=False)
-        for (name, _), image in zip(group, images):
-            image.save(folder / name)
-    return (time.perf_counter() - start) / len(rows)
+    argv = [*flags, "--teacher", str(teacher), "--data", str(data / "train"), "--out", str(out / name),
+            "--resolution", "64", "--no-flip", "--batch-size", str(batch), "--global-batch", str(batch),
+            "--max-steps", str(steps), "--lr", str(lr), "--caption-dropout", "0.1", "--seed", str(seed),
+            "--num-workers", "1", "--save-steps", str(max(1, steps // 4)), "--keep", "1", "--valid-steps", "0",
+            "--log-steps", "25"]
+    status, checkpoint = train_script().main(argv), out / name / f"checkpoint-{steps:07d}"
+    if status or not checkpoint.is_dir():  # stopped early: on Ctrl-C train.py saves where it is and returns
+        raise RuntimeError(f"train.py stopped run {name} before step {steps}; run the ablation again to resume")
+    return checkpoint
 
 
 def labelled_row(images: list[Image.Image], label: str, scale: int = 2) -> Image.Image:
@@ -90,15 +90,19 @@ def run_ablation(teacher: Path, data: Path, out: Path, steps: int, batch: int, l
     for name in RUNS:
         models[name] = train(teacher, data, out, name, steps, batch, lr, seed)
 
-    rows = read_prompts(data / "heldout" / "metadata.csv")[:prompts]
+    rows = read_metadata(data / "heldout" / "metadata.csv")[:prompts]
     table, sheets = [], []
     for name, source in models.items():
         pipe = load_pipeline(source)
-        seconds = generate(pipe, rows, out / name / "images", sample_steps, guidance, seed)
+        # image i from seed + i; every image made again (resume=False), so that s/image times this model
+        _, seconds = generate(pipe, rows, list(range(len(rows))), {out / name / "images": None},
+                              steps=sample_steps, guidance=guidance, seed=seed, batch_size=16, resume=False,
+                              progress=False)
         scores = evaluate_folder(out / name / "images", rows, real_dir=data / "heldout")
         log = out / name / "log.jsonl"
         last = json.loads(log.read_text().splitlines()[-1]) if log.is_file() else {}
-        table.append({"model": name, "params": count_params(pipe.unet.table)["total"], "s_per_image": seconds,
+        table.append({"model": name, "params": count_params(pipe.unet.table)["total"],
+                      "s_per_image": seconds / len(rows),
                       **{k: last[k] for k in ("sd", "out", "feat") if k in last}, **scores})
         sheets.append(labelled_row([Image.open(out / name / "images" / f) for f, _ in rows[:grid_prompts]], name))
         del pipe
