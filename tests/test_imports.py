@@ -16,7 +16,7 @@ SCRIPTS = ("sample.py", "train.py", "evaluate.py", "train_vae.py")
 # Each part of minisd (a top-level module or a subpackage) in its layer, lowest first: a part imports
 # only from its own layer and the layers below. "minisd" is the package's __init__.
 LAYERS = (
-    {"blocks", "unet", "vae", "clip", "clip_vision", "tokenizer", "table", "images"},  # models (and a grid)
+    {"blocks", "unet", "vae", "clip", "clip_vision", "tokenizer", "table", "images", "cli"},  # models, grid, checks
     {"checkpoints"},                                                            # key layouts, files
     {"pipeline", "schedulers", "convert", "minisd"},                            # sampling
     {"training", "distill", "data", "latent_cache", "evaluation", "metrics", "flops"},  # users of the models

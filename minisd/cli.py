@@ -1,0 +1,75 @@
+"""What every script checks before it starts work: numbers, devices and output paths.
+
+A bad flag should cost the user one line and a second, not a traceback after ten minutes of sampling. So the
+scripts parse numbers with the argparse types below (argparse turns their ValueError into a usage error with exit
+code 2) and check devices and output paths before they load a model. `float("nan")` and `float("inf")` parse
+without complaint, and a NaN compares false with every bound, so `--guidance nan` would pass a `< 0` check and act
+as guidance off: every float flag goes through `finite_float`.
+"""
+
+import argparse
+import math
+import os
+from pathlib import Path
+
+import torch
+
+
+class UsageError(ValueError):
+    """A bad input the user can fix: the script prints its one-line message and exits with code 2."""
+
+
+def finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a whole number >= 1")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a whole number >= 0")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a number > 0")
+    return value
+
+
+def check_device(name: str) -> torch.device:
+    """`name` as a torch.device that exists on this machine."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown device {name!r}: use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: no CUDA GPU is visible here; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {name}: MPS is not available here; use --device cpu")
+    return device
+
+
+def check_writable_folder(folder: Path, flag: str = "--out") -> None:
+    """Create `folder` (and its parents) and check that files can be written in it, before any work is done."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"{flag} {folder}: cannot create the folder ({e.strerror}); choose another {flag}") from None
+    if not folder.is_dir():
+        raise UsageError(f"{flag} {folder} is a file, not a folder; choose another {flag}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {folder}: the folder is not writable; choose another {flag}")
