@@ -184,12 +184,13 @@ def main(argv=None) -> int:
     if args.cache_latents:  # latents and text states from the cache, built here if it is not complete
         latent_cache.build(teacher, args.data, args.cache_latents, args.resolution, args.batch_size, args.num_workers,
                            rank, world, args.teacher)
-        data = latent_cache.CachedDataset(args.cache_latents, args.data, seed=args.seed, rank=rank, world_size=world)
-        loader = make_loader(data, args.batch_size, args.num_workers, pin_memory=cuda, collate_fn=latent_cache.collate)
+        data = latent_cache.CachedDataset(args.cache_latents, args.data, seed=args.seed)
+        loader = make_loader(data, args.batch_size, args.num_workers, pin_memory=cuda, collate_fn=latent_cache.collate,
+                             rank=rank, world_size=world)
     else:
         data = open_dataset(args.data, args.resolution, center_crop=not args.random_crop, random_flip=not args.no_flip,
                             seed=args.seed, rank=rank, world_size=world)
-        loader = make_loader(data, args.batch_size, args.num_workers, pin_memory=cuda)
+        loader = make_loader(data, args.batch_size, args.num_workers, pin_memory=cuda, rank=rank, world_size=world)
     if isinstance(loader.sampler, ResumableSampler):
         loader.sampler.set_state(epoch, position)
     else:  # a stream of tar shards skips what this rank already consumed
