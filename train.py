@@ -30,8 +30,9 @@ from minisd import latent_cache
 from minisd.checkpoints.diffusers import load_text_encoder, unet_table_from_config
 from minisd.checkpoints.files import read_json
 from minisd.data import ResumableSampler, make_loader, open_dataset
-from minisd.distill import feature_pairs, kd_losses, student_from_teacher, total_loss
+from minisd.distill import feature_pairs, student_from_teacher
 from minisd.images import grid
+from minisd.kd_step import KDRecipe, kd_step
 from minisd.pipeline import Pipeline, load_pipeline
 from minisd.schedulers import NoiseSchedule
 from minisd.table import VARIANTS, variant
@@ -40,11 +41,9 @@ from minisd.training import (
     checkpoints,
     load_checkpoint,
     lr_at,
-    per_sample_noise,
     plot_losses,
     save_checkpoint,
     setup_distributed,
-    to_device,
     write_shared,
 )
 from minisd.unet import UNet
@@ -202,7 +201,8 @@ def main(argv=None) -> int:
     teacher_unet = teacher.unet
     if cuda and not args.no_compile:
         model, teacher_unet = torch.compile(model), torch.compile(teacher_unet)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    teacher_unet = None if args.plain else teacher_unet  # --plain: the denoising loss alone
+    recipe = KDRecipe(args.lambda_sd, args.lambda_out, args.lambda_feat, args.snr_gamma, args.caption_dropout)
 
     stop = []  # Ctrl-C or SIGTERM: finish the step, save, and exit
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -224,32 +224,13 @@ def main(argv=None) -> int:
                     position += args.batch_size
                 except StopIteration:  # one pass is one epoch; the loader starts the next by itself
                     epoch, position, batches = epoch + 1, 0, iter(loader)
-            with torch.no_grad():
-                mean, std = latent_cache.posterior_moments(batch, teacher, device)  # from the cache, or the VAE
-                t, noise, eps = (to_device(v, device) for v in
-                                 per_sample_noise(batch["seed"], mean.shape[1:], schedule.num_train_timesteps))
-                latents = (mean + std * eps.to(teacher.dtype)).float() * teacher.vae.scaling_factor
-                texts = drop_captions(batch["text"], batch["seed"], args.caption_dropout)
-                if "context" in batch:
-                    context = latent_cache.cached_text_states(batch, texts, teacher, device)
-                else:
-                    with torch.enable_grad() if text_encoder is not None else contextlib.nullcontext():
-                        context = teacher.text_encoder(to_device(teacher.tokenizer(texts), device))
-                noisy = schedule.add_noise(latents, noise, t)
-                target = noise if schedule.prediction_type == "epsilon" else schedule.velocity(latents, noise, t)
-                teacher_out, teacher_feats = (None, {}) if args.plain else \
-                    teacher_unet(noisy.to(teacher.dtype), t, context, taps=[a for a, _ in pairs])
             # DDP averages gradients across ranks only on the last micro-batch of a step
             sync = micro == accum - 1 or world == 1
             with contextlib.nullcontext() if sync else model.no_sync():
-                with autocast:
-                    student_out, student_feats = model(noisy, t, context.float(), taps=[b for _, b in pairs])
-                    weights = None if args.snr_gamma is None else schedule.min_snr_weights(t, args.snr_gamma)
-                    losses = kd_losses(student_out, target, teacher_out, student_feats, teacher_feats, pairs,
-                                       weights)
-                    loss = total_loss(losses, args.lambda_sd, args.lambda_out, args.lambda_feat)
-                (loss / accum).backward()
-            sums += torch.stack([loss.detach(), losses["sd"].detach(), losses["out"].detach(), losses["feat"].detach()]) / accum
+                losses = kd_step(batch, teacher, teacher_unet, model, schedule, pairs, recipe,
+                                 train_text_encoder=args.train_text_encoder)
+                (losses["loss"] / accum).backward()
+            sums += torch.stack([losses[k].detach() for k in ("loss", "sd", "out", "feat")]) / accum
             samples += len(batch["seed"]) * world
         torch.nn.utils.clip_grad_norm_(trained, args.max_grad_norm, foreach=True)
         optimizer.step()
@@ -316,15 +297,6 @@ def save(args, rank, step, epoch, position, student, ema, optimizer, teacher):
                         text_encoder=teacher.text_encoder if args.train_text_encoder else None)
     if dist.is_initialized():
         dist.barrier()
-
-
-def drop_captions(texts: list[str], seeds: torch.Tensor, p: float) -> list[str]:
-    """Each caption replaced by the empty prompt with probability p, drawn from its sample's seed, so a resumed run
-    drops the same ones (SD trained with 10% dropped, which classifier-free guidance needs)."""
-    if not p:
-        return texts
-    drawn = [torch.rand((), generator=torch.Generator().manual_seed(seed ^ 0x5EED)).item() for seed in seeds.tolist()]
-    return ["" if u < p else text for text, u in zip(texts, drawn)]
 
 
 @torch.no_grad()

@@ -6,7 +6,7 @@ encode online, 2.35 without; python -m minisd.flops). Over repeated epochs that 
 does it once per data set.
 
 It keeps each image's posterior moments (mean and std), not one latent sample, so every training
-sample still draws its own posterior sample from its per-sample seed (minisd/training.py's
+sample still draws its own posterior sample from its per-sample seed (minisd/kd_step.py's
 per_sample_noise): a run from the cache gives the losses of a run from the images with --no-flip (to
 float rounding), resumes exactly, and trains on N GPUs as on one. The image transform is fixed when
 caching: center crop at the resolution, no flip (a flipped image has other latents). Captions are

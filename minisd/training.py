@@ -1,5 +1,5 @@
-"""The parts of train.py's loop that are not distillation itself: distributed setup, per-sample
-noise, learning-rate schedule, EMA, atomic checkpoints that resume exactly, and a loss plot.
+"""The parts of train.py's loop that are not the KD step (minisd/kd_step.py): distributed setup,
+learning-rate schedule, EMA, atomic checkpoints that resume exactly, and a loss plot.
 
 A checkpoint is a folder `checkpoint-{step:07d}/` under the run's output folder:
     unet/                  the student, diffusers layout (diffusers and sample.py load it)
@@ -45,19 +45,6 @@ def setup_distributed() -> tuple[int, int, torch.device]:
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return int(os.environ.get("RANK", "0")), world, device
-
-
-def per_sample_noise(seeds: torch.Tensor, latent_shape: tuple, num_train_timesteps: int):
-    """For each sample, from its own seed (minisd/data.py's sample_seed): a timestep uniform over
-    0..T-1 (BK-SDM), the diffusion noise, and the noise of its VAE posterior draw. Drawn on the CPU,
-    so the numbers do not depend on the device, the rank or the batch a sample lands in."""
-    t, noise, eps = [], [], []
-    for seed in seeds.tolist():
-        g = torch.Generator().manual_seed(seed)
-        t.append(torch.randint(0, num_train_timesteps, (1,), generator=g))
-        noise.append(torch.randn(latent_shape, generator=g))
-        eps.append(torch.randn(latent_shape, generator=g))
-    return torch.cat(t), torch.stack(noise), torch.stack(eps)
 
 
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:

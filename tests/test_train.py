@@ -237,7 +237,7 @@ def test_nan_loss_stops_at_the_last_good_checkpoint(teacher, data, tmp_path, mon
         loss = total_loss(losses, *weights)
         return loss * float("nan") if len(calls) >= 4 else loss
 
-    monkeypatch.setattr(train, "total_loss", nan_from_step_4)
+    monkeypatch.setattr("minisd.kd_step.total_loss", nan_from_step_4)
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as stop:
         train_main(flags(teacher, data, out, max_steps=10, log_steps=3, save_steps=2))
