@@ -17,34 +17,36 @@ text encoder are frozen. Checkpoints are whole pipeline folders that sample.py a
 import argparse
 import contextlib
 import json
-import signal
+import math
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
 
 from minisd import latent_cache
-from minisd.checkpoints.diffusers import load_text_encoder, unet_table_from_config
+from minisd.checkpoints.diffusers import unet_table_from_config
 from minisd.checkpoints.files import read_json
-from minisd.data import ResumableSampler, make_loader, open_dataset
-from minisd.distill import feature_pairs, kd_losses, student_from_teacher, total_loss
+from minisd.data import collate, make_loader, open_dataset
+from minisd.distill import feature_pairs, student_from_teacher
 from minisd.images import grid
+from minisd.kd_step import KDRecipe, kd_step
 from minisd.pipeline import Pipeline, default_dtype, load_pipeline
 from minisd.schedulers import NoiseSchedule
 from minisd.table import VARIANTS, variant
 from minisd.training import (
     EMA,
+    LossMeter,
+    RunLog,
+    TrainState,
+    any_rank,
+    batches,
     checkpoints,
     load_checkpoint,
     lr_at,
-    per_sample_noise,
-    plot_losses,
     save_checkpoint,
     setup_distributed,
-    to_device,
+    stop_signals,
     write_shared,
 )
 from minisd.unet import UNet
@@ -142,188 +144,144 @@ def main(argv=None) -> int:
                  f"({args.batch_size} x {world})")
     torch.manual_seed(args.seed)
 
-    # Teacher (frozen; bf16 on CUDA) and the student, initialised from it in fp32 (master weights)
+    # Models: the teacher (frozen; bf16 on CUDA) and the student, in fp32 (master weights), initialised from the
+    # teacher's blocks, or from random weights with --unet-config
     teacher = load_pipeline(args.teacher, device=device)
-    if args.unet_config:  # a new architecture, from random weights
-        student = UNet(unet_table_from_config(read_json(args.unet_config))).to(device).train()
-        if student.table.context_dim != teacher.unet.table.context_dim:
-            sys.exit(f"train.py: --unet-config has cross_attention_dim {student.table.context_dim}, but the text "
-                     f"encoder of {args.teacher} gives {teacher.unet.table.context_dim}-wide states")
-    else:
-        student = student_from_teacher(teacher.unet, variant(teacher.unet.table, args.variant)).train()
+    student = new_unet(args, teacher, device) if args.unet_config else \
+        student_from_teacher(teacher.unet, variant(teacher.unet.table, args.variant)).train()
     if rank == 0:  # the checkpoints link to the teacher's other components, saved once as loaded
         write_shared(teacher, args.out)
     teacher.to(dtype=default_dtype(device, training=True))
+    # --plain: no teacher U-Net runs and no features are matched; the denoising loss alone
+    teacher_unet = None if args.plain else teacher.unet
     pairs = [] if args.plain else feature_pairs(student.table, teacher.unet.table)
     schedule = NoiseSchedule.from_config(teacher.scheduler_config)
     # --train-text-encoder: the text encoder learns with the student, in fp32 like it
     text_encoder = teacher.text_encoder.float().train().requires_grad_(True) if args.train_text_encoder else None
     trained = list(student.parameters()) + (list(text_encoder.parameters()) if text_encoder is not None else [])
     optimizer = torch.optim.AdamW(trained, lr=args.lr, weight_decay=args.weight_decay, fused=cuda)
-    ema = EMA(student, args.ema_decay) if args.ema_decay else None
-    step, epoch, position = 0, 0, 0
+    state = TrainState(student, optimizer, EMA(student, args.ema_decay) if args.ema_decay else None, text_encoder)
+    resume(args, state, device)
 
-    found = checkpoints(args.out)
-    if args.resume:
-        if not (args.resume / "training_state.pt").is_file():
-            sys.exit(f"train.py: --resume {args.resume} is not a checkpoint folder (no training_state.pt in it)")
-        found = [args.resume]
-    if found:  # resume exactly where the checkpoint left off
-        weights, ema_weights, state = load_checkpoint(found[-1], device)
-        if state["variant"] != args.variant or state["teacher"] != args.teacher:
-            sys.exit(f"train.py: {args.out} holds a run of --variant {state['variant']} --teacher {state['teacher']}; "
-                     "use another --out for this one")
-        student.load_state_dict(weights.state_dict())
-        if text_encoder is not None:
-            text_encoder.load_state_dict(load_text_encoder(found[-1] / "text_encoder", device=device).state_dict())
-        optimizer.load_state_dict(state["optimizer"])
-        if ema is not None and ema_weights is not None:
-            ema.shadow = {k: v.float() for k, v in ema_weights.items()}
-        step, epoch, position = state["step"], state["epoch"], state["position"]
+    # Data: this rank's share, from where the run stands
+    loader = open_loader(args, teacher, rank, world, pin_memory=cuda)
 
-    if args.cache_latents:  # latents and text states from the cache, built here if it is not complete
-        latent_cache.build(teacher, args.data, args.cache_latents, args.resolution, args.batch_size, args.num_workers,
-                           rank, world, args.teacher)
-        data = latent_cache.CachedDataset(args.cache_latents, args.data, seed=args.seed, rank=rank, world_size=world)
-        loader = make_loader(data, args.batch_size, args.num_workers, pin_memory=cuda, collate_fn=latent_cache.collate)
-    else:
-        data = open_dataset(args.data, args.resolution, center_crop=not args.random_crop, random_flip=not args.no_flip,
-                            seed=args.seed, rank=rank, world_size=world)
-        loader = make_loader(data, args.batch_size, args.num_workers, pin_memory=cuda)
-    if isinstance(loader.sampler, ResumableSampler):
-        loader.sampler.set_state(epoch, position)
-    else:  # a stream of tar shards skips what this rank already consumed
-        data.set_state(epoch, position, args.batch_size)
-
+    # The step as it runs: DDP across processes, compiled on CUDA
     if args.gradient_checkpointing:
         student.gradient_checkpointing = True
-    model = torch.nn.parallel.DistributedDataParallel(student, device_ids=[device] if cuda else None) if world > 1 else student
-    teacher_unet = teacher.unet
+    model = student if world == 1 else \
+        torch.nn.parallel.DistributedDataParallel(student, device_ids=[device] if cuda else None)
     if cuda and not args.no_compile:
-        model, teacher_unet = torch.compile(model), torch.compile(teacher_unet)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+        model = torch.compile(model)
+        teacher_unet = torch.compile(teacher_unet) if teacher_unet is not None else None
+    recipe = KDRecipe(args.lambda_sd, args.lambda_out, args.lambda_feat, args.snr_gamma, args.caption_dropout)
 
-    stop = []  # Ctrl-C or SIGTERM: finish the step, save, and exit
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.append(True))
-    log = open(args.out / "log.jsonl", "a") if rank == 0 else None
-    board = make_reporter(args, rank)
-    bar = tqdm(total=args.max_steps, initial=step, disable=rank != 0, desc=f"distilling {student.table.name}")
-    sums, t0, samples, summed = torch.zeros(4, device=device), time.time(), 0, 0  # summed: steps in `sums`
-    batches = iter(loader)
+    # The loop: accumulate micro-batches, step, log (and check) every --log-steps, save every --save-steps
+    log = RunLog(args.out, rank, args.max_steps, state.step, f"distilling {student.table.name}",
+                 reporter(args, rank))
+    meter = LossMeter(device, world)
+    with stop_signals() as stop:  # Ctrl-C or SIGTERM: finish the step, save, and exit
+        stream = batches(loader, state)
+        while state.step < args.max_steps:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(state.step, args.lr, args.lr_schedule, args.warmup_steps, args.max_steps)
+            for micro in range(accum):
+                batch = next(stream)
+                # DDP averages gradients across ranks only on the last micro-batch of a step
+                sync = micro == accum - 1 or world == 1
+                with contextlib.nullcontext() if sync else model.no_sync():
+                    losses = kd_step(batch, teacher, teacher_unet, model, schedule, pairs, recipe,
+                                     train_text_encoder=args.train_text_encoder)
+                    (losses["loss"] / accum).backward()
+                meter.add(losses, accum, len(batch["seed"]) * world)
+            torch.nn.utils.clip_grad_norm_(trained, args.max_grad_norm, foreach=True)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if state.ema is not None:
+                state.ema.update(student)
+            state.step += 1
+            meter.steps += 1
+            log.bar.update(1)
 
-    while step < args.max_steps:
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, args.lr, args.lr_schedule, args.warmup_steps, args.max_steps)
-        for micro in range(accum):
-            batch = None
-            while batch is None:  # None: a batch whose images all failed to load (counted by the data set)
-                try:
-                    batch = next(batches)
-                    position += args.batch_size
-                except StopIteration:  # one pass is one epoch; the loader starts the next by itself
-                    epoch, position, batches = epoch + 1, 0, iter(loader)
-            with torch.no_grad():
-                mean, std = latent_cache.posterior_moments(batch, teacher, device)  # from the cache, or the VAE
-                t, noise, eps = (to_device(v, device) for v in
-                                 per_sample_noise(batch["seed"], mean.shape[1:], schedule.num_train_timesteps))
-                latents = (mean + std * eps.to(teacher.dtype)).float() * teacher.vae.scaling_factor
-                texts = drop_captions(batch["text"], batch["seed"], args.caption_dropout)
-                if "context" in batch:
-                    context = latent_cache.cached_text_states(batch, texts, teacher, device)
-                else:
-                    with torch.enable_grad() if text_encoder is not None else contextlib.nullcontext():
-                        context = teacher.text_encoder(to_device(teacher.tokenizer(texts), device))
-                noisy = schedule.add_noise(latents, noise, t)
-                target = noise if schedule.prediction_type == "epsilon" else schedule.velocity(latents, noise, t)
-                teacher_out, teacher_feats = (None, {}) if args.plain else \
-                    teacher_unet(noisy.to(teacher.dtype), t, context, taps=[a for a, _ in pairs])
-            # DDP averages gradients across ranks only on the last micro-batch of a step
-            sync = micro == accum - 1 or world == 1
-            with contextlib.nullcontext() if sync else model.no_sync():
-                with autocast:
-                    student_out, student_feats = model(noisy, t, context.float(), taps=[b for _, b in pairs])
-                    weights = None if args.snr_gamma is None else schedule.min_snr_weights(t, args.snr_gamma)
-                    losses = kd_losses(student_out, target, teacher_out, student_feats, teacher_feats, pairs,
-                                       weights)
-                    loss = total_loss(losses, args.lambda_sd, args.lambda_out, args.lambda_feat)
-                (loss / accum).backward()
-            sums += torch.stack([loss.detach(), losses["sd"].detach(), losses["out"].detach(), losses["feat"].detach()]) / accum
-            samples += len(batch["seed"]) * world
-        torch.nn.utils.clip_grad_norm_(trained, args.max_grad_norm, foreach=True)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.update(student)
-        step += 1
-        summed += 1
-        bar.update(1)
+            # a save step is checked (and logged) too, so that no checkpoint holds weights a NaN has reached
+            if state.step % args.log_steps == 0 or state.step % args.save_steps == 0 or state.step == args.max_steps:
+                means, rate = meter.read()
+                if not all(math.isfinite(v) for v in means.values()):
+                    last = checkpoints(args.out)[-1] if checkpoints(args.out) else "none (none saved yet)"
+                    sys.exit(f"train.py: the loss became {means['loss']} by step {state.step}; stopped. The last "
+                             f"good checkpoint is {last}. Try a lower --lr, or --max-grad-norm.")
+                row = dict(step=state.step, **means, lr=optimizer.param_groups[0]["lr"], samples_per_s=rate,
+                           epoch=state.epoch, skipped=loader.dataset.skipped)
+                if cuda:
+                    row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+                log.write(row)
+                if any_rank(bool(stop), device, world):
+                    break
+            if state.step % args.save_steps == 0:
+                save(args, rank, state, teacher)
+            if args.valid_steps and state.step % args.valid_steps == 0 and rank == 0:
+                sample_grid(args, teacher, state.ema.as_model(student) if state.ema else student, state.step)
+        save(args, rank, state, teacher)
 
-        # a save step is checked (and logged) too, so that no checkpoint holds weights a NaN has reached
-        if step % args.log_steps == 0 or step % args.save_steps == 0 or step == args.max_steps:
-            if world > 1:
-                dist.all_reduce(sums)
-                sums /= world
-            # the mean over the steps since the last row: fewer than --log-steps after a resume or at the end
-            values = dict(zip(("loss", "sd", "out", "feat"), (sums / summed).tolist()))
-            if not all(torch.isfinite(sums).tolist()):
-                sys.exit(f"train.py: the loss became {values['loss']} by step {step}; stopped. The last good "
-                         f"checkpoint is {checkpoints(args.out)[-1] if checkpoints(args.out) else 'none (none saved yet)'}. "
-                         "Try a lower --lr, or --max-grad-norm.")
-            elapsed, t0 = time.time() - t0, time.time()
-            row = dict(step=step, **values, lr=optimizer.param_groups[0]["lr"], samples_per_s=samples / elapsed,
-                       epoch=epoch, skipped=data.skipped)
-            if cuda:
-                row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-            if rank == 0:
-                log.write(json.dumps(row) + "\n")
-                log.flush()
-                shown = ("sd", "out", "feat", "samples_per_s", "peak_mem_gb")
-                bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in shown})
-                board(row)
-            sums.zero_()
-            samples, summed = 0, 0
-            flag = torch.tensor([float(bool(stop))], device=device)
-            if world > 1:
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            if flag.item():
-                break
-        if step % args.save_steps == 0:
-            save(args, rank, step, epoch, position, student, ema, optimizer, teacher)
-        if args.valid_steps and step % args.valid_steps == 0 and rank == 0:
-            sample_grid(args, teacher, ema.as_model(student) if ema else student, step)
-
-    save(args, rank, step, epoch, position, student, ema, optimizer, teacher)
+    log.close()
     if rank == 0:
-        bar.close()
-        log.close()
-        rows = [json.loads(line) for line in open(args.out / "log.jsonl")]
-        plot_losses(rows, args.out / "losses.png")
-        print(f"student after {step} steps: {checkpoints(args.out)[-1]} (loss curves: {args.out / 'losses.png'})")
+        print(f"student after {state.step} steps: {checkpoints(args.out)[-1]} "
+              f"(loss curves: {args.out / 'losses.png'})")
     if world > 1:
         dist.destroy_process_group()
     return 0
 
 
-def save(args, rank, step, epoch, position, student, ema, optimizer, teacher):
+def new_unet(args, teacher: Pipeline, device) -> UNet:
+    """--unet-config: a new U-Net architecture from random weights, trained from scratch (--plain; the toy teacher
+    was made so). It reads the teacher's text states, so it must take their width."""
+    unet = UNet(unet_table_from_config(read_json(args.unet_config))).to(device).train()
+    if unet.table.context_dim != teacher.unet.table.context_dim:
+        sys.exit(f"train.py: --unet-config has cross_attention_dim {unet.table.context_dim}, but the text "
+                 f"encoder of {args.teacher} gives {teacher.unet.table.context_dim}-wide states")
+    return unet
+
+
+def resume(args, state: TrainState, device) -> None:
+    """state as the checkpoint left it: the one --resume names, or else the last in --out (a re-run goes on)."""
+    found = checkpoints(args.out)
+    if args.resume:
+        if not (args.resume / "training_state.pt").is_file():
+            sys.exit(f"train.py: --resume {args.resume} is not a checkpoint folder (no training_state.pt in it)")
+        found = [args.resume]
+    if not found:
+        return
+    weights, ema_weights, saved = load_checkpoint(found[-1], device)
+    if saved["variant"] != args.variant or saved["teacher"] != args.teacher:
+        sys.exit(f"train.py: {args.out} holds a run of --variant {saved['variant']} --teacher "
+                 f"{saved['teacher']}; use another --out for this one")
+    state.restore(found[-1], weights, ema_weights, saved)
+
+
+def open_loader(args, teacher: Pipeline, rank: int, world: int, pin_memory: bool):
+    """This rank's share of the data: images and captions, or with --cache-latents the cached VAE posteriors and
+    text states (the cache is built first where it is not complete)."""
+    if args.cache_latents:
+        latent_cache.build(teacher, args.data, args.cache_latents, args.resolution, args.batch_size, args.num_workers,
+                           rank, world, args.teacher)
+        data = latent_cache.CachedDataset(args.cache_latents, args.data, seed=args.seed)
+        collate_fn = latent_cache.collate
+    else:
+        data = open_dataset(args.data, args.resolution, center_crop=not args.random_crop,
+                            random_flip=not args.no_flip, seed=args.seed, rank=rank, world_size=world)
+        collate_fn = collate
+    return make_loader(data, args.batch_size, args.num_workers, pin_memory=pin_memory, collate_fn=collate_fn,
+                       rank=rank, world_size=world)
+
+
+def save(args, rank: int, state: TrainState, teacher: Pipeline) -> None:
     """A checkpoint from rank 0 (the others wait), unless this step was saved already."""
-    if rank == 0 and not (args.out / f"checkpoint-{step:07d}").is_dir():
-        state = dict(step=step, epoch=epoch, position=position, optimizer=optimizer.state_dict(),
-                     variant=args.variant, teacher=args.teacher, args=json.dumps(vars(args), default=str))
+    if rank == 0 and not (args.out / f"checkpoint-{state.step:07d}").is_dir():
+        run = dict(variant=args.variant, teacher=args.teacher, args=json.dumps(vars(args), default=str))
         scheduler_class = teacher.scheduler_config.get("_class_name", "PNDMScheduler")
-        save_checkpoint(args.out, step, student, ema, state, args.keep, scheduler_class,
-                        text_encoder=teacher.text_encoder if args.train_text_encoder else None)
+        save_checkpoint(args.out, state, args.keep, scheduler_class, run)
     if dist.is_initialized():
         dist.barrier()
-
-
-def drop_captions(texts: list[str], seeds: torch.Tensor, p: float) -> list[str]:
-    """Each caption replaced by the empty prompt with probability p, drawn from its sample's seed, so a resumed run
-    drops the same ones (SD trained with 10% dropped, which classifier-free guidance needs)."""
-    if not p:
-        return texts
-    drawn = [torch.rand((), generator=torch.Generator().manual_seed(seed ^ 0x5EED)).item() for seed in seeds.tolist()]
-    return ["" if u < p else text for text, u in zip(texts, drawn)]
 
 
 @torch.no_grad()
@@ -337,10 +295,10 @@ def sample_grid(args, teacher: Pipeline, student, step: int) -> None:
     grid(images, cols=len(images)).save(args.out / "samples" / f"step-{step:07d}.png")
 
 
-def make_reporter(args, rank: int):
-    """TensorBoard or wandb logging when asked for (and installed); otherwise nothing."""
+def reporter(args, rank: int):
+    """TensorBoard or wandb logging when asked for (and installed); otherwise None."""
     if rank != 0 or args.report_to == "none":
-        return lambda row: None
+        return None
     try:
         if args.report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter

@@ -136,16 +136,16 @@ def check_columns(where, found: list[str]) -> None:
 
 class ImageFolderDataset(Dataset):
     """An image folder with metadata.csv or metadata.jsonl. Keys are indices, or (epoch, index) from ResumableSampler,
-    the epoch varying flips and crops. An unreadable image gives None, which `collate` drops. `rank` and `world_size`
-    are kept for the sampler that `make_loader` builds."""
+    the epoch varying flips and crops. An unreadable image gives None, which `collate` drops. Ranks split it through
+    their samplers (`make_loader`'s rank and world_size), not here."""
 
     def __init__(self, root: str | Path, resolution: int = 512, center_crop: bool = True, random_flip: bool = True,
-                 seed: int = 1234, rank: int = 0, world_size: int = 1):
+                 seed: int = 1234):
         self.root = Path(root)
         names, texts = zip(*read_metadata(self.root))
         self.names, self.texts = Strings(names), Strings(texts)
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
-        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.seed = seed
         self.skips = SkipCounter()
 
     @property
@@ -320,9 +320,10 @@ def find_shards(pattern: str) -> list[str]:
 
 def open_dataset(path: str, resolution: int = 512, center_crop: bool = True, random_flip: bool = True,
                  seed: int = 1234, rank: int = 0, world_size: int = 1) -> Dataset | IterableDataset:
-    """The data at `path`: an image folder (ImageFolderDataset) or tar shards (TarShardDataset)."""
-    options = {"resolution": resolution, "center_crop": center_crop, "random_flip": random_flip,
-               "seed": seed, "rank": rank, "world_size": world_size}
+    """The data at `path`: an image folder (ImageFolderDataset) or tar shards (TarShardDataset). A stream of shards
+    takes this rank's share itself (rank, world_size); an image folder is shared out by the sampler of its loader,
+    so give make_loader the same rank and world_size."""
+    options = {"resolution": resolution, "center_crop": center_crop, "random_flip": random_flip, "seed": seed}
     root, path = Path(path), str(path)
     if root.is_dir():
         if (root / "metadata.csv").exists() or (root / "metadata.jsonl").exists():
@@ -333,7 +334,7 @@ def open_dataset(path: str, resolution: int = 512, center_crop: bool = True, ran
         shards = find_shards(path)
     else:
         raise FileNotFoundError(f"{path} does not exist.\n{LAYOUTS}")
-    return TarShardDataset(shards, **options)
+    return TarShardDataset(shards, **options, rank=rank, world_size=world_size)
 
 
 def collate(batch: list[dict | None]) -> dict | None:
@@ -345,11 +346,13 @@ def collate(batch: list[dict | None]) -> dict | None:
 
 
 def make_loader(dataset: Dataset | IterableDataset, batch_size: int, num_workers: int, pin_memory: bool,
-                sampler: Sampler | None = None, drop_last: bool = True, collate_fn=collate) -> DataLoader:
-    """A DataLoader with `collate`; a map-style set without a sampler gets a ResumableSampler (`loader.sampler`).
+                sampler: Sampler | None = None, drop_last: bool = True, collate_fn=collate, rank: int = 0,
+                world_size: int = 1) -> DataLoader:
+    """A DataLoader with `collate`; a map-style set without a sampler gets a ResumableSampler (`loader.sampler`) over
+    this rank's share, in the order of the set's seed (a stream of shards was split when opened: see open_dataset).
     Workers persist across epochs and keep 4 batches each ready, as decoding time varies from image to image."""
     if sampler is None and not isinstance(dataset, IterableDataset):
-        sampler = ResumableSampler(len(dataset), dataset.seed, dataset.rank, dataset.world_size)
+        sampler = ResumableSampler(len(dataset), dataset.seed, rank, world_size)
     workers = num_workers > 0
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate_fn,
                       pin_memory=pin_memory, drop_last=drop_last, persistent_workers=workers,

@@ -6,7 +6,7 @@ encode online, 2.35 without; python -m minisd.flops). Over repeated epochs that 
 does it once per data set.
 
 It keeps each image's posterior moments (mean and std), not one latent sample, so every training
-sample still draws its own posterior sample from its per-sample seed (minisd/training.py's
+sample still draws its own posterior sample from its per-sample seed (minisd/kd_step.py's
 per_sample_noise): a run from the cache gives the losses of a run from the images with --no-flip (to
 float rounding), resumes exactly, and trains on N GPUs as on one. The image transform is fixed when
 caching: center crop at the resolution, no flip (a flipped image has other latents). Captions are
@@ -114,7 +114,7 @@ class CachedDataset(Dataset):
     order, or (epoch, index) from ResumableSampler), so the same sample gets the same noise. A sample
     whose image failed when cached gives None, counted in `skipped`, as the image folder would."""
 
-    def __init__(self, cache: str | Path, data: str | Path, seed: int = 1234, rank: int = 0, world_size: int = 1):
+    def __init__(self, cache: str | Path, data: str | Path, seed: int = 1234):
         self.cache = Path(cache)
         manifest = read_json(self.cache / "cache.json")
         self.samples, self.shard_size = manifest["samples"], manifest["shard_size"]
@@ -128,7 +128,7 @@ class CachedDataset(Dataset):
             raise ValueError(f"{data} lists {len(texts)} images but {self.cache} cached {self.samples}; give the "
                              "folder it was built from, or another --cache-latents folder")
         self.texts = Strings(texts)
-        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.seed = seed
         self.skips, self.files = SkipCounter(), {}
 
     @property

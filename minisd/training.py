@@ -1,5 +1,6 @@
-"""The parts of train.py's loop that are not distillation itself: distributed setup, per-sample
-noise, learning-rate schedule, EMA, atomic checkpoints that resume exactly, and a loss plot.
+"""The parts of train.py's loop around the KD step (minisd/kd_step.py): distributed setup, the learning-rate
+schedule, EMA, the state a run goes on from, the batches and the data position, the loss log, stop signals, atomic
+checkpoints that resume exactly, and a loss plot.
 
 A checkpoint is a folder `checkpoint-{step:07d}/` under the run's output folder:
     unet/                  the student, diffusers layout (diffusers and sample.py load it)
@@ -11,16 +12,23 @@ It is written under a temporary name and renamed, so a kill during a save leaves
 checkpoint as it was; only the last `keep` are kept.
 """
 
+import contextlib
+import json
 import math
 import os
 import shutil
+import signal
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
 
 from minisd.checkpoints.diffusers import (
+    load_text_encoder,
     load_unet,
     model_index,
     save_text_encoder,
@@ -30,6 +38,7 @@ from minisd.checkpoints.diffusers import (
     write_json,
 )
 from minisd.checkpoints.files import write_checkpoint
+from minisd.data import ResumableSampler
 from minisd.unet import UNet
 
 SHARED = ("vae", "text_encoder", "tokenizer", "scheduler")
@@ -45,19 +54,6 @@ def setup_distributed() -> tuple[int, int, torch.device]:
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return int(os.environ.get("RANK", "0")), world, device
-
-
-def per_sample_noise(seeds: torch.Tensor, latent_shape: tuple, num_train_timesteps: int):
-    """For each sample, from its own seed (minisd/data.py's sample_seed): a timestep uniform over
-    0..T-1 (BK-SDM), the diffusion noise, and the noise of its VAE posterior draw. Drawn on the CPU,
-    so the numbers do not depend on the device, the rank or the batch a sample lands in."""
-    t, noise, eps = [], [], []
-    for seed in seeds.tolist():
-        g = torch.Generator().manual_seed(seed)
-        t.append(torch.randint(0, num_train_timesteps, (1,), generator=g))
-        noise.append(torch.randn(latent_shape, generator=g))
-        eps.append(torch.randn(latent_shape, generator=g))
-    return torch.cat(t), torch.stack(noise), torch.stack(eps)
 
 
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -108,22 +104,48 @@ def write_shared(teacher, out: Path) -> None:
     write_json(out / "scheduler" / "scheduler_config.json", teacher.scheduler_config)
 
 
-def save_checkpoint(out: Path, step: int, student, ema: EMA | None, state: dict, keep: int,
-                    scheduler_class: str, text_encoder=None) -> Path:
-    """text_encoder: one trained with the U-Net (train.py --train-text-encoder), saved in the checkpoint, not linked."""
-    final = out / f"checkpoint-{step:07d}"
-    tmp = out / f".tmp-checkpoint-{step:07d}"
+@dataclass
+class TrainState:
+    """What a run goes on from, and what a checkpoint saves: the weights that learn, the optimizer, the step,
+    and the data position (the epoch, and the samples this rank took in it), so that a resumed run takes the
+    batch that the run it resumes would have taken next."""
+    student: UNet
+    optimizer: torch.optim.Optimizer
+    ema: EMA | None = None
+    text_encoder: torch.nn.Module | None = None  # one that learns with the U-Net (train.py --train-text-encoder)
+    step: int = 0
+    epoch: int = 0
+    position: int = 0
+
+    def restore(self, path: Path, weights: UNet, ema_weights: dict | None, saved: dict) -> None:
+        """Go on from the checkpoint at `path`, whose parts load_checkpoint(path) has read."""
+        self.student.load_state_dict(weights.state_dict())
+        if self.text_encoder is not None:
+            trained = load_text_encoder(path / "text_encoder", device=next(self.text_encoder.parameters()).device)
+            self.text_encoder.load_state_dict(trained.state_dict())
+        self.optimizer.load_state_dict(saved["optimizer"])
+        if self.ema is not None and ema_weights is not None:
+            self.ema.shadow = {k: v.float() for k, v in ema_weights.items()}
+        self.step, self.epoch, self.position = saved["step"], saved["epoch"], saved["position"]
+
+
+def save_checkpoint(out: Path, state: TrainState, keep: int, scheduler_class: str, run: dict) -> Path:
+    """state as checkpoint-{step}/ under `out`; `run` (what was trained, and how) goes into training_state.pt."""
+    final = out / f"checkpoint-{state.step:07d}"
+    tmp = out / f".tmp-checkpoint-{state.step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_unet(student, tmp / "unet")
-    if ema is not None:
-        save_unet(ema.as_model(student), tmp / "ema_unet")
-    if text_encoder is not None:
-        save_text_encoder(text_encoder, tmp / "text_encoder")
+    save_unet(state.student, tmp / "unet")
+    if state.ema is not None:
+        save_unet(state.ema.as_model(state.student), tmp / "ema_unet")
+    if state.text_encoder is not None:  # trained, so saved in the checkpoint, not linked
+        save_text_encoder(state.text_encoder, tmp / "text_encoder")
     for name in SHARED:
         if not (tmp / name).exists():
             os.symlink(Path("..") / name, tmp / name, target_is_directory=True)
     write_json(tmp / "model_index.json", model_index(scheduler_class))
-    write_checkpoint(tmp / "training_state.pt", state)
+    saved = dict(step=state.step, epoch=state.epoch, position=state.position,
+                 optimizer=state.optimizer.state_dict(), **run)
+    write_checkpoint(tmp / "training_state.pt", saved)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)  # the checkpoint appears whole, or not at all
     for old in checkpoints(out)[:-keep]:
@@ -142,6 +164,105 @@ def load_checkpoint(path: Path, device) -> tuple:
     ema = load_unet(path / "ema_unet", device=device).state_dict() if (path / "ema_unet").is_dir() else None
     state = torch.load(path / "training_state.pt", map_location=device, weights_only=True)
     return student, ema, state
+
+
+def batches(loader, state: TrainState):
+    """The loader's batches, epoch after epoch, from where `state` is (a resumed run's next batch) without end.
+    state.epoch and state.position follow them: the samples this rank took in the epoch, whole batches, as the
+    loader draws ahead of the loop. A batch whose images all failed to load (None) is counted and passed over."""
+    if isinstance(loader.sampler, ResumableSampler):
+        loader.sampler.set_state(state.epoch, state.position)
+    else:  # a stream of tar shards skips what this rank already took
+        loader.dataset.set_state(state.epoch, state.position, loader.batch_size)
+    stream = iter(loader)
+    while True:
+        try:
+            batch = next(stream)
+        except StopIteration:  # one pass is one epoch; the loader starts the next by itself
+            state.epoch, state.position, stream = state.epoch + 1, 0, iter(loader)
+            continue
+        state.position += loader.batch_size
+        if batch is not None:
+            yield batch
+
+
+class LossMeter:
+    """The loss terms summed on the device over the steps since the last log row, so that no step waits for the
+    GPU; read() gives their means, over all ranks, and the samples per second since the last read."""
+    TERMS = ("loss", "sd", "out", "feat")
+
+    def __init__(self, device: torch.device, world: int):
+        self.sums, self.world = torch.zeros(len(self.TERMS), device=device), world
+        self.steps, self.samples, self.start = 0, 0, time.time()
+
+    def add(self, losses: dict[str, torch.Tensor], accum: int, samples: int) -> None:
+        """One micro-batch's terms (kd_step's), each 1/accum of its step's; `samples` over all ranks."""
+        self.sums += torch.stack([losses[k].detach() for k in self.TERMS]) / accum
+        self.samples += samples
+
+    def read(self) -> tuple[dict[str, float], float]:
+        """The means over the steps since the last read (fewer than --log-steps after a resume or at the end), and
+        the samples per second; then starts anew."""
+        if self.world > 1:
+            dist.all_reduce(self.sums)
+            self.sums /= self.world
+        means = dict(zip(self.TERMS, (self.sums / self.steps).tolist()))
+        now = time.time()
+        rate = self.samples / (now - self.start)
+        self.sums.zero_()
+        self.steps, self.samples, self.start = 0, 0, now
+        return means, rate
+
+
+class RunLog:
+    """Rank 0's record of a run: rows appended to log.jsonl (a resumed run goes on in the same file), the progress
+    bar and its figures, and `report` (TensorBoard or wandb) if given; on other ranks it writes nothing."""
+    SHOWN = ("sd", "out", "feat", "samples_per_s", "peak_mem_gb")
+
+    def __init__(self, out: Path, rank: int, total: int, initial: int, desc: str, report=None):
+        self.out, self.report = out, report
+        self.file = open(out / "log.jsonl", "a") if rank == 0 else None
+        self.bar = tqdm(total=total, initial=initial, disable=rank != 0, desc=desc)
+
+    def write(self, row: dict) -> None:
+        if self.file is None:
+            return
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        self.bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in self.SHOWN})
+        if self.report is not None:
+            self.report(row)
+
+    def close(self) -> None:
+        """Closes the file and draws the whole run's losses (resumed parts too) into losses.png."""
+        if self.file is None:
+            return
+        self.bar.close()
+        self.file.close()
+        plot_losses([json.loads(line) for line in open(self.out / "log.jsonl")], self.out / "losses.png")
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """A list that Ctrl-C or SIGTERM appends to, so that the loop can finish its step, save and exit. The handlers
+    that were there before come back on exit, as train.main may run inside another program (the tests)."""
+    stop = []
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, lambda *_: stop.append(True))
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def any_rank(flag: bool, device: torch.device, world: int) -> bool:
+    """True on every rank if it is on any (a signal may reach only some processes), so that all stop together."""
+    flag = torch.tensor([float(flag)], device=device)
+    if world > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def plot_losses(rows: list[dict], path: Path, keys=("loss", "sd", "out", "feat")) -> None:

@@ -178,6 +178,10 @@ def test_make_loader_batches(tmp_path):
     assert isinstance(loader.sampler, ResumableSampler)
     (batch,) = list(loader)  # 6 samples, drop_last: one batch of 4
     assert batch["pixels"].shape == (4, 3, R, R) and len(batch["text"]) == 4
+    # two ranks: each loader's sampler takes its half of the folder
+    halves = [[t for b in make_loader(open_dataset(str(tmp_path), resolution=R), batch_size=1, num_workers=0,
+                                      pin_memory=False, rank=rank, world_size=2) for t in b["text"]] for rank in (0, 1)]
+    assert len(halves[0]) == len(halves[1]) == 3 and Counter(halves[0] + halves[1]) == Counter(CAPTIONS)
 
 
 @pytest.mark.parametrize("size", [10, 11])

@@ -19,7 +19,7 @@ LAYERS = (
     {"blocks", "unet", "vae", "clip", "clip_vision", "tokenizer", "table", "images", "cli"},  # models, grid, checks
     {"checkpoints"},                                                            # key layouts, files
     {"pipeline", "schedulers", "convert", "minisd"},                            # sampling
-    {"training", "distill", "data", "latent_cache", "evaluation", "metrics", "flops"},  # users of the models
+    {"training", "distill", "kd_step", "data", "latent_cache", "evaluation", "metrics", "flops"},  # users
     {"toy", "bench"},                                                           # leaf consumers
 )
 REFERENCE_LIBRARIES = ("accelerate", "diffusers", "open_clip", "peft", "transformers")

@@ -5,8 +5,9 @@ import pytest
 import torch
 from reference import VAE_SMALL, reduced_config, reference_parts, save_hub_layout, text_config
 from safetensors.torch import load_file
-from test_train import flags, log_rows, train_main, write_images, write_metadata
+from test_train import flags, log_rows, write_images, write_metadata
 
+import train
 from minisd import latent_cache
 from minisd.pipeline import load_pipeline
 
@@ -29,9 +30,9 @@ def data(tmp_path_factory):
 def test_cache_gives_the_losses_of_the_images(teacher, data, tmp_path):
     """5 steps of 3 over 9 rows cross two epochs: the same timesteps, noise, posterior draws and skips."""
     options = dict(batch_size=3, global_batch=3, max_steps=5, log_steps=1, lr=1e-3)
-    assert train_main(flags(teacher, data, tmp_path / "images", **options) + ["--no-flip"]) == 0
+    assert train.main(flags(teacher, data, tmp_path / "images", **options) + ["--no-flip"]) == 0
     cache = tmp_path / "cache"
-    assert train_main(flags(teacher, data, tmp_path / "cached", cache_latents=cache, **options)) == 0
+    assert train.main(flags(teacher, data, tmp_path / "cached", cache_latents=cache, **options)) == 0
     images, cached = log_rows(tmp_path / "images"), log_rows(tmp_path / "cached")
     assert [r["step"] for r in cached] == [1, 2, 3, 4, 5]
     for a, b in zip(images, cached, strict=True):
@@ -44,7 +45,7 @@ def test_cache_gives_the_losses_of_the_images(teacher, data, tmp_path):
     assert shard["context"].shape == (9, 77, 96)
     # a second run reuses the cache (nothing rebuilt) and resumes from the first run's last checkpoint
     mtime = (cache / "shard-00000.safetensors").stat().st_mtime_ns
-    assert train_main(flags(teacher, data, tmp_path / "cached", cache_latents=cache, **dict(options, max_steps=6))) == 0
+    assert train.main(flags(teacher, data, tmp_path / "cached", cache_latents=cache, **dict(options, max_steps=6))) == 0
     assert (cache / "shard-00000.safetensors").stat().st_mtime_ns == mtime
     assert [r["step"] for r in log_rows(tmp_path / "cached")] == [1, 2, 3, 4, 5, 6]
 
@@ -84,10 +85,10 @@ def test_interrupted_caching_resumes(teacher, data, tmp_path, monkeypatch):
 
 def test_refusals(teacher, data, tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
-        train_main(flags(teacher, data, tmp_path / "x", cache_latents=tmp_path / "c") + ["--plain", "--train-text-encoder"])
+        train.main(flags(teacher, data, tmp_path / "x", cache_latents=tmp_path / "c") + ["--plain", "--train-text-encoder"])
     assert stop.value.code == 2 and "drop --cache-latents or --train-text-encoder" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        train_main(flags(teacher, data, tmp_path / "x", cache_latents=tmp_path / "c") + ["--random-crop"])
+        train.main(flags(teacher, data, tmp_path / "x", cache_latents=tmp_path / "c") + ["--random-crop"])
     assert "drop --random-crop" in capsys.readouterr().err
     pipe = load_pipeline(teacher)
     latent_cache.build(pipe, data, tmp_path / "c", 32, 4, 0)

@@ -41,16 +41,6 @@ def flags(teacher, data, out, **options) -> list[str]:
     return [arg for k, v in settings.items() for arg in (f"--{k.replace('_', '-')}", str(v))]
 
 
-def train_main(argv: list[str]) -> int:
-    """train.main in this process; it installs SIGINT/SIGTERM handlers for its run, which pytest gets back."""
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        return train.main(argv)
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-
-
 def log_rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in open(out / "log.jsonl")]
 
@@ -99,12 +89,12 @@ def distilled(teacher, data, tmp_path_factory) -> Path:
     train.py itself (--variant sd, denoising loss only) and loaded from its checkpoint folder.
     """
     root = tmp_path_factory.mktemp("distilled")
-    assert train_main(flags(teacher, data, root / "teacher", variant="sd", max_steps=30, log_steps=10, lr=1e-3,
+    assert train.main(flags(teacher, data, root / "teacher", variant="sd", max_steps=30, log_steps=10, lr=1e-3,
                             lambda_out=0, lambda_feat=0)) == 0
     denoiser = root / "teacher" / "checkpoint-0000030"
     rows = log_rows(root / "teacher")
     assert rows[-1]["sd"] < 0.5 * rows[0]["sd"]  # it did learn to denoise
-    assert train_main(flags(denoiser, data, root / "student", max_steps=30, log_steps=10, lr=1e-3)) == 0
+    assert train.main(flags(denoiser, data, root / "student", max_steps=30, log_steps=10, lr=1e-3)) == 0
     return root / "student"
 
 
@@ -120,8 +110,8 @@ def test_distillation_lowers_every_loss(distilled):
 
 def test_log_rows_average_the_steps_they_cover(teacher, data, tmp_path):
     """A row is the mean over the steps since the previous row, also where fewer than --log-steps are."""
-    assert train_main(flags(teacher, data, tmp_path / "each", max_steps=3, log_steps=1)) == 0
-    assert train_main(flags(teacher, data, tmp_path / "pairs", max_steps=3, log_steps=2)) == 0
+    assert train.main(flags(teacher, data, tmp_path / "each", max_steps=3, log_steps=1)) == 0
+    assert train.main(flags(teacher, data, tmp_path / "pairs", max_steps=3, log_steps=2)) == 0
     each, pairs = log_rows(tmp_path / "each"), log_rows(tmp_path / "pairs")
     assert [r["step"] for r in pairs] == [2, 3]
     for key in ("loss", *LOSSES):
@@ -133,9 +123,9 @@ def test_resume_is_exact(teacher, data, tmp_path):
     """5 steps in one go, or 3 then 5 in the same --out: the same losses after step 3 and the same weights.
     Batch 2 with 2 micro-batches per step over 8 images: step 3 stops mid-epoch, with an EMA too."""
     options = dict(batch_size=2, global_batch=4, log_steps=1, ema_decay=0.9, lr=1e-3)
-    assert train_main(flags(teacher, data, tmp_path / "once", max_steps=5, **options)) == 0
-    assert train_main(flags(teacher, data, tmp_path / "twice", max_steps=3, save_steps=3, **options)) == 0
-    assert train_main(flags(teacher, data, tmp_path / "twice", max_steps=5, save_steps=3, **options)) == 0
+    assert train.main(flags(teacher, data, tmp_path / "once", max_steps=5, **options)) == 0
+    assert train.main(flags(teacher, data, tmp_path / "twice", max_steps=3, save_steps=3, **options)) == 0
+    assert train.main(flags(teacher, data, tmp_path / "twice", max_steps=5, save_steps=3, **options)) == 0
     once, twice = log_rows(tmp_path / "once"), log_rows(tmp_path / "twice")
     assert [r["step"] for r in twice] == [1, 2, 3, 4, 5]  # resumed at 4, not restarted
     for a, b in zip(once[3:], twice[3:]):
@@ -149,11 +139,11 @@ def test_resume_is_exact(teacher, data, tmp_path):
     assert (state_once["epoch"], state_once["position"]) == (state_twice["epoch"], state_twice["position"]) == (2, 4)
     # --resume takes a checkpoint from another run folder
     middle = tmp_path / "twice" / "checkpoint-0000003"
-    assert train_main(flags(teacher, data, tmp_path / "branch", max_steps=5, resume=middle, **options)) == 0
+    assert train.main(flags(teacher, data, tmp_path / "branch", max_steps=5, resume=middle, **options)) == 0
     a, b = unet_weights(end_once), unet_weights(tmp_path / "branch" / "checkpoint-0000005")
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(SystemExit, match="is not a checkpoint folder"):
-        train_main(flags(teacher, data, tmp_path / "x", max_steps=5, resume=tmp_path / "nothing", **options))
+        train.main(flags(teacher, data, tmp_path / "x", max_steps=5, resume=tmp_path / "nothing", **options))
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
@@ -184,13 +174,21 @@ def test_signal_saves_and_resumes(teacher, data, tmp_path, sig):
     assert f"student after {stopped} steps" in stdout
     assert load_checkpoint(checkpoints(out)[-1], "cpu")[2]["step"] == stopped
 
-    assert train_main(flags(teacher, data, out, max_steps=stopped + 2)) == 0
+    assert train.main(flags(teacher, data, out, max_steps=stopped + 2)) == 0
     assert [r["step"] for r in log_rows(out)] == list(range(1, stopped + 3))
+
+
+def test_signal_handlers_are_given_back(teacher, data, tmp_path):
+    """train.main installs its stop handlers for the run only: a program that calls it (pytest here) gets its own
+    SIGINT and SIGTERM handlers back when it returns."""
+    handlers = [signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)]
+    assert train.main(flags(teacher, data, tmp_path / "run", max_steps=1)) == 0
+    assert [signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)] == handlers
 
 
 def test_checkpoints_are_atomic_and_pruned(teacher, data, tmp_path):
     out = tmp_path / "run"
-    assert train_main(flags(teacher, data, out, max_steps=4, save_steps=1, keep=2)) == 0
+    assert train.main(flags(teacher, data, out, max_steps=4, save_steps=1, keep=2)) == 0
     assert checkpoints(out) == [out / "checkpoint-0000003", out / "checkpoint-0000004"]
     assert sorted(p.name for p in out.glob("*checkpoint-*")) == ["checkpoint-0000003", "checkpoint-0000004"]
     # A kill while step 5 was being saved leaves its temporary folder: the U-Net and half the state.
@@ -199,7 +197,7 @@ def test_checkpoints_are_atomic_and_pruned(teacher, data, tmp_path):
     state = (out / "checkpoint-0000004" / "training_state.pt").read_bytes()
     (tmp / "training_state.pt").write_bytes(state[: len(state) // 2])
 
-    assert train_main(flags(teacher, data, out, max_steps=5, save_steps=1, keep=2)) == 0
+    assert train.main(flags(teacher, data, out, max_steps=5, save_steps=1, keep=2)) == 0
     assert [r["step"] for r in log_rows(out)] == [1, 2, 3, 4, 5]  # went on from checkpoint 4
     assert sorted(p.name for p in out.glob("*checkpoint-*")) == ["checkpoint-0000004", "checkpoint-0000005"]
     student, _, state = load_checkpoint(out / "checkpoint-0000005", "cpu")
@@ -220,7 +218,7 @@ def test_bad_images_are_skipped_and_counted(teacher, tmp_path):
     write_metadata(folder, names + ["cut.jpg", "noise.jpg", "missing.png"])
 
     out = tmp_path / "run"
-    assert train_main(flags(teacher, folder, out, batch_size=10, global_batch=10, max_steps=2, num_workers=2)) == 0
+    assert train.main(flags(teacher, folder, out, batch_size=10, global_batch=10, max_steps=2, num_workers=2)) == 0
     rows = log_rows(out)
     assert [r["skipped"] for r in rows] == [4, 8]
     assert all(np.isfinite(r[key]) and r[key] > 0 for r in rows for key in ("sd", "feat"))
@@ -237,10 +235,12 @@ def test_nan_loss_stops_at_the_last_good_checkpoint(teacher, data, tmp_path, mon
         loss = total_loss(losses, *weights)
         return loss * float("nan") if len(calls) >= 4 else loss
 
-    monkeypatch.setattr(train, "total_loss", nan_from_step_4)
+    monkeypatch.setattr("minisd.kd_step.total_loss", nan_from_step_4)
     out = tmp_path / "run"
+    handlers = [signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)]
     with pytest.raises(SystemExit) as stop:
-        train_main(flags(teacher, data, out, max_steps=10, log_steps=3, save_steps=2))
+        train.main(flags(teacher, data, out, max_steps=10, log_steps=3, save_steps=2))
+    assert [signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)] == handlers  # given back on exit too
     message = str(stop.value.code)
     assert "loss became nan by step 4" in message and str(out / "checkpoint-0000002") in message
     assert checkpoints(out) == [out / "checkpoint-0000002"]
@@ -267,7 +267,7 @@ def test_two_gloo_processes_train_as_one(teacher, data, tmp_path, accumulation):
     4, or 8 with 2 micro-batches per step, DDP syncing only the last): the same samples with the
     same noise (seeded per sample), gradients averaged by DDP."""
     options = dict(max_steps=2, lr=1e-3, global_batch=4 * accumulation)
-    assert train_main(flags(teacher, data, tmp_path / "one", batch_size=4, **options)) == 0
+    assert train.main(flags(teacher, data, tmp_path / "one", batch_size=4, **options)) == 0
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", GLOO_SOCKET_IFNAME="lo")
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
                "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(ROOT / "train.py"),
@@ -321,7 +321,7 @@ def test_checkpoint_loads_in_sample_py_and_diffusers(distilled, tmp_path):
 def test_sd_student_starts_as_the_teacher(teacher, data, tmp_path):
     """--variant sd copies the teacher whole: step 1's KD losses, computed before its update, are 0."""
     out = tmp_path / "run"
-    assert train_main(flags(teacher, data, out, variant="sd", max_steps=2, log_steps=1)) == 0
+    assert train.main(flags(teacher, data, out, variant="sd", max_steps=2, log_steps=1)) == 0
     first, second = log_rows(out)
     assert first["out"] < 1e-12 and first["feat"] < 1e-12 and first["sd"] > 0.1
     assert second["out"] > 1e-12 and second["feat"] > 1e-12  # after one update it differs
@@ -329,12 +329,12 @@ def test_sd_student_starts_as_the_teacher(teacher, data, tmp_path):
 
 def test_argument_errors(capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_:
-        train_main(["--variant", "tiny", "--out", str(tmp_path)])
+        train.main(["--variant", "tiny", "--out", str(tmp_path)])
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "--data is required" in err and "metadata.csv" in err and "tar shards" in err
     with pytest.raises(SystemExit) as exit_:
-        train_main(["--data", str(tmp_path), "--out", str(tmp_path), "--batch-size", "4", "--global-batch", "6"])
+        train.main(["--data", str(tmp_path), "--out", str(tmp_path), "--batch-size", "4", "--global-batch", "6"])
     assert "--global-batch 6 is not a multiple of --batch-size x processes (4 x 1)" in str(exit_.value.code)
 
 
@@ -342,18 +342,18 @@ def test_min_snr_weighting_scales_only_the_denoising_loss(teacher, data, tmp_pat
     """--snr-gamma: step 1 (before any update) sees the same batch, timesteps and noise; the weights are at most 1
     for an epsilon target, so its task loss can only fall, and the KD terms do not change."""
     plain, weighted = tmp_path / "plain", tmp_path / "weighted"
-    assert train_main(flags(teacher, data, plain, max_steps=1)) == 0
-    assert train_main(flags(teacher, data, weighted, max_steps=1, snr_gamma=0.5)) == 0
+    assert train.main(flags(teacher, data, plain, max_steps=1)) == 0
+    assert train.main(flags(teacher, data, weighted, max_steps=1, snr_gamma=0.5)) == 0
     (a,), (b,) = log_rows(plain), log_rows(weighted)
     assert b["sd"] < a["sd"] and b["out"] == a["out"] and b["feat"] == a["feat"]
     with pytest.raises(SystemExit) as exit_:
-        train_main(flags(teacher, data, tmp_path / "x", snr_gamma=0))
+        train.main(flags(teacher, data, tmp_path / "x", snr_gamma=0))
     assert exit_.value.code == 2 and "--snr-gamma 0.0: the SNR cap must be positive" in capsys.readouterr().err
 
 
 def test_sample_grid_and_loss_plot(teacher, data, tmp_path, distilled):
     out = tmp_path / "run"
-    assert train_main(flags(teacher, data, out, max_steps=2, valid_steps=2)) == 0
+    assert train.main(flags(teacher, data, out, max_steps=2, valid_steps=2)) == 0
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-0000002.png"]
     assert Image.open(out / "samples" / "step-0000002.png").size == (4 * 32, 32)  # one row of the 4 prompts
     assert Image.open(out / "losses.png").size == (800, 480)
@@ -366,7 +366,7 @@ def test_plain_training_from_scratch(teacher, data, tmp_path):
     config.update(block_out_channels=[16, 32, 32, 32])
     (tmp_path / "unet.json").write_text(json.dumps(config))
     out = tmp_path / "plain"
-    assert train_main(flags(teacher, data, out, unet_config=tmp_path / "unet.json", max_steps=20,
+    assert train.main(flags(teacher, data, out, unet_config=tmp_path / "unet.json", max_steps=20,
                             log_steps=10, lr=1e-3, batch_size=4, global_batch=8) + ["--plain"]) == 0
     rows = log_rows(out)
     assert all(r["out"] == 0.0 and r["feat"] == 0.0 for r in rows)
@@ -374,7 +374,7 @@ def test_plain_training_from_scratch(teacher, data, tmp_path):
     pipe = load_pipeline(out / "checkpoint-0000020")
     assert [s.channels for s in pipe.unet.table.stages] == [16, 32, 32, 32]
     with pytest.raises(SystemExit):
-        train_main(flags(teacher, data, tmp_path / "x", unet_config=tmp_path / "unet.json"))
+        train.main(flags(teacher, data, tmp_path / "x", unet_config=tmp_path / "unet.json"))
 
 
 def test_loss_plot_leaves_out_terms_that_are_zero_throughout(tmp_path):

@@ -1,9 +1,10 @@
 """One BK-SDM distillation step, two ways, on the same weights and batch, for `bench train`.
 
-MinisdKD is train.py's step (its loop body for one micro-batch, data loading and logging aside):
-frozen teacher in bf16 under no_grad, student in bf16 autocast over fp32 weights, features returned
-by the U-Net (no hooks), fused AdamW, foreach gradient clipping, torch.compile on CUDA, no
-activation checkpointing, and no host-device sync.
+MinisdKD is train.py's step: minisd/kd_step.py's kd_step, the very function train.py's loop calls,
+with BK-SDM's recipe (loss weights 1, no caption dropout, no Min-SNR weighting), then backward,
+foreach gradient clipping and a fused AdamW step (data loading and logging aside): frozen teacher
+in bf16 under no_grad, student in bf16 autocast over fp32 weights, features returned by the U-Net
+(no hooks), torch.compile on CUDA, no activation checkpointing, and no host-device sync.
 
 ReferenceKD is the step of BK-SDM's src/kd_train_text_to_image.py as scripts/kd_train.sh runs it
 (after diffusers' examples/text_to_image): diffusers U-Nets, features caught by forward hooks keyed
@@ -18,12 +19,11 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from minisd import latent_cache
-from minisd.distill import feature_pairs, kd_losses, student_from_teacher, total_loss
+from minisd.distill import feature_pairs, student_from_teacher
+from minisd.kd_step import KDRecipe, kd_step
 from minisd.pipeline import Pipeline
 from minisd.schedulers import NoiseSchedule
 from minisd.table import variant
-from minisd.training import per_sample_noise, to_device
 
 # BK-SDM's feature-KD module lists (kd_train_text_to_image.py, mapping_layers_tea / _stu)
 BK_BASE = ["up_blocks.0", "up_blocks.1", "up_blocks.2", "up_blocks.3",
@@ -37,7 +37,7 @@ BK_MAPPING = {"sd": (BK_BASE, BK_BASE), "base": (BK_BASE, BK_BASE), "small": (BK
 
 class MinisdKD:
     def __init__(self, teacher: Pipeline, name: str, compile: bool = False, checkpointing: bool = False,
-                 lr: float = 5e-5):
+                 lr: float = 5e-5, recipe: KDRecipe = KDRecipe()):
         self.teacher, self.device = teacher, teacher.device
         cuda = self.device.type == "cuda"
         self.student = student_from_teacher(teacher.unet, variant(teacher.unet.table, name)).train()
@@ -49,7 +49,7 @@ class MinisdKD:
         self.model, self.teacher_unet = self.student, teacher.unet
         if compile:
             self.model, self.teacher_unet = torch.compile(self.student), torch.compile(teacher.unet)
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+        self.recipe = recipe
 
     def modules(self) -> list:
         return [self.student, self.teacher.unet, self.teacher.vae, self.teacher.text_encoder, self.optimizer]
@@ -57,24 +57,8 @@ class MinisdKD:
     def step(self, batch: dict) -> torch.Tensor:
         """One optimizer step on a batch as train.py's loader gives it (images and captions, or cached
         moments and text states); returns the loss, left on the device."""
-        teacher, device = self.teacher, self.device
-        with torch.no_grad():
-            mean, std = latent_cache.posterior_moments(batch, teacher, device)
-            t, noise, eps = (to_device(v, device) for v in
-                             per_sample_noise(batch["seed"], mean.shape[1:], self.schedule.num_train_timesteps))
-            latents = (mean + std * eps.to(teacher.dtype)).float() * teacher.vae.scaling_factor
-            if "context" in batch:
-                context = latent_cache.cached_text_states(batch, batch["text"], teacher, device)
-            else:
-                context = teacher.text_encoder(to_device(teacher.tokenizer(batch["text"]), device))
-            noisy = self.schedule.add_noise(latents, noise, t)
-            target = noise if self.schedule.prediction_type == "epsilon" else self.schedule.velocity(latents, noise, t)
-            teacher_out, teacher_feats = self.teacher_unet(noisy.to(teacher.dtype), t, context,
-                                                           taps=[a for a, _ in self.pairs])
-        with self.autocast:
-            student_out, student_feats = self.model(noisy, t, context.float(), taps=[b for _, b in self.pairs])
-            losses = kd_losses(student_out, target, teacher_out, student_feats, teacher_feats, self.pairs)
-            loss = total_loss(losses)
+        losses = kd_step(batch, self.teacher, self.teacher_unet, self.model, self.schedule, self.pairs, self.recipe)
+        loss = losses["loss"]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.student.parameters(), 1.0, foreach=True)
         self.optimizer.step()
