@@ -7,6 +7,7 @@ import json
 import signal
 from pathlib import Path
 
+import pytest
 import train
 from minisd.toy.dataset import write_dataset
 
@@ -18,6 +19,7 @@ STEPS = 150
 MAX_RATIO = {"out": 0.4, "feat": 0.6}
 
 
+@pytest.mark.slow  # 150 KD steps from the toy teacher
 def test_short_kd_run_lowers_kd_losses(tmp_path):
     write_dataset(tmp_path / "toy", n=512, seed=1, heldout=0.0, workers=1)
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
