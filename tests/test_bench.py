@@ -42,6 +42,7 @@ def test_sample_smoke(tmp_path):
     assert Image.open(stem.with_suffix(".png")).size == (900, 520)
 
 
+@pytest.mark.slow
 def test_train_smoke(tmp_path):
     assert main(["train", *SMOKE, "--batch", "2", "--steps", "1", "--warmup", "1", "--out", str(tmp_path)]) == 0
     stem = tmp_path / "train-cpu-v1-tiny-reduced"
@@ -65,6 +66,7 @@ def test_bad_arguments(capsys):
         assert stop.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_kd_step_never_reads_the_device(monkeypatch):
     """train.py's step as the bench runs it, on the meta device, where reading any tensor's value on the
     host raises. Gradient clipping runs without foreach there (meta tensors have no foreach kernels)."""

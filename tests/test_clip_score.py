@@ -130,6 +130,7 @@ def test_presets_equal_open_clip(name):
     assert sum(p.numel() for p in ours.visual.parameters()) == sum(p.numel() for p in theirs.visual.parameters())
 
 
+@pytest.mark.slow  # 31 ViTs up to ViT-e-14, built twice (ours and open_clip's)
 def test_every_plain_open_clip_vit_maps_key_for_key():
     """Each open_clip config minisd accepts (31 plain ViTs, ViT-B-16-plus-240 to ViT-e-14) builds a model
     whose remapped keys and shapes are exactly open_clip's; the others (ResNets, SigLIP, EVA, CoCa...)

@@ -98,6 +98,7 @@ def test_text_encoder_matches_flop_counter():
     assert brute_force_flops(CLIPTextEncoder(cfg).eval(), ids) == 2 * text_encoder_macs(cfg, batch=2)["total"]
 
 
+@pytest.mark.slow  # runs the full-size models on the meta device
 def test_cli_prints_table(capsys):
     main(["--family", "v1", "--variant", "small", "--size", "512"])
     out = capsys.readouterr().out

@@ -27,6 +27,7 @@ def data(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 def test_cache_gives_the_losses_of_the_images(teacher, data, tmp_path):
     """5 steps of 3 over 9 rows cross two epochs: the same timesteps, noise, posterior draws and skips."""
     options = dict(batch_size=3, global_batch=3, max_steps=5, log_steps=1, lr=1e-3)

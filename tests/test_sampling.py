@@ -75,6 +75,7 @@ def test_full_size_sd_v1_same_image(tmp_path_factory):
     assert np.abs(pipe(OTHER, **kwargs) - ours).mean() > 0.01
 
 
+@pytest.mark.slow
 def test_v2_v_prediction_same_image(tmp_path_factory):
     ref, pipe, _ = build(tmp_path_factory, "v2", reduced_config("v2", "sd"), text_config("v2", 128, 2, 4),
                          VAE_SMALL, prediction_type="v_prediction", seed=1)
@@ -86,6 +87,7 @@ def test_v2_v_prediction_same_image(tmp_path_factory):
     assert np.abs(ours[0] - ours[1]).mean() > 0.01
 
 
+@pytest.mark.slow
 def test_bk_tiny_same_image(tmp_path_factory):
     ref, pipe, _ = build(tmp_path_factory, "v1", reduced_config("v1", "tiny"), text_config("v1", 96, 2, 4),
                          VAE_SMALL, seed=2)
@@ -95,6 +97,7 @@ def test_bk_tiny_same_image(tmp_path_factory):
     assert np.abs(ours - theirs).max() <= TOLERANCE
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(DIFFUSERS_SCHEDULERS))
 def test_every_sampler_same_image(sd_v1, name):
     ref, pipe, _ = sd_v1
@@ -111,6 +114,7 @@ def test_no_guidance_skips_unconditional_pass(sd_v1):
     assert np.abs(ours - reference_images(ref, PROMPT, 4, 0, 64, guidance_scale=1.0)).max() <= TOLERANCE
 
 
+@pytest.mark.slow
 def test_per_image_seeds(sd_v1):
     """seed_mode='per_image' is diffusers with one generator per image, and independent of the batch."""
     ref, pipe, _ = sd_v1
@@ -124,6 +128,7 @@ def test_per_image_seeds(sd_v1):
     assert np.abs(batch[1] - alone[0]).max() <= 1e-5
 
 
+@pytest.mark.slow
 def test_img2img_same_image(sd_v1):
     ref, pipe, _ = sd_v1
     rng = np.random.default_rng(0)
@@ -146,6 +151,7 @@ def test_bad_settings_are_refused(sd_v1):
         pipe(PROMPT, steps=0)
 
 
+@pytest.mark.slow
 def test_sample_py_writes_pngs_with_settings(sd_v1, tmp_path, capsys):
     _, pipe, path = sd_v1
     out = tmp_path / "out" / "roses.png"

@@ -64,6 +64,7 @@ def test_fast_paths_give_the_plain_image(pipe):
 HALF_TOLERANCE = {torch.bfloat16: (2 / 255, 16 / 255), torch.float16: (0.5 / 255, 4 / 255)}  # (mean, max)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_half_precision_image_stays_near_fp32(pipe, dtype):
     kwargs = dict(KWARGS, steps=5)

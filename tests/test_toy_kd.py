@@ -6,6 +6,7 @@ while both KD terms fall steadily (see docs/toy-ablation.md for the numbers)."""
 import json
 from pathlib import Path
 
+import pytest
 import train
 from minisd.toy.dataset import write_dataset
 
@@ -17,6 +18,7 @@ STEPS = 150
 MAX_RATIO = {"out": 0.4, "feat": 0.6}
 
 
+@pytest.mark.slow  # 150 KD steps from the toy teacher
 def test_short_kd_run_lowers_kd_losses(tmp_path):
     write_dataset(tmp_path / "toy", n=512, seed=1, heldout=0.0, workers=1)
     assert train.main(["--variant", "tiny", "--teacher", str(TEACHER), "--data", str(tmp_path / "toy" / "train"),

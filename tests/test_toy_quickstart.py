@@ -28,6 +28,7 @@ def toy(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_quick_start(toy, tmp_path):
     out = tmp_path / "toy.png"
     assert sample.main(["a red circle above a blue square", "--model", str(TEACHER), "--guidance", "4", "--steps", "5",

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from safetensors import safe_open
@@ -55,6 +56,7 @@ def test_teacher_loads_in_minisd_and_diffusers():
     assert torch.allclose(ours, theirs, atol=1e-4)
 
 
+@pytest.mark.slow  # 48 prompts, 25 steps each
 def test_teacher_draws_heldout_captions(tmp_path):
     pipe = load_pipeline(TEACHER)
     prompts = heldout_prompts(PROMPTS)
@@ -92,6 +94,7 @@ def test_metric_scores_real_images(tmp_path):
     assert wrong["caption_accuracy"] < 0.2
 
 
+@pytest.mark.slow
 def test_train_text_encoder_jointly(tmp_path):
     """train.py --plain --train-text-encoder on a random toy pipeline: the text tower changes and is saved in the
     checkpoint (not linked), and a resumed run starts from it."""

@@ -98,6 +98,7 @@ def distilled(teacher, data, tmp_path_factory) -> Path:
     return root / "student"
 
 
+@pytest.mark.slow  # `distilled` trains a teacher for 30 steps, then a student for 30
 def test_distillation_lowers_every_loss(distilled):
     rows = log_rows(distilled)
     assert [r["step"] for r in rows] == [10, 20, 30]
@@ -108,6 +109,7 @@ def test_distillation_lowers_every_loss(distilled):
     assert checkpoints(distilled) == [distilled / "checkpoint-0000030"]
 
 
+@pytest.mark.slow
 def test_log_rows_average_the_steps_they_cover(teacher, data, tmp_path):
     """A row is the mean over the steps since the previous row, also where fewer than --log-steps are."""
     assert train.main(flags(teacher, data, tmp_path / "each", max_steps=3, log_steps=1)) == 0
@@ -119,6 +121,7 @@ def test_log_rows_average_the_steps_they_cover(teacher, data, tmp_path):
         assert pairs[1][key] == pytest.approx(each[2][key], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_resume_is_exact(teacher, data, tmp_path):
     """5 steps in one go, or 3 then 5 in the same --out: the same losses after step 3 and the same weights.
     Batch 2 with 2 micro-batches per step over 8 images: step 3 stops mid-epoch, with an EMA too."""
@@ -146,6 +149,7 @@ def test_resume_is_exact(teacher, data, tmp_path):
         train.main(flags(teacher, data, tmp_path / "x", max_steps=5, resume=tmp_path / "nothing", **options))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_saves_and_resumes(teacher, data, tmp_path, sig):
     """Ctrl-C (or a scheduler's SIGTERM) reaches the whole process group, DataLoader workers included:
@@ -186,6 +190,7 @@ def test_signal_handlers_are_given_back(teacher, data, tmp_path):
     assert [signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)] == handlers
 
 
+@pytest.mark.slow
 def test_checkpoints_are_atomic_and_pruned(teacher, data, tmp_path):
     out = tmp_path / "run"
     assert train.main(flags(teacher, data, out, max_steps=4, save_steps=1, keep=2)) == 0
@@ -261,6 +266,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two processes on the CPU
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_two_gloo_processes_train_as_one(teacher, data, tmp_path, accumulation):
     """2 processes of batch 2 after 2 steps hold the weights of 1 process of batch 4 (global batch
@@ -290,6 +296,7 @@ def test_two_gloo_processes_train_as_one(teacher, data, tmp_path, accumulation):
     assert (ddp - single).norm() <= 1e-3 * (single - start).norm()
 
 
+@pytest.mark.slow  # needs `distilled`
 def test_checkpoint_loads_in_sample_py_and_diffusers(distilled, tmp_path):
     checkpoint = distilled / "checkpoint-0000030"
     assert all((checkpoint / name).is_symlink() for name in ("vae", "text_encoder", "tokenizer", "scheduler"))
@@ -351,6 +358,7 @@ def test_min_snr_weighting_scales_only_the_denoising_loss(teacher, data, tmp_pat
     assert exit_.value.code == 2 and "--snr-gamma 0.0: the SNR cap must be positive" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # needs `distilled`
 def test_sample_grid_and_loss_plot(teacher, data, tmp_path, distilled):
     out = tmp_path / "run"
     assert train.main(flags(teacher, data, out, max_steps=2, valid_steps=2)) == 0
@@ -360,6 +368,7 @@ def test_sample_grid_and_loss_plot(teacher, data, tmp_path, distilled):
     assert not (distilled / "samples").exists() and (distilled / "losses.png").is_file()  # --valid-steps 0
 
 
+@pytest.mark.slow
 def test_plain_training_from_scratch(teacher, data, tmp_path):
     """--plain --unet-config: a new, narrower U-Net from random weights on the denoising loss alone."""
     config = json.loads((teacher / "unet" / "config.json").read_text())

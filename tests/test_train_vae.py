@@ -3,6 +3,7 @@ folder it writes loads in minisd and diffusers with its data-derived scaling fac
 
 import json
 
+import pytest
 import torch
 from diffusers import AutoencoderKL
 
@@ -15,6 +16,7 @@ CONFIG = {"block_out_channels": [32, 64], "down_block_types": ["DownEncoderBlock
           "latent_channels": 4, "sample_size": 64}
 
 
+@pytest.mark.slow
 def test_vae_learns_toy_scenes(tmp_path):
     write_dataset(tmp_path / "toy", n=48, seed=0, heldout=0.0, workers=1)
     (tmp_path / "vae.json").write_text(json.dumps(CONFIG))
