@@ -26,6 +26,7 @@ from minisd.checkpoints import diffusers as diffusers_layout
 from minisd.checkpoints import hub, ldm
 from minisd.checkpoints.files import WEIGHT_SUFFIXES
 from minisd.clip import CLIPTextEncoder, family_of
+from minisd.images import to_rgb
 from minisd.schedulers import make_sampler
 from minisd.tokenizer import CLIPTokenizer
 from minisd.unet import UNet
@@ -200,7 +201,7 @@ class Pipeline:
 
     def encode_image(self, image: Image.Image, height: int, width: int, n: int, generator) -> torch.Tensor:
         """An init image -> scaled latents [n, 4, h, w], sampled from the VAE's posterior (as diffusers)."""
-        image = image.convert("RGB")
+        image = to_rgb(image)  # 16-bit and transparent images by their real range, not clipped
         if image.size != (width, height):
             image = image.resize((width, height), Image.LANCZOS)  # diffusers' VaeImageProcessor resamples so
         x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
