@@ -161,6 +161,7 @@ class Pipeline:
             latents = sampler.step(out, i, latents, generator=generator)
         if output == "latent":  # the denoised latents, undecoded
             return latents
+        warn_non_finite(latents)
         return to_images(self.decode(latents), output)
 
     def predict(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -257,6 +258,17 @@ def check_settings(steps: int, height: int, width: int, scale: int, strength: fl
         raise ValueError(f"seed_mode must be 'single' or 'per_image', not {seed_mode!r}")
     if not negatives_match:
         raise ValueError("give one negative prompt, or one per prompt")
+
+
+def warn_non_finite(latents: torch.Tensor) -> None:
+    """Warn when denoising ended in NaN or infinite latents, which decode to black images. One check after the
+    loop (a single host sync), not one per step."""
+    finite = torch.isfinite(latents).flatten(1).all(1).tolist()
+    if not all(finite):
+        bad = [i for i, ok in enumerate(finite) if not ok]
+        log.warning("image(s) %s of %d will be black: the latents became NaN or infinite while denoising (weights "
+                    "that are not finite, e.g. a diverged checkpoint, or an fp16 overflow: try --dtype fp32)",
+                    ", ".join(map(str, bad)), len(finite))
 
 
 def randn(shape: tuple, generator) -> torch.Tensor:

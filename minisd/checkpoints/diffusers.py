@@ -277,6 +277,14 @@ def load_folder(folder: str | Path, dtype: torch.dtype = torch.float32, device: 
     variant="fp16") where the folder has them; the models are cast to `dtype` either way.
     """
     folder = Path(folder)
+    # a train.py checkpoint links vae/, text_encoder/, tokenizer/, scheduler/ to its run folder's (../vae...);
+    # copied away from it, the links point nowhere
+    dangling = [f"{c}/" for c in COMPONENT_DIRS if (folder / c).is_symlink() and not (folder / c).exists()]
+    if dangling:
+        raise FileNotFoundError(
+            f"{folder}: {', '.join(dangling)} are links into the training run folder that do not resolve here (a "
+            "train.py checkpoint shares them with its run folder). Copy the whole run folder, or make a standalone "
+            f"copy where the run folder is: python -m minisd.convert RUN/{folder.name} OUT (or cp -rL)")
     missing = [f"{c}/" for c in COMPONENT_DIRS if not (folder / c).is_dir()]
     if missing:
         raise FileNotFoundError(f"{folder} is not a diffusers-layout pipeline folder: it has no "

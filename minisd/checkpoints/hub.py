@@ -16,6 +16,7 @@ CACHE = Path(__file__).resolve().parents[2] / "weights" / "hub"
 COMPONENTS = {"unet": ("diffusion_pytorch_model",), "vae": ("diffusion_pytorch_model",),
               "text_encoder": ("model", "pytorch_model")}
 ALWAYS = ["model_index.json", "*/config.json", "tokenizer/*", "scheduler/*"]
+TIMEOUT = 5  # seconds for the first request to the hub: answers come in well under one
 
 
 def looks_like_hub_id(source: str) -> bool:
@@ -45,7 +46,10 @@ def download(repo_id: str, half: bool = False, cache_dir: Path = CACHE) -> Path:
     try:
         if offline:
             raise OSError("HF_HUB_OFFLINE is set")
-        files = select_files(huggingface_hub.list_repo_files(repo_id), half)
+        # one request with a short timeout: model_info does not retry (list_repo_files retries five times, with
+        # a warning each, for half a minute), so without network the error comes at once
+        info = huggingface_hub.model_info(repo_id, timeout=TIMEOUT)
+        files = select_files([s.rfilename for s in info.siblings or []], half)
         return Path(huggingface_hub.snapshot_download(repo_id, cache_dir=cache_dir,
                                                       allow_patterns=ALWAYS + files))
     except FileNotFoundError:
@@ -58,8 +62,9 @@ def download(repo_id: str, half: bool = False, cache_dir: Path = CACHE) -> Path:
             return Path(huggingface_hub.snapshot_download(repo_id, cache_dir=cache_dir, local_files_only=True,
                                                           allow_patterns=cached))
         except LocalEntryNotFoundError:
+            reason = str(online_error).strip().split("\n")[0]
             raise ConnectionError(
-                f"cannot download {repo_id!r} ({type(online_error).__name__}: {online_error}) and it is not "
-                f"in {cache_dir}. On a machine with network, run `hf download {repo_id} --local-dir DIR` and "
-                "pass DIR (a diffusers-layout folder) or a single .safetensors/.ckpt file instead of the hub "
-                "id.") from None
+                f"cannot download {repo_id!r} ({type(online_error).__name__}: {reason}) and it is not in "
+                f"{cache_dir}. Without network, --model weights/toy-sd (the toy model in this repository) still "
+                f"makes an image; for this model, run `hf download {repo_id} --local-dir DIR` on a machine with "
+                "network and pass DIR (or a single .safetensors/.ckpt file) instead of the hub id.") from None
