@@ -6,6 +6,7 @@ NAME.fp16.safetensors, when half precision is asked for and the repo has it). Th
 is never fetched.
 """
 
+import functools
 import os
 from pathlib import Path
 
@@ -23,6 +24,19 @@ def looks_like_hub_id(source: str) -> bool:
     """`owner/name`, not an existing path."""
     parts = source.split("/")
     return len(parts) == 2 and all(parts) and not Path(source).exists() and not source.startswith((".", "~"))
+
+
+@functools.cache
+def reachable() -> bool:
+    """Whether the hub answers one short request (asked once per process). huggingface_hub retries a failed
+    download five times, a warning each, for half a minute: offline, ask for the cached copy at once instead."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    try:
+        huggingface_hub.utils.get_session().head(huggingface_hub.constants.ENDPOINT, timeout=TIMEOUT)
+    except Exception:  # no network, no DNS, a proxy that refuses: all mean the same here
+        return False
+    return True
 
 
 def select_files(repo_files: list[str], half: bool) -> list[str]:
