@@ -41,7 +41,8 @@ METRICS = ("fid", "is", "clip", "toy")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="hub id, diffusers folder, single file, or a train.py checkpoint")
     p.add_argument("--prompts", type=Path, help="metadata.csv with file_name,text (or metadata.jsonl)")
     p.add_argument("--out", type=Path, help="results folder: im512/, im256/, scores.json, scores.md, grid.png")

@@ -30,7 +30,8 @@ from minisd.table import VARIANTS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="sample.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompt", nargs="+", help="one or more prompts")
     p.add_argument("--model", default="nota-ai/bk-sdm-small", help="hub id, diffusers folder or single file")
     p.add_argument("--steps", type=positive_int, default=25, help="denoising steps (default 25)")

@@ -171,7 +171,7 @@ def test_sample_py_errors_are_one_line(sd_v1, tmp_path, capsys, monkeypatch, cap
     assert exit_.value.code == 2 and "--height must be a positive multiple of 8" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         sample_main([PROMPT, "--steps", "0"])
-    assert "--steps must be at least 1" in capsys.readouterr().err
+    assert "sample.py: error: argument --steps: 0 is not a whole number >= 1" in capsys.readouterr().err
 
     (tmp_path / "broken.png").write_bytes(b"not an image")
     assert sample_main([PROMPT, "--model", str(path), "--init-image", str(tmp_path / "broken.png")]) == 2
