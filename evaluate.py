@@ -93,11 +93,15 @@ def read_prompts(path: Path, num: int | None = None) -> list[tuple[str, str]]:
     if not path.is_file():
         raise FileNotFoundError(f"prompts file not found: {path} "
                                 "(BK-SDM's is data/mscoco_val2014_30k/metadata.csv)")
+    not_text = UsageError(f"--prompts {path} is not a UTF-8 text file: it takes a metadata.csv (a header with "
+                          "file_name,text) or a metadata.jsonl")
+    with open(path, "rb") as f:
+        if b"\0" in f.read(1 << 16):  # a binary file, as git tells them: NUL bytes near the start
+            raise not_text
     try:
         rows = read_metadata(path)[:num]
-    except (UnicodeDecodeError, csv.Error):  # a binary file: bytes that are not UTF-8, or NUL bytes
-        raise UsageError(f"--prompts {path} is not a text file: it takes a metadata.csv (a header with "
-                         "file_name,text) or a metadata.jsonl") from None
+    except (UnicodeDecodeError, csv.Error):
+        raise not_text from None
     except ValueError as e:
         raise UsageError(f"{str(e).splitlines()[0]} --prompts takes a metadata.csv (expected a header with "
                          "file_name,text) or a metadata.jsonl") from None
