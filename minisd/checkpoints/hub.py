@@ -54,8 +54,9 @@ def select_files(repo_files: list[str], half: bool) -> list[str]:
     return chosen
 
 
-def download(repo_id: str, half: bool = False, cache_dir: Path = CACHE) -> Path:
-    """The local folder of a hub repo's snapshot, downloading what is missing."""
+def download(repo_id: str, half: bool = False, cache_dir: Path | None = None) -> Path:
+    """The local folder of a hub repo's snapshot, downloading what is missing (into `cache_dir`, default CACHE)."""
+    cache_dir = cache_dir or CACHE
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     try:
         if offline:
