@@ -38,6 +38,7 @@ SAMPLE = [
     ("config-truncated", ["a", "--model", "{tmp}/truncated"], 2, ["truncated/unet/config.json", "not valid JSON"]),
     ("config-binary", ["a", "--model", "{tmp}/binary-config"], 2, ["binary-config/vae/config.json",
                                                                    "not a text file"]),
+    ("vocab-truncated", ["a", "--model", "{tmp}/bad-vocab"], 2, ["bad-vocab/tokenizer/vocab.json", "truncated"]),
     ("unet-not-its-config", ["a", "--model", "{tmp}/mismatch"], 2, ["U-Net weights", "mismatch/unet",
                                                                     "does not match", "wrongly shaped"]),
     ("pickle-refused", ["a", "--model", "{tmp}/evil.ckpt"], 2, ["evil.ckpt", "refused to unpickle", "posix.system"]),
@@ -107,8 +108,10 @@ def inputs(tmp_path_factory):
     (tmp / "header.csv").write_text("image,caption\na.png,a\n")
     np.savez(tmp / "s256.npz", mu=np.zeros(3), sigma=np.eye(3), size=256)
 
-    for name in ("truncated", "binary-config", "mismatch"):
+    for name in ("truncated", "binary-config", "mismatch", "bad-vocab"):
         shutil.copytree(TOY, tmp / name)
+    vocab = (tmp / "bad-vocab" / "tokenizer" / "vocab.json").read_bytes()
+    (tmp / "bad-vocab" / "tokenizer" / "vocab.json").write_bytes(vocab[:1000])
     config = (tmp / "truncated" / "unet" / "config.json").read_text()
     assert '"layers_per_block": 2' in config
     (tmp / "truncated" / "unet" / "config.json").write_text(config[:len(config) // 2])

@@ -248,7 +248,14 @@ def save_text_encoder(encoder: CLIPTextEncoder, folder: str | Path) -> None:
 
 def load_tokenizer(folder: str | Path) -> CLIPTokenizer:
     """Read a tokenizer folder (vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json)."""
-    return CLIPTokenizer.from_folder(folder)
+    folder = Path(folder)
+    for name in ("tokenizer_config.json", "special_tokens_map.json", "vocab.json", "tokenizer.json"):
+        if (folder / name).is_file():
+            read_json(folder / name)  # a truncated file is named here; the tokenizer library would not name it
+    try:
+        return CLIPTokenizer.from_folder(folder)
+    except Exception as e:  # the tokenizers library raises plain Exceptions
+        raise ValueError(f"cannot read the tokenizer in {folder} ({type(e).__name__}: {e})") from None
 
 
 def save_tokenizer(tokenizer: CLIPTokenizer, folder: str | Path) -> None:
