@@ -19,6 +19,7 @@ of the toy world (a folder with scenes.jsonl) are scored by its pixel checker in
 """
 
 import argparse
+import csv
 import json
 import os
 import sys
@@ -30,6 +31,7 @@ import torch
 
 from minisd import evaluation
 from minisd.checkpoints.remap import CheckpointError
+from minisd.cli import UsageError, check_device, check_writable_folder, finite_float, positive_int
 from minisd.data import read_metadata
 from minisd.pipeline import DTYPES, default_dtype, load_pipeline
 from minisd.schedulers import SAMPLERS
@@ -39,18 +41,20 @@ METRICS = ("fid", "is", "clip", "toy")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="hub id, diffusers folder, single file, or a train.py checkpoint")
     p.add_argument("--prompts", type=Path, help="metadata.csv with file_name,text (or metadata.jsonl)")
     p.add_argument("--out", type=Path, help="results folder: im512/, im256/, scores.json, scores.md, grid.png")
-    p.add_argument("--num", type=int, default=None, help="only the first N prompts")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--num", type=positive_int, default=None, help="only the first N prompts")
+    p.add_argument("--steps", type=positive_int, default=25)
+    p.add_argument("--guidance", type=finite_float, default=7.5)
     p.add_argument("--scheduler", choices=SAMPLERS, default=None, help="default: the model's (PNDM for SD)")
-    p.add_argument("--size", type=int, default=None, help="generated size (default: the model's, 512 for SD-v1)")
-    p.add_argument("--eval-size", type=int, default=None, help="size of the copies the scores read (256; the toy "
+    p.add_argument("--size", type=positive_int, default=None,
+                   help="generated size, a multiple of 8 (default: the model's, 512 for SD-v1)")
+    p.add_argument("--eval-size", type=positive_int, default=None, help="size of the copies the scores read (256; the toy "
                                                                 "world: its 64)")
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--batch-size", type=positive_int, default=1)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--seed-mode", choices=["per_prompt", "single"], default="per_prompt",
                    help="per_prompt: prompt i uses seed+i, so images do not depend on batch size or GPU count; "
@@ -66,7 +70,7 @@ def parse_args(argv=None):
                                                                 "(default: weights/metrics/, downloaded when online)")
     scoring.add_argument("--clip-model", default="ViT-g-14", help="open_clip model name, or a local weight file/folder")
     scoring.add_argument("--clip-pretrained", default="laion2b_s34b_b88k", help="open_clip pretrained tag")
-    scoring.add_argument("--score-batch-size", type=int, default=50)
+    scoring.add_argument("--score-batch-size", type=positive_int, default=50)
     scoring.add_argument("--name", default=None, help="the model's name in the table row (default: --out's name)")
     stats = p.add_argument_group("real-image statistics")
     stats.add_argument("--fid-stats-from", type=Path, help="a folder of real images: resize each to --eval-size "
@@ -79,19 +83,30 @@ def parse_args(argv=None):
             p.error("--fid-stats-from needs --save-stats FILE.npz")
     elif not (args.model and args.prompts and args.out):
         p.error("--model, --prompts and --out are required (or --fid-stats-from DIR --save-stats FILE.npz)")
+    if args.size is not None and args.size % 8:
+        p.error(f"--size must be a multiple of 8 (the VAE's downsampling), not {args.size}")
     return args
 
 
-def read_prompts(path: Path) -> list[tuple[str, str]]:
-    """The (file_name, text) rows of --prompts."""
+def read_prompts(path: Path, num: int | None = None) -> list[tuple[str, str]]:
+    """The first `num` (file_name, text) rows of --prompts, each checked (evaluation.check_rows)."""
     if not path.is_file():
         raise FileNotFoundError(f"prompts file not found: {path} "
                                 "(BK-SDM's is data/mscoco_val2014_30k/metadata.csv)")
+    not_text = UsageError(f"--prompts {path} is not a UTF-8 text file: it takes a metadata.csv (a header with "
+                          "file_name,text) or a metadata.jsonl")
+    with open(path, "rb") as f:
+        if b"\0" in f.read(1 << 16):  # a binary file, as git tells them: NUL bytes near the start
+            raise not_text
     try:
-        return read_metadata(path)
+        rows = read_metadata(path)[:num]
+    except (UnicodeDecodeError, csv.Error):
+        raise not_text from None
     except ValueError as e:
-        raise ValueError(f"{e}\n--prompts takes a metadata.csv (expected a header with file_name,text) "
-                         "or a metadata.jsonl") from None
+        raise UsageError(f"{str(e).splitlines()[0]} --prompts takes a metadata.csv (expected a header with "
+                         "file_name,text) or a metadata.jsonl") from None
+    evaluation.check_rows(path, rows)
+    return rows
 
 
 def choose_metrics(args) -> set[str]:
@@ -117,23 +132,29 @@ def choose_metrics(args) -> set[str]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if args.device == "cuda" else args.device
-    try:
+    try:  # every input, and the metric networks' weights, are checked before the first image is made
+        device = check_device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if args.device == "cuda" else args.device)
         if args.fid_stats_from:
+            check_writable_folder(args.save_stats.parent, "--save-stats")
             path = evaluation.real_stats(args.fid_stats_from, args.save_stats, args.eval_size or 256,
                                          args.inception_weights, args.score_batch_size, device, not args.no_progress)
             print(f"wrote FID statistics of {args.fid_stats_from} to {path}")
             return 0
-        rows = read_prompts(args.prompts)[:args.num]
+        rows = read_prompts(args.prompts, args.num)
         metrics = choose_metrics(args)
+        check_writable_folder(args.out)
+        inception_weights = evaluation.check_metric_weights(metrics, args.inception_weights, args.clip_model,
+                                                            args.clip_pretrained)
         dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)
         pipe = load_pipeline(args.model, device=device, dtype=dtype)
+        size = args.size or pipe.native_size
+        eval_size = args.eval_size or min(256, size)
+        if "fid" in metrics:
+            evaluation.check_stats(args.fid_stats, eval_size)
     except (ValueError, FileNotFoundError, NotADirectoryError, ConnectionError, CheckpointError) as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2
 
-    size = args.size or pipe.native_size
-    eval_size = args.eval_size or min(256, size)
     per_rank = -(-len(rows) // world)  # ceil
     mine = list(range(rank * per_rank, min(len(rows), (rank + 1) * per_rank)))
     folders = {args.out / "im512": None, args.out / evaluation.SCORE_FOLDER: eval_size}
@@ -160,7 +181,7 @@ def main(argv=None) -> int:
         toy = partial(evaluate_folder, real_dir=args.prompts.parent)
         scores.update(evaluation.compute_scores(
             args.out, rows, metrics, eval_size, device, fid_stats=args.fid_stats,
-            inception_weights=args.inception_weights, clip_model=args.clip_model,
+            inception_weights=inception_weights, clip_model=args.clip_model,
             clip_pretrained=args.clip_pretrained, batch_size=args.score_batch_size, others={"toy": toy},
             progress=not args.no_progress))
     except (ValueError, FileNotFoundError, NotADirectoryError, ConnectionError, CheckpointError) as e:

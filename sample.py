@@ -6,9 +6,10 @@
     python sample.py "a cat" --model weights/toy-sd --scheduler dpm --steps 20 --out cat.png
     python sample.py "a lighthouse" --model v2-1_512-ema-pruned.safetensors --prediction-type epsilon
     python sample.py "a red panda" --num-images 8 --device cuda --compile    # compiled U-Net, CUDA graphs
+    python sample.py "a red circle above a blue square" --model weights/toy-sd   # offline: the toy model
 
-Several images are saved numbered (sample-00.png, ...) with a grid (sample-grid.png). Each PNG
-carries its prompt, seed and settings in its text chunks.
+Several images are saved numbered (sample-00.png, ...) with a grid (sample-grid.png). Each image
+carries its prompt, seed and settings: a PNG in its text chunks, a JPEG or WebP in its EXIF.
 """
 
 import argparse
@@ -17,22 +18,24 @@ import sys
 from pathlib import Path
 
 import torch
-from PIL import Image, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from minisd.checkpoints.remap import CheckpointError
+from minisd.cli import UsageError, check_device, check_image_path, finite_float, positive_int
 from minisd.clip import TEXT_ENCODERS
-from minisd.images import grid
+from minisd.images import grid, save_with_settings, to_rgb
 from minisd.pipeline import DTYPES, default_dtype, load_pipeline
 from minisd.schedulers import SAMPLERS
 from minisd.table import VARIANTS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="sample.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompt", nargs="+", help="one or more prompts")
     p.add_argument("--model", default="nota-ai/bk-sdm-small", help="hub id, diffusers folder or single file")
-    p.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
-    p.add_argument("--guidance", type=float, default=7.5,
+    p.add_argument("--steps", type=positive_int, default=25, help="denoising steps (default 25)")
+    p.add_argument("--guidance", type=finite_float, default=7.5,
                    help="classifier-free guidance scale; <= 1 turns it off")
     p.add_argument("--negative-prompt", default=None, help="what the image should not show (default: empty)")
     p.add_argument("--seed", type=int, default=0)
@@ -42,12 +45,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="pixels, a multiple of 8 (default: the model's native size)")
     p.add_argument("--width", type=int, default=None,
                    help="pixels, a multiple of 8 (default: the model's native size)")
-    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    p.add_argument("--num-images", type=positive_int, default=1, help="images per prompt")
     p.add_argument("--scheduler", choices=SAMPLERS, default=None,
                    help="sampler (default: the model's, PNDM for SD)")
     p.add_argument("--init-image", type=Path, default=None,
                    help="image-to-image: start from this image (SDEdit)")
-    p.add_argument("--strength", type=float, default=0.8,
+    p.add_argument("--strength", type=finite_float, default=0.8,
                    help="image-to-image: how much to change it, in (0, 1]")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on CUDA, fp32 on CPU")
@@ -57,7 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="single-file model: U-Net variant (default: detected)")
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"],
                    help="override the model's prediction type")
-    p.add_argument("--out", type=Path, default=Path("sample.png"), help="output PNG (default sample.png)")
+    p.add_argument("--out", type=Path, default=Path("sample.png"),
+                   help="output image, .png (default sample.png), .jpg or .webp")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--compile", action="store_true",
                    help="fuse the U-Net's q/k/v, use channels_last and torch.compile it (CUDA graphs on "
@@ -68,10 +72,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and (value < 8 or value % 8):
             p.error(f"--{name} must be a positive multiple of 8, not {value}")
-    if args.steps < 1:
-        p.error(f"--steps must be at least 1, not {args.steps}")
-    if args.num_images < 1:
-        p.error(f"--num-images must be at least 1, not {args.num_images}")
     if not 0.0 < args.strength <= 1.0:
         p.error(f"--strength must be in (0, 1], not {args.strength}")
     return args
@@ -80,18 +80,20 @@ def parse_args(argv=None) -> argparse.Namespace:
 def read_image(path: Path) -> Image.Image:
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            return to_rgb(image)  # a 16-bit or transparent image by its real range, not clipped to white
     except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"cannot read init image {path}: {e}") from None
+        raise UsageError(f"cannot read init image {path}: {e}") from None
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(format="warning: %(message)s", level=logging.WARNING)
-    try:
+    try:  # every input is checked before the model loads: a bad --out must not cost a generation
+        device = check_device(args.device)
+        check_image_path(args.out)
         init = read_image(args.init_image) if args.init_image else None
-        dtype = DTYPES[args.dtype] if args.dtype else default_dtype(args.device)
-        pipe = load_pipeline(args.model, device=args.device, dtype=dtype, family=args.family,
+        dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)
+        pipe = load_pipeline(args.model, device=device, dtype=dtype, family=args.family,
                              variant=args.variant, prediction_type=args.prediction_type)
         if args.compile:
             pipe.fuse_qkv().channels_last().compile("reduce-overhead" if pipe.device.type == "cuda" else None)
@@ -104,20 +106,16 @@ def main(argv=None) -> int:
         return 2
 
     scheduler = args.scheduler or type(pipe.scheduler).__name__
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     paths = [args.out] if len(images) == 1 else [
         args.out.with_name(f"{args.out.stem}-{i:02d}{args.out.suffix}") for i in range(len(images))]
     for i, (image, path) in enumerate(zip(images, paths)):
-        info = PngImagePlugin.PngInfo()
         seed = args.seed + i if args.seed_mode == "per_image" else args.seed
-        for key, value in dict(prompt=args.prompt[i // args.num_images],
-                               negative_prompt=args.negative_prompt or "",
-                               seed=seed, seed_mode=args.seed_mode, batch_index=i, steps=args.steps,
-                               guidance=args.guidance, scheduler=scheduler, model=args.model,
-                               size=f"{image.width}x{image.height}", init_image=args.init_image or "",
-                               strength=args.strength if args.init_image else "").items():
-            info.add_text(key, str(value))
-        image.save(path, pnginfo=info)
+        settings = dict(prompt=args.prompt[i // args.num_images], negative_prompt=args.negative_prompt or "",
+                        seed=seed, seed_mode=args.seed_mode, batch_index=i, steps=args.steps,
+                        guidance=args.guidance, scheduler=scheduler, model=args.model,
+                        size=f"{image.width}x{image.height}", init_image=args.init_image or "",
+                        strength=args.strength if args.init_image else "")
+        save_with_settings(image, path, {key: str(value) for key, value in settings.items()})
         print(path)
     if len(images) > 1:
         sheet = args.out.with_name(f"{args.out.stem}-grid{args.out.suffix}")

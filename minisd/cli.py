@@ -10,9 +10,12 @@ as guidance off: every float flag goes through `finite_float`.
 import argparse
 import math
 import os
+import tempfile
 from pathlib import Path
 
 import torch
+
+from minisd.images import IMAGE_SUFFIXES
 
 
 class UsageError(ValueError):
@@ -71,5 +74,19 @@ def check_writable_folder(folder: Path, flag: str = "--out") -> None:
         raise UsageError(f"{flag} {folder}: cannot create the folder ({e.strerror}); choose another {flag}") from None
     if not folder.is_dir():
         raise UsageError(f"{flag} {folder} is a file, not a folder; choose another {flag}")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise UsageError(f"{flag} {folder}: the folder is not writable; choose another {flag}")
+    try:  # a real write: permission bits say nothing to root, nor about a read-only file system
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise UsageError(f"{flag} {folder}: cannot write in the folder ({e.strerror}); choose another {flag}") from None
+
+
+def check_image_path(path: Path, flag: str = "--out") -> None:
+    """An image file to write with its settings: a known suffix, in a folder where files can be written."""
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise UsageError(f"{flag} {path}: cannot write {path.suffix or 'a file without a suffix'} with the settings "
+                         f"in it; use one of {', '.join(IMAGE_SUFFIXES)}")
+    if path.is_dir():
+        raise UsageError(f"{flag} {path} is a folder; give an image file name, e.g. {path / 'sample.png'}")
+    check_writable_folder(path.parent, flag)
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UsageError(f"{flag} {path} exists and is not writable; choose another {flag}")

@@ -3,6 +3,10 @@
     python -m minisd.convert sd-v1-4.ckpt weights/sd-v1-4                # single file -> diffusers folder
     python -m minisd.convert nota-ai/bk-sdm-small bk-sdm-small.safetensors  # hub id or folder -> single file
     python -m minisd.convert v2-1_512-ema-pruned.safetensors out --prediction-type epsilon
+    python -m minisd.convert weights/my-run/checkpoint-0050000 weights/my-student  # standalone copy
+
+A train.py checkpoint links vae/, text_encoder/, tokenizer/ and scheduler/ to its run folder; the
+converted folder holds real copies of them, so it can be moved anywhere.
 
 The destination's suffix picks the layout: .safetensors or .ckpt writes a single file, anything
 else a diffusers folder. Both load in minisd and in diffusers.
@@ -13,13 +17,14 @@ import sys
 from pathlib import Path
 
 from minisd.checkpoints.remap import CheckpointError
+from minisd.cli import check_writable_folder
 from minisd.clip import TEXT_ENCODERS
 from minisd.pipeline import DTYPES, load_pipeline
 from minisd.table import VARIANTS
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m minisd.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help="hub id, diffusers folder, or .safetensors/.ckpt single file")
     parser.add_argument("dest", help="a .safetensors/.ckpt path (single file) or a folder (diffusers layout)")
@@ -34,9 +39,13 @@ def main(argv=None) -> int:
                         help="dtype of the written weights")
     args = parser.parse_args(argv)
     try:
+        dest = Path(args.dest)
+        source = Path(args.source).expanduser()
+        if source.exists() and (dest.resolve() == source.resolve() or source.resolve() in dest.resolve().parents):
+            raise ValueError(f"dest {dest} is the source or inside it: write the converted model somewhere else")
+        check_writable_folder(dest.resolve().parent, "dest")
         pipe = load_pipeline(args.source, dtype=DTYPES[args.dtype], family=args.family, variant=args.variant,
                              prediction_type=args.prediction_type)
-        dest = Path(args.dest)
         if dest.suffix in (".safetensors", ".ckpt"):
             pipe.save_single_file(dest)
         else:

@@ -25,6 +25,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
+from minisd.images import to_rgb
+
 log = logging.getLogger(__name__)
 
 LAYOUTS = """Expected one of:
@@ -68,7 +70,7 @@ def decode(source, draft: bool = False) -> Image.Image:
     with Image.open(source) as img:
         if draft:  # JPEG only: libjpeg decodes at 1/8 scale, yet reads the whole stream, so truncation still fails
             img.draft("RGB", (1, 1))
-        return img.convert("RGB")  # convert() loads the pixels
+        return to_rgb(img)  # 16-bit and transparent images too; loads the pixels
 
 
 class SkipCounter:

@@ -8,7 +8,9 @@ and any other metric the caller passes in (evaluate.py passes the toy world's pi
 Prompts are read by minisd.data.read_metadata.
 """
 
+import csv
 import json
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -21,6 +23,8 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from minisd.images import grid
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # what the scores read (score_files)
 
 SCORE_FOLDER = "im256"  # what the scores read: the protocol scores the 256 px copies
 
@@ -61,6 +65,59 @@ def generate(pipe, rows: list[tuple[str, str]], indices: list[int], folders: dic
     return len(todo), time.perf_counter() - start
 
 
+def check_rows(path: Path, rows: list[tuple[str, str]]) -> None:
+    """Refuse, naming the line of the prompts file, a row whose image would be written outside the results
+    folder (an absolute file_name or one with ..), could not be saved or scored (not .png/.jpg), would
+    overwrite another row's, or has a blank prompt (whitespace only: refused, not skipped, so that the
+    images stay one per row of the file)."""
+    seen = {}
+    for i, (name, text) in enumerate(rows):
+        inside = os.path.normpath(os.path.join("/out", name))
+        problem = None
+        if not inside.startswith("/out/"):
+            problem = f"file_name {name!r} leaves the results folder; use a relative path inside it"
+        elif Path(name).suffix.lower() not in IMAGE_SUFFIXES:
+            problem = f"file_name {name!r} is not a .png or .jpg name"
+        elif inside in seen:
+            problem = f"file_name {name!r} is also on line {row_lines(path)[seen[inside]]}; each row needs its own"
+        elif not text.strip():
+            problem = "the prompt is blank; write one or remove the row"
+        if problem:
+            raise ValueError(f"{path}, line {row_lines(path)[i]}: {problem}")
+        seen[inside] = i
+
+
+def row_lines(path: Path) -> list[int]:
+    """The line of a prompts file on which each row read_metadata returns starts (a CSV caption may span lines)."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        if path.suffix == ".jsonl":
+            return [n for n, line in enumerate(f, 1) if line.strip()]
+        reader, lines = csv.reader(f), []
+        next(reader, None)  # the header
+        start = reader.line_num + 1
+        for row in reader:
+            if row:  # csv.DictReader skips empty lines too
+                lines.append(start)
+            start = reader.line_num + 1
+    return lines
+
+
+def check_metric_weights(metrics: set[str], inception_weights: Path | None, clip_model: str,
+                         clip_pretrained: str) -> Path | None:
+    """Find (or download) the metric networks' weights before any image is generated, so that a missing file
+    costs seconds, not a generation run. Returns the Inception weights' path (None when no metric needs it)."""
+    from minisd.metrics import inception_weights as inception
+    from minisd.metrics import open_clip_weights as open_clip
+
+    if metrics & {"fid", "is"}:
+        if inception_weights is not None and not Path(inception_weights).is_file():
+            raise FileNotFoundError(f"--inception-weights {inception_weights}: no such file")
+        inception_weights = inception_weights or inception.find_weights()
+    if "clip" in metrics:
+        open_clip.locate(clip_model, clip_pretrained, open_clip.CACHE)
+    return inception_weights
+
+
 def score_files(out: Path, rows: list[tuple[str, str]], folder: str = SCORE_FOLDER) -> list[Path]:
     """The images the scores read, one per prompt; a clear error when the folder and the prompts disagree."""
     files = [out / folder / name for name, _ in rows]
@@ -68,7 +125,7 @@ def score_files(out: Path, rows: list[tuple[str, str]], folder: str = SCORE_FOLD
     if missing:
         raise FileNotFoundError(f"{len(missing)} of {len(rows)} images are missing from {out / folder} "
                                 f"(first: {missing[0]}); run the generation again to finish them")
-    on_disk = sum(1 for p in (out / folder).rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    on_disk = sum(1 for p in (out / folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if on_disk != len(rows):
         raise ValueError(f"{out / folder} holds {on_disk} images but the prompts ask for {len(rows)}; scores would "
                          "mix in images of other prompts: use the same --num as the generation, or a fresh --out")
@@ -136,20 +193,28 @@ def write_scores(out: Path, name: str, scores: dict) -> str:
     return row
 
 
+def check_stats(stats: Path, eval_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The real images' (mu, sigma), refused when they are of another size than the scored copies."""
+    from minisd.metrics.fid import load_stats
+
+    mu, sigma, meta = load_stats(stats)
+    if "size" in meta and int(np.asarray(meta["size"]).ravel()[0]) != eval_size:
+        raise ValueError(f"{stats} holds statistics of {int(np.asarray(meta['size']).ravel()[0])} px images but "
+                         f"the scores read {eval_size} px copies; rebuild it with --fid-stats-from DIR "
+                         f"--eval-size {eval_size}, or pass the matching --eval-size")
+    return mu, sigma
+
+
 def fid_is_scores(files: list[Path], metrics: set[str], stats: Path | None, eval_size: int, weights: Path | None,
                   batch_size: int, device, progress: bool = True) -> dict:
     """FID against real-image statistics and/or the Inception Score, from one read of the images."""
     from minisd.metrics.inception_weights import load_inception
-    from minisd.metrics.fid import feature_stats, folder_features, frechet_distance, load_stats
+    from minisd.metrics.fid import feature_stats, folder_features, frechet_distance
     from minisd.metrics.inception_score import inception_score
 
     scores = {}
     if "fid" in metrics:
-        mu_real, sigma_real, meta = load_stats(stats)
-        if "size" in meta and int(np.asarray(meta["size"]).ravel()[0]) != eval_size:
-            raise ValueError(f"{stats} holds statistics of {int(np.asarray(meta['size']).ravel()[0])} px images but "
-                             f"the scores read {eval_size} px copies; rebuild it with --fid-stats-from DIR "
-                             f"--eval-size {eval_size}, or pass the matching --eval-size")
+        mu_real, sigma_real = check_stats(stats, eval_size)
     inception = load_inception(weights, device=device)
     found = folder_features(files, inception, batch_size, device, fid="fid" in metrics, isc="is" in metrics,
                             progress=progress)

@@ -26,6 +26,7 @@ from minisd.checkpoints import diffusers as diffusers_layout
 from minisd.checkpoints import hub, ldm
 from minisd.checkpoints.files import WEIGHT_SUFFIXES
 from minisd.clip import CLIPTextEncoder, family_of
+from minisd.images import to_rgb
 from minisd.schedulers import make_sampler
 from minisd.tokenizer import CLIPTokenizer
 from minisd.unet import UNet
@@ -160,6 +161,7 @@ class Pipeline:
             latents = sampler.step(out, i, latents, generator=generator)
         if output == "latent":  # the denoised latents, undecoded
             return latents
+        warn_non_finite(latents)
         return to_images(self.decode(latents), output)
 
     def predict(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -200,7 +202,7 @@ class Pipeline:
 
     def encode_image(self, image: Image.Image, height: int, width: int, n: int, generator) -> torch.Tensor:
         """An init image -> scaled latents [n, 4, h, w], sampled from the VAE's posterior (as diffusers)."""
-        image = image.convert("RGB")
+        image = to_rgb(image)  # 16-bit and transparent images by their real range, not clipped
         if image.size != (width, height):
             image = image.resize((width, height), Image.LANCZOS)  # diffusers' VaeImageProcessor resamples so
         x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
@@ -256,6 +258,17 @@ def check_settings(steps: int, height: int, width: int, scale: int, strength: fl
         raise ValueError(f"seed_mode must be 'single' or 'per_image', not {seed_mode!r}")
     if not negatives_match:
         raise ValueError("give one negative prompt, or one per prompt")
+
+
+def warn_non_finite(latents: torch.Tensor) -> None:
+    """Warn when denoising ended in NaN or infinite latents, which decode to black images. One check after the
+    loop (a single host sync), not one per step."""
+    finite = torch.isfinite(latents).flatten(1).all(1).tolist()
+    if not all(finite):
+        bad = [i for i, ok in enumerate(finite) if not ok]
+        log.warning("image(s) %s of %d will be black: the latents became NaN or infinite while denoising (weights "
+                    "that are not finite, e.g. a diverged checkpoint, or an fp16 overflow: try --dtype fp32)",
+                    ", ".join(map(str, bad)), len(finite))
 
 
 def randn(shape: tuple, generator) -> torch.Tensor:

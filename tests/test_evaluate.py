@@ -86,9 +86,13 @@ def test_score_errors(model, tmp_path, capsys):
     assert run(model, prompts, tmp_path / "r", "--num", "2") == 0
     capsys.readouterr()
 
+    weights = tmp_path / "inception.pth"  # found before any image is made; read only when scoring
+    weights.write_bytes(b"")
+
     def error(*extra):
         assert evaluate(["--model", str(model), "--prompts", str(prompts), "--out", str(tmp_path / "r"), "--size", "32",
-                         "--eval-size", "16", "--steps", "2", "--num", "2", "--no-progress", *extra]) == 2
+                         "--eval-size", "16", "--steps", "2", "--num", "2", "--no-progress",
+                         "--inception-weights", str(weights), *extra]) == 2
         return capsys.readouterr().err
 
     assert "unknown metric(s) ['fud']" in error("--metrics", "fud")

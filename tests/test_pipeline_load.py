@@ -213,3 +213,24 @@ def test_bad_sources(tmp_path):
     (tmp_path / "notes.txt").write_text(json.dumps({}))
     with pytest.raises(ValueError, match="not a weight file"):
         minisd.load_pipeline(tmp_path / "notes.txt")
+
+
+def test_unreachable_hub_fails_fast_and_names_the_toy_model(tmp_path, monkeypatch, capsys):
+    """No network: one request, no retries, one line that also names the offline toy model (README's first
+    command). The hub's address is made unreachable (a closed local port), so the test is the same online."""
+    import time
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.hf_api.api, "endpoint", "http://127.0.0.1:9")
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(hub, "CACHE", tmp_path)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    start = time.perf_counter()
+    code = sample_main(["a black vase holding a bouquet of roses", "--model", "nota-ai/bk-sdm-small",
+                        "--out", str(tmp_path / "x.png"), "--device", "cpu"])
+    seconds = time.perf_counter() - start
+    err = capsys.readouterr().err
+    assert code == 2 and seconds < 10, seconds
+    assert err.count("\n") == 1 and err.startswith("sample.py: error: cannot download 'nota-ai/bk-sdm-small'")
+    assert "--model weights/toy-sd" in err and "Retry" not in err

@@ -29,6 +29,7 @@ from reference import (
 )
 
 import minisd
+from minisd.images import read_settings
 from sample import main as sample_main
 
 PROMPT, OTHER = "a black vase holding a bouquet of roses", "an astronaut riding a horse on the moon"
@@ -177,7 +178,7 @@ def test_sample_py_errors_are_one_line(sd_v1, tmp_path, capsys, monkeypatch, cap
     assert exit_.value.code == 2 and "--height must be a positive multiple of 8" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         sample_main([PROMPT, "--steps", "0"])
-    assert "--steps must be at least 1" in capsys.readouterr().err
+    assert "sample.py: error: argument --steps: 0 is not a whole number >= 1" in capsys.readouterr().err
 
     (tmp_path / "broken.png").write_bytes(b"not an image")
     assert sample_main([PROMPT, "--model", str(path), "--init-image", str(tmp_path / "broken.png")]) == 2
@@ -226,3 +227,34 @@ def test_components_in_different_dtypes(sd_v1):
     pipe.vae.to(torch.bfloat16)
     images = pipe(PROMPT, steps=2, seed=0, height=32, width=32, progress=False, output="np")
     assert np.isfinite(images).all() and np.abs(images - expected).mean() < 0.05  # bf16 rounding only
+
+
+def test_sample_py_jpeg_keeps_its_settings(sd_v1, tmp_path):
+    """A JPEG has no text chunks: the settings go into its EXIF (the prompt as ImageDescription, all of them as
+    JSON in UserComment), and read back as a PNG's do."""
+    _, _, path = sd_v1
+    for out in (tmp_path / "roses.jpg", tmp_path / "roses.png"):
+        assert sample_main([PROMPT, "--model", str(path), "--steps", "1", "--height", "32", "--width", "32",
+                            "--seed", "3", "--out", str(out), "--no-progress"]) == 0
+    jpeg, png = read_settings(tmp_path / "roses.jpg"), read_settings(tmp_path / "roses.png")
+    assert jpeg == png and jpeg["prompt"] == PROMPT and jpeg["seed"] == "3" and jpeg["steps"] == "1"
+    assert Image.open(tmp_path / "roses.jpg").getexif()[0x010E] == PROMPT
+
+
+def test_sample_py_warns_when_the_latents_are_not_finite(sd_v1, tmp_path, caplog):
+    """A diverged checkpoint (weights ~1e30 or NaN) denoises to NaN and decodes to black: one warning line."""
+    pipe = copy.deepcopy(sd_v1[1])
+    with torch.no_grad():
+        pipe.unet.conv_out.bias.fill_(float("nan"))
+    pipe.save(tmp_path / "diverged")
+    with caplog.at_level(logging.WARNING):
+        assert sample_main([PROMPT, "--model", str(tmp_path / "diverged"), "--steps", "1", "--height", "32",
+                            "--width", "32", "--num-images", "2", "--out", str(tmp_path / "x.png"),
+                            "--no-progress"]) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "\n" not in warnings[0]
+    assert "image(s) 0, 1 of 2 will be black" in warnings[0] and "NaN" in warnings[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # a healthy model gives no warning
+        sd_v1[1](PROMPT, steps=1, height=32, width=32, progress=False)
+    assert not caplog.records

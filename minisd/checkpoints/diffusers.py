@@ -248,7 +248,14 @@ def save_text_encoder(encoder: CLIPTextEncoder, folder: str | Path) -> None:
 
 def load_tokenizer(folder: str | Path) -> CLIPTokenizer:
     """Read a tokenizer folder (vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json)."""
-    return CLIPTokenizer.from_folder(folder)
+    folder = Path(folder)
+    for name in ("tokenizer_config.json", "special_tokens_map.json", "vocab.json", "tokenizer.json"):
+        if (folder / name).is_file():
+            read_json(folder / name)  # a truncated file is named here; the tokenizer library would not name it
+    try:
+        return CLIPTokenizer.from_folder(folder)
+    except Exception as e:  # the tokenizers library raises plain Exceptions
+        raise ValueError(f"cannot read the tokenizer in {folder} ({type(e).__name__}: {e})") from None
 
 
 def save_tokenizer(tokenizer: CLIPTokenizer, folder: str | Path) -> None:
@@ -277,6 +284,14 @@ def load_folder(folder: str | Path, dtype: torch.dtype = torch.float32, device: 
     variant="fp16") where the folder has them; the models are cast to `dtype` either way.
     """
     folder = Path(folder)
+    # a train.py checkpoint links vae/, text_encoder/, tokenizer/, scheduler/ to its run folder's (../vae...);
+    # copied away from it, the links point nowhere
+    dangling = [f"{c}/" for c in COMPONENT_DIRS if (folder / c).is_symlink() and not (folder / c).exists()]
+    if dangling:
+        raise FileNotFoundError(
+            f"{folder}: {', '.join(dangling)} are links into the training run folder that do not resolve here (a "
+            "train.py checkpoint shares them with its run folder). Copy the whole run folder, or make a standalone "
+            f"copy where the run folder is: python -m minisd.convert RUN/{folder.name} OUT (or cp -rL)")
     missing = [f"{c}/" for c in COMPONENT_DIRS if not (folder / c).is_dir()]
     if missing:
         raise FileNotFoundError(f"{folder} is not a diffusers-layout pipeline folder: it has no "

@@ -6,6 +6,7 @@ NAME.fp16.safetensors, when half precision is asked for and the repo has it). Th
 is never fetched.
 """
 
+import functools
 import os
 from pathlib import Path
 
@@ -16,12 +17,26 @@ CACHE = Path(__file__).resolve().parents[2] / "weights" / "hub"
 COMPONENTS = {"unet": ("diffusion_pytorch_model",), "vae": ("diffusion_pytorch_model",),
               "text_encoder": ("model", "pytorch_model")}
 ALWAYS = ["model_index.json", "*/config.json", "tokenizer/*", "scheduler/*"]
+TIMEOUT = 5  # seconds for the first request to the hub: answers come in well under one
 
 
 def looks_like_hub_id(source: str) -> bool:
     """`owner/name`, not an existing path."""
     parts = source.split("/")
     return len(parts) == 2 and all(parts) and not Path(source).exists() and not source.startswith((".", "~"))
+
+
+@functools.cache
+def reachable() -> bool:
+    """Whether the hub answers one short request (asked once per process). huggingface_hub retries a failed
+    download five times, a warning each, for half a minute: offline, ask for the cached copy at once instead."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    try:
+        huggingface_hub.utils.get_session().head(huggingface_hub.constants.ENDPOINT, timeout=TIMEOUT)
+    except Exception:  # no network, no DNS, a proxy that refuses: all mean the same here
+        return False
+    return True
 
 
 def select_files(repo_files: list[str], half: bool) -> list[str]:
@@ -39,13 +54,17 @@ def select_files(repo_files: list[str], half: bool) -> list[str]:
     return chosen
 
 
-def download(repo_id: str, half: bool = False, cache_dir: Path = CACHE) -> Path:
-    """The local folder of a hub repo's snapshot, downloading what is missing."""
+def download(repo_id: str, half: bool = False, cache_dir: Path | None = None) -> Path:
+    """The local folder of a hub repo's snapshot, downloading what is missing (into `cache_dir`, default CACHE)."""
+    cache_dir = cache_dir or CACHE
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     try:
         if offline:
             raise OSError("HF_HUB_OFFLINE is set")
-        files = select_files(huggingface_hub.list_repo_files(repo_id), half)
+        # one request with a short timeout: model_info does not retry (list_repo_files retries five times, with
+        # a warning each, for half a minute), so without network the error comes at once
+        info = huggingface_hub.model_info(repo_id, timeout=TIMEOUT)
+        files = select_files([s.rfilename for s in info.siblings or []], half)
         return Path(huggingface_hub.snapshot_download(repo_id, cache_dir=cache_dir,
                                                       allow_patterns=ALWAYS + files))
     except FileNotFoundError:
@@ -58,8 +77,9 @@ def download(repo_id: str, half: bool = False, cache_dir: Path = CACHE) -> Path:
             return Path(huggingface_hub.snapshot_download(repo_id, cache_dir=cache_dir, local_files_only=True,
                                                           allow_patterns=cached))
         except LocalEntryNotFoundError:
+            reason = str(online_error).strip().split("\n")[0]
             raise ConnectionError(
-                f"cannot download {repo_id!r} ({type(online_error).__name__}: {online_error}) and it is not "
-                f"in {cache_dir}. On a machine with network, run `hf download {repo_id} --local-dir DIR` and "
-                "pass DIR (a diffusers-layout folder) or a single .safetensors/.ckpt file instead of the hub "
-                "id.") from None
+                f"cannot download {repo_id!r} ({type(online_error).__name__}: {reason}) and it is not in "
+                f"{cache_dir}. Without network, --model weights/toy-sd (the toy model in this repository) still "
+                f"makes an image; for this model, run `hf download {repo_id} --local-dir DIR` on a machine with "
+                "network and pass DIR (or a single .safetensors/.ckpt file) instead of the hub id.") from None

@@ -120,14 +120,17 @@ def load_into(model: torch.nn.Module, checkpoint: dict[str, torch.Tensor], rules
         native_sd[native] = tensor.to(device=device, dtype=cast)
 
     if missing or unexpected or misshaped:
-        parts = [f"{what} does not match the model:"]
+        # one line that says what and where; the keys follow it
+        found = ((missing, "missing"), (unexpected, "unexpected"), (misshaped, "wrongly shaped"))
+        counts = ", ".join(f"{len(keys)} {name}" for keys, name in found if keys)
+        parts = [f"{what} does not match the model its config describes ({counts} keys): check that the weights "
+                 "and the config (variant, family) belong together. The keys:"]
         if missing:
             parts.append(_listing("missing keys", missing))
         if unexpected:
             parts.append(_listing("unexpected keys", unexpected))
         if misshaped:
             parts.append(_listing("wrong shapes", sorted(misshaped)))
-        parts.append("  Check that the checkpoint and the model config (variant, family) belong together.")
         raise CheckpointError("\n".join(parts))
 
     model.load_state_dict(native_sd, strict=True, assign=True)

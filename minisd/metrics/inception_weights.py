@@ -69,9 +69,9 @@ def find_weights(cache: Path = CACHE) -> Path:
         _download(URL, dest)
     except Exception as e:
         raise ConnectionError(
-            f"the FID Inception weights are not on this machine and cannot be downloaded ({type(e).__name__}: {e}).\n"
-            f"  Get {URL}\n  (on any machine with network) and put it at {dest},\n"
-            f"  or pass its path (torch-fidelity's {FILENAMES[1]} works too).") from None
+            f"the FID Inception weights are not on this machine and cannot be downloaded ({type(e).__name__}: {e}). "
+            f"Get {URL} (on any machine with network) and put it at {dest}, "
+            f"or pass its path (torch-fidelity's {FILENAMES[1]} works too).") from None
     return dest
 
 

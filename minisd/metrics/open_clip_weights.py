@@ -15,6 +15,7 @@ from pathlib import Path
 import huggingface_hub
 import torch
 
+from minisd.checkpoints import hub
 from minisd.checkpoints.files import read_checkpoint, read_json
 from minisd.checkpoints.hub import CACHE
 from minisd.checkpoints.ldm import OPENCLIP_RULES, split_in_proj
@@ -104,7 +105,8 @@ def download(repo_id: str, cache_dir: Path = CACHE) -> Path:
     errors = []
     for name in WEIGHT_FILES:
         try:
-            return Path(huggingface_hub.hf_hub_download(repo_id, name, cache_dir=cache_dir))
+            return Path(huggingface_hub.hf_hub_download(repo_id, name, cache_dir=cache_dir,
+                                                        local_files_only=not hub.reachable()))
         except huggingface_hub.errors.RepositoryNotFoundError:
             raise FileNotFoundError(f"no model {repo_id!r} on the hub") from None
         except Exception as e:  # not in the repo, no network, offline mode: try the next name
@@ -123,7 +125,7 @@ def _weights_in(folder: Path) -> Path:
     raise FileNotFoundError(f"no open_clip weights in {folder}: expected one of {', '.join(WEIGHT_FILES)}")
 
 
-def _locate(name_or_path: str, pretrained: str, cache_dir: Path) -> tuple[Path, tuple, tuple]:
+def locate(name_or_path: str, pretrained: str, cache_dir: Path) -> tuple[Path, tuple, tuple]:
     """The weights' local path (downloading a known tag or a hub repo) and the normalisation they use."""
     if Path(name_or_path).exists():
         return Path(name_or_path), OPENAI_MEAN, OPENAI_STD
@@ -171,7 +173,7 @@ def load_clip(name_or_path: str = "ViT-g-14", pretrained: str = "laion2b_s34b_b8
     if not Path(name_or_path).exists() and name_or_path not in PRESETS and config is None:
         raise ValueError(f"{name_or_path!r} is neither a local path nor a known model ({', '.join(PRESETS)}); "
                          "pass config= (an open_clip model-config dict) for other ViTs")
-    source, mean, std = _locate(name_or_path, pretrained, cache_dir)
+    source, mean, std = locate(name_or_path, pretrained, cache_dir)
     cfg = _model_config(source, name_or_path, config, mean, std)
     path = _weights_in(source) if source.is_dir() else source
     with torch.device("meta"):

@@ -1,0 +1,188 @@
+"""Bad inputs, one table per script: each row is (id, command-line arguments, exit code, words the error must
+contain). Every row must fail with one line `SCRIPT: error: ...` that holds the words, no traceback, and before
+any image is generated. The scripts run in-process (their `main(argv)`), on the toy model weights/toy-sd and on
+broken copies of it. In the arguments, {model} is weights/toy-sd and {tmp} the folder `inputs` fills."""
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate
+import minisd.convert
+import sample
+from minisd.pipeline import Pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+TOY = ROOT / "weights" / "toy-sd"
+FAST = ["--steps", "1", "--no-progress"]
+
+SAMPLE = [
+    ("guidance-nan", ["a", "--guidance", "nan"], 2, ["--guidance", "not a finite number"]),
+    ("guidance-inf", ["a", "--guidance", "inf"], 2, ["--guidance", "not a finite number"]),
+    ("strength-nan", ["a", "--strength", "nan"], 2, ["--strength", "not a finite number"]),
+    ("strength-above-1", ["a", "--strength", "1.5"], 2, ["--strength", "(0, 1]"]),
+    ("steps-0", ["a", "--steps", "0"], 2, ["--steps", ">= 1"]),
+    ("num-images-0", ["a", "--num-images", "0"], 2, ["--num-images", ">= 1"]),
+    ("height-not-multiple-of-8", ["a", "--height", "30"], 2, ["--height", "multiple of 8"]),
+    ("out-unknown-suffix", ["a", "--out", "{tmp}/x.gif"], 2, ["--out", ".gif", ".png"]),
+    ("out-no-suffix", ["a", "--out", "{tmp}/x"], 2, ["--out", "without a suffix"]),
+    ("out-is-a-folder", ["a", "--out", "{tmp}/folder.png"], 2, ["--out", "is a folder"]),
+    ("out-unwritable", ["a", "--out", "/proc/minisd/x.png"], 2, ["--out", "cannot create the folder"]),
+    ("device-unknown", ["a", "--device", "tpu7"], 2, ["unknown device 'tpu7'", "cpu"]),
+    ("device-missing-gpu", ["a", "--device", "cuda:99"], 2, ["--device cuda:99"]),
+    ("model-missing", ["a", "--model", "{tmp}/nothing"], 2, ["nothing", "not a file, a folder or a hub id"]),
+    ("config-truncated", ["a", "--model", "{tmp}/truncated"], 2, ["truncated/unet/config.json", "not valid JSON"]),
+    ("config-binary", ["a", "--model", "{tmp}/binary-config"], 2, ["binary-config/vae/config.json",
+                                                                   "not a text file"]),
+    ("vocab-truncated", ["a", "--model", "{tmp}/bad-vocab"], 2, ["bad-vocab/tokenizer/vocab.json", "truncated"]),
+    ("unet-not-its-config", ["a", "--model", "{tmp}/mismatch"], 2, ["U-Net weights", "mismatch/unet",
+                                                                    "does not match", "wrongly shaped"]),
+    ("pickle-refused", ["a", "--model", "{tmp}/evil.ckpt"], 2, ["evil.ckpt", "refused to unpickle", "posix.system"]),
+    ("checkpoint-truncated", ["a", "--model", "{tmp}/cut.ckpt"], 2, ["cut.ckpt", "truncated"]),
+    ("checkpoint-copied-away", ["a", "--model", "{tmp}/checkpoint-0000010"], 2,
+     ["vae/", "links", "python -m minisd.convert"]),
+    ("init-image-unreadable", ["a", "--init-image", "{tmp}/prompts.csv"], 2, ["cannot read init image"]),
+]
+
+EVALUATE = [
+    ("num-0", ["--num", "0"], 2, ["--num", ">= 1"]),
+    ("num-negative", ["--num", "-1"], 2, ["--num", ">= 1"]),
+    ("guidance-nan", ["--guidance", "nan"], 2, ["--guidance", "not a finite number"]),
+    ("steps-0", ["--steps", "0"], 2, ["--steps", ">= 1"]),
+    ("batch-size-0", ["--batch-size", "0"], 2, ["--batch-size", ">= 1"]),
+    ("size-not-multiple-of-8", ["--size", "30"], 2, ["--size", "multiple of 8"]),
+    ("device-unknown", ["--device", "tpu7"], 2, ["unknown device 'tpu7'"]),
+    ("device-missing-gpu", ["--device", "cuda:99"], 2, ["--device cuda:99"]),
+    ("file-name-leaves-out", ["--prompts", "{tmp}/escape.csv"], 2, ["escape.csv, line 3", "'../x.png'",
+                                                                    "leaves the results folder"]),
+    ("file-name-absolute", ["--prompts", "{tmp}/absolute.jsonl"], 2, ["absolute.jsonl, line 1", "leaves"]),
+    ("file-name-not-an-image", ["--prompts", "{tmp}/text-name.csv"], 2, ["line 2", "'a.txt'", ".png"]),
+    ("file-name-twice", ["--prompts", "{tmp}/twice.csv"], 2, ["line 3", "also on line 2"]),
+    ("prompt-blank", ["--prompts", "{tmp}/blank.csv"], 2, ["blank.csv, line 5", "blank"]),
+    ("prompts-binary", ["--prompts", "{tmp}/binary.csv"], 2, ["binary.csv", "not a UTF-8 text file"]),
+    ("prompts-nul-bytes", ["--prompts", "{tmp}/nul.csv"], 2, ["nul.csv", "not a UTF-8 text file"]),
+    ("prompts-bad-header", ["--prompts", "{tmp}/header.csv"], 2, ["header.csv", "file_name,text"]),
+    ("out-unwritable", ["--out", "/proc/minisd/r"], 2, ["--out", "cannot create the folder"]),
+    ("inception-weights-missing", ["--metrics", "is", "--inception-weights", "{tmp}/none.pth"], 2,
+     ["--inception-weights", "none.pth", "no such file"]),
+    ("fid-stats-missing", ["--metrics", "fid", "--fid-stats", "{tmp}/none.npz"], 2, ["none.npz", "not found"]),
+    ("fid-stats-other-size", ["--metrics", "fid", "--fid-stats", "{tmp}/s256.npz", "--inception-weights",
+                              "{tmp}/prompts.csv"], 2, ["s256.npz", "256 px", "16 px"]),
+    ("clip-weights-missing", ["--metrics", "clip", "--clip-model", "ViT-B-32", "--clip-pretrained",
+                              "{tmp}/none.safetensors"], 2, ["unknown pretrained weights"]),
+    ("config-truncated", ["--model", "{tmp}/truncated"], 2, ["truncated/unet/config.json", "not valid JSON"]),
+]
+
+CONVERT = [
+    ("dest-inside-source", ["{model}", "{model}/copy"], 2, ["inside it"]),
+    ("source-missing", ["{tmp}/nothing", "{tmp}/out"], 2, ["not a file, a folder or a hub id"]),
+    ("config-truncated", ["{tmp}/truncated", "{tmp}/out"], 2, ["truncated/unet/config.json", "not valid JSON"]),
+    ("checkpoint-copied-away", ["{tmp}/checkpoint-0000010", "{tmp}/out"], 2, ["links", "cp -rL"]),
+]
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """Broken models and prompts files, one of each kind the tables name."""
+    tmp = tmp_path_factory.mktemp("bad")
+    (tmp / "folder.png").mkdir()
+    prompts = "file_name,text\na.png,a red circle\nb.png,a blue square\n"
+    (tmp / "prompts.csv").write_text(prompts)
+    (tmp / "escape.csv").write_text("file_name,text\na.png,a red circle\n../x.png,a blue square\n")
+    (tmp / "absolute.jsonl").write_text('{"file_name": "/tmp/x.png", "text": "a"}\n')
+    (tmp / "text-name.csv").write_text("file_name,text\na.txt,a red circle\n")
+    (tmp / "twice.csv").write_text("file_name,text\na.png,a red circle\nsub/../a.png,a blue square\n")
+    # the caption of line 3 goes on over line 4, so the blank prompt is the third row but on line 5
+    (tmp / "blank.csv").write_text('file_name,text\na.png,one\nb.png,"two\nlines"\nc.png,   \n')
+    (tmp / "binary.csv").write_bytes(bytes(range(128, 256)) * 4)
+    (tmp / "nul.csv").write_bytes(b"file_name,text\na.png,a\0b\n")
+    (tmp / "header.csv").write_text("image,caption\na.png,a\n")
+    np.savez(tmp / "s256.npz", mu=np.zeros(3), sigma=np.eye(3), size=256)
+
+    for name in ("truncated", "binary-config", "mismatch", "bad-vocab"):
+        shutil.copytree(TOY, tmp / name)
+    vocab = (tmp / "bad-vocab" / "tokenizer" / "vocab.json").read_bytes()
+    (tmp / "bad-vocab" / "tokenizer" / "vocab.json").write_bytes(vocab[:1000])
+    config = (tmp / "truncated" / "unet" / "config.json").read_text()
+    assert '"layers_per_block": 2' in config
+    (tmp / "truncated" / "unet" / "config.json").write_text(config[:len(config) // 2])
+    (tmp / "binary-config" / "vae" / "config.json").write_bytes(bytes(range(256)))
+    (tmp / "mismatch" / "unet" / "config.json").write_text(config.replace('"layers_per_block": 2',
+                                                                          '"layers_per_block": 1'))
+    torch.save({"state_dict": {"x": Evil()}}, tmp / "evil.ckpt")
+    torch.save({"x": torch.zeros(100)}, tmp / "whole.ckpt")
+    (tmp / "cut.ckpt").write_bytes((tmp / "whole.ckpt").read_bytes()[:200])
+    # a train.py checkpoint copied without its run folder: the shared parts are links to ../NAME
+    checkpoint = tmp / "checkpoint-0000010"
+    shutil.copytree(TOY / "unet", checkpoint / "unet")
+    shutil.copy(TOY / "model_index.json", checkpoint)
+    for name in ("vae", "text_encoder", "tokenizer", "scheduler"):
+        os.symlink(Path("..") / name, checkpoint / name, target_is_directory=True)
+    return tmp
+
+
+@pytest.fixture
+def no_generation(monkeypatch):
+    """Every row must fail before the first image: generating is a test failure."""
+    def generate(*args, **kwargs):
+        raise AssertionError("an image was generated although the input is bad")
+    monkeypatch.setattr(Pipeline, "__call__", generate)
+
+
+def run(main, argv: list[str], capsys) -> tuple[int, str]:
+    """(exit code, stderr) of a script's main, argparse's exits included."""
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def check(script: str, code: int, err: str, expected: int, words: list[str], tmp: Path):
+    assert code == expected, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith(f"{script}: error: ")]
+    assert len(lines) == 1, err
+    for word in words:
+        assert word.format(tmp=tmp) in lines[0], (word, lines[0])
+
+
+def fill(argv: list[str], tmp: Path) -> list[str]:
+    return [a.format(tmp=tmp, model=TOY) for a in argv]
+
+
+# ---- sample.py ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, code, words", [row[1:] for row in SAMPLE], ids=[row[0] for row in SAMPLE])
+def test_sample_bad_input(inputs, no_generation, capsys, argv, code, words):
+    base = ["--model", str(TOY), "--out", str(inputs / "s.png"), *FAST]
+    got, err = run(sample.main, [*base, *fill(argv, inputs)], capsys)
+    check("sample.py", got, err, code, words, inputs)
+
+
+# ---- evaluate.py -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, code, words", [row[1:] for row in EVALUATE], ids=[row[0] for row in EVALUATE])
+def test_evaluate_bad_input(inputs, no_generation, capsys, argv, code, words):
+    base = ["--model", str(TOY), "--prompts", str(inputs / "prompts.csv"), "--out", str(inputs / "r"),
+            "--size", "32", "--eval-size", "16", "--metrics", "none", *FAST]
+    got, err = run(evaluate.main, [*base, *fill(argv, inputs)], capsys)
+    check("evaluate.py", got, err, code, words, inputs)
+
+
+# ---- python -m minisd.convert ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, code, words", [row[1:] for row in CONVERT], ids=[row[0] for row in CONVERT])
+def test_convert_bad_input(inputs, capsys, argv, code, words):
+    got, err = run(minisd.convert.main, fill(argv, inputs), capsys)
+    check("minisd.convert", got, err, code, words, inputs)
+    assert not (TOY / "copy").exists()
