@@ -148,13 +148,13 @@ def main(argv=None) -> int:
     # teacher's blocks, or from random weights with --unet-config
     teacher = load_pipeline(args.teacher, device=device)
     student = new_unet(args, teacher, device) if args.unet_config else \
-        student_from_teacher(teacher.unet, variant(teacher.unet.table, args.variant)).train()
+        student_from_teacher(teacher.unet, variant(teacher.unet.config, args.variant)).train()
     if rank == 0:  # the checkpoints link to the teacher's other components, saved once as loaded
         write_shared(teacher, args.out)
     teacher.to(dtype=default_dtype(device, training=True))
     # --plain: no teacher U-Net runs and no features are matched; the denoising loss alone
     teacher_unet = None if args.plain else teacher.unet
-    pairs = [] if args.plain else feature_pairs(student.table, teacher.unet.table)
+    pairs = [] if args.plain else feature_pairs(student.config, teacher.unet.config)
     schedule = NoiseSchedule.from_config(teacher.scheduler_config)
     # --train-text-encoder: the text encoder learns with the student, in fp32 like it
     text_encoder = teacher.text_encoder.float().train().requires_grad_(True) if args.train_text_encoder else None
@@ -177,7 +177,7 @@ def main(argv=None) -> int:
     recipe = KDRecipe(args.lambda_sd, args.lambda_out, args.lambda_feat, args.snr_gamma, args.caption_dropout)
 
     # The loop: accumulate micro-batches, step, log (and check) every --log-steps, save every --save-steps
-    log = RunLog(args.out, rank, args.max_steps, state.step, f"distilling {student.table.name}",
+    log = RunLog(args.out, rank, args.max_steps, state.step, f"distilling {student.config.name}",
                  reporter(args, rank))
     meter = LossMeter(device, world)
     with stop_signals() as stop:  # Ctrl-C or SIGTERM: finish the step, save, and exit
@@ -236,9 +236,9 @@ def new_unet(args, teacher: Pipeline, device) -> UNet:
     """--unet-config: a new U-Net architecture from random weights, trained from scratch (--plain; the toy teacher
     was made so). It reads the teacher's text states, so it must take their width."""
     unet = UNet(unet_table_from_config(read_json(args.unet_config))).to(device).train()
-    if unet.table.context_dim != teacher.unet.table.context_dim:
-        sys.exit(f"train.py: --unet-config has cross_attention_dim {unet.table.context_dim}, but the text "
-                 f"encoder of {args.teacher} gives {teacher.unet.table.context_dim}-wide states")
+    if unet.config.context_dim != teacher.unet.config.context_dim:
+        sys.exit(f"train.py: --unet-config has cross_attention_dim {unet.config.context_dim}, but the text "
+                 f"encoder of {args.teacher} gives {teacher.unet.config.context_dim}-wide states")
     return unet
 
 

@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError, CheckpointError, ConnectionError) as e:
         print(f"minisd.convert: error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {dest} ({pipe.unet.table.name}, {pipe.scheduler_config.get('prediction_type', 'epsilon')})")
+    print(f"wrote {dest} ({pipe.unet.config.name}, {pipe.scheduler_config.get('prediction_type', 'epsilon')})")
     return 0
 
 

@@ -47,7 +47,7 @@ def init_map(student: UNetTable, teacher: UNetTable) -> dict[str, str]:
 def student_from_teacher(teacher: UNet, student_table: UNetTable) -> UNet:
     """A student U-Net initialised from the teacher's weights (strict: every tensor is copied)."""
     student = UNet(student_table).to(next(teacher.parameters()).device)
-    prefixes = init_map(student_table, teacher.table)
+    prefixes = init_map(student_table, teacher.config)
     source = teacher.state_dict()
     weights = {}
     for key, target in student.state_dict().items():

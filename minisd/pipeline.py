@@ -76,7 +76,7 @@ class Pipeline:
 
     @property
     def family(self) -> str:
-        return family_of(self.unet.table.context_dim)
+        return family_of(self.unet.config.context_dim)
 
     def components(self) -> dict:
         return dict(tokenizer=self.tokenizer, text_encoder=self.text_encoder, unet=self.unet, vae=self.vae,
@@ -90,7 +90,7 @@ class Pipeline:
     @property
     def native_size(self) -> int:
         """The resolution the U-Net was trained at (512 for SD-v1 and v2-base, 768 for v2)."""
-        return self.unet.table.sample_size * self.vae_scale
+        return self.unet.config.sample_size * self.vae_scale
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
@@ -141,7 +141,7 @@ class Pipeline:
             generator = [torch.Generator("cpu").manual_seed(seed + i) for i in range(n)]
         else:
             generator = torch.Generator("cpu").manual_seed(seed)
-        shape = (n, self.unet.table.in_channels, height // self.vae_scale, width // self.vae_scale)
+        shape = (n, self.unet.config.in_channels, height // self.vae_scale, width // self.vae_scale)
 
         start = 0
         if init_image is None:

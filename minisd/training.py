@@ -89,7 +89,7 @@ class EMA:
     def as_model(self, like: UNet) -> UNet:
         """A U-Net like `like` holding the averaged weights."""
         with torch.device("meta"):
-            model = UNet(like.table)
+            model = UNet(like.config)
         model.load_state_dict({k: v.to(like.conv_in.weight.dtype) for k, v in self.shadow.items()}, assign=True)
         return model.eval()
 

@@ -73,7 +73,7 @@ class MidBlock(nn.Module):
 class UNet(nn.Module):
     def __init__(self, table: UNetTable):
         super().__init__()
-        self.table = table
+        self.config = table  # every model keeps its configuration in .config; a U-Net's is its table
         n, ch = len(table.stages), table.stages[0].channels
         self.conv_in = nn.Conv2d(table.in_channels, ch, 3, padding=1)
         self.time_embed = nn.Sequential(nn.Linear(ch, table.temb_dim), nn.SiLU(), nn.Linear(table.temb_dim, table.temb_dim))
@@ -138,7 +138,7 @@ class UNet(nn.Module):
         """
         t = torch.as_tensor(t, device=x.device)
         t = t.expand(x.shape[0]) if t.numel() == 1 else t.reshape(-1)
-        temb = self.time_embed(timestep_embedding(t, self.table.stages[0].channels).to(x.dtype))
+        temb = self.time_embed(timestep_embedding(t, self.config.stages[0].channels).to(x.dtype))
         feats, wanted = {}, taps or ()
 
         x = self.conv_in(x)

@@ -103,9 +103,9 @@ def test_student_blocks_start_as_teacher_blocks(name, tmp_path):
     ref = small_teacher()
     ref.save_pretrained(tmp_path)
     teacher = load_unet(tmp_path).eval()
-    student = student_from_teacher(teacher, variant(teacher.table, name)).eval()
-    prefixes = init_map(student.table, teacher.table)
-    temb, context = torch.randn(2, teacher.table.temb_dim), torch.randn(2, 77, 96)
+    student = student_from_teacher(teacher, variant(teacher.config, name)).eval()
+    prefixes = init_map(student.config, teacher.config)
+    temb, context = torch.randn(2, teacher.config.temb_dim), torch.randn(2, 77, 96)
     for s_prefix, t_prefix in prefixes.items():
         s_mod, t_mod = student.get_submodule(s_prefix.rstrip(".")), teacher.get_submodule(t_prefix.rstrip("."))
         if s_prefix.count(".") != 4:  # whole blocks only: down.{s}.blocks.{b}. / up.{s}.blocks.{b}.
@@ -121,8 +121,8 @@ def test_sd_variant_has_zero_kd_loss(tmp_path):
     ref = small_teacher()
     ref.save_pretrained(tmp_path)
     teacher = load_unet(tmp_path).eval()
-    student = student_from_teacher(teacher, variant(teacher.table, "sd")).eval()
-    pairs = feature_pairs(student.table, teacher.table)
+    student = student_from_teacher(teacher, variant(teacher.config, "sd")).eval()
+    pairs = feature_pairs(student.config, teacher.config)
     x, context, noise = torch.randn(2, 4, 16, 16), torch.randn(2, 77, 96), torch.randn(2, 4, 16, 16)
     with torch.no_grad():
         t_out, t_feats = teacher(x, 500, context, taps=[t for t, _ in pairs])

@@ -121,7 +121,7 @@ def test_single_file_sd_v1_full_size(tmp_path):
     del sd
     pipe = minisd.load_pipeline(tmp_path / "sd-v1.safetensors")
     (tmp_path / "sd-v1.safetensors").unlink()
-    assert pipe.unet.table.name == "sd-v1" and pipe.scheduler_config["prediction_type"] == "epsilon"
+    assert pipe.unet.config.name == "sd-v1" and pipe.scheduler_config["prediction_type"] == "epsilon"
     assert pipe.tokenizer.pad_token == "<|endoftext|>"
     assert_same_outputs(pipe, parts)
 
@@ -135,16 +135,16 @@ def test_single_file_bk_tiny_v2_ckpt(tmp_path):
     torch.save({"state_dict": sd, "global_step": 875000, "epoch": 3}, tmp_path / "bk-tiny-v2.ckpt")
     del sd
     pipe = minisd.load_pipeline(tmp_path / "bk-tiny-v2.ckpt")
-    assert pipe.unet.table.name == "sd-v2-tiny" and pipe.scheduler_config["prediction_type"] == "epsilon"
-    assert pipe.tokenizer.pad_token == "!" and not pipe.unet.table.upcast_attention
+    assert pipe.unet.config.name == "sd-v2-tiny" and pipe.scheduler_config["prediction_type"] == "epsilon"
+    assert pipe.tokenizer.pad_token == "!" and not pipe.unet.config.upcast_attention
     assert_same_outputs(pipe, parts)
 
     # without SD-2-base's global step, a v2 file is the 768 v-prediction model (as diffusers decides)
     pipe.save_single_file(tmp_path / "again.safetensors")
     again = minisd.load_pipeline(tmp_path / "again.safetensors")
-    assert again.scheduler_config["prediction_type"] == "v_prediction" and again.unet.table.upcast_attention
+    assert again.scheduler_config["prediction_type"] == "v_prediction" and again.unet.config.upcast_attention
     epsilon = minisd.load_pipeline(tmp_path / "again.safetensors", prediction_type="epsilon")
-    assert epsilon.unet.table.sample_size == 64
+    assert epsilon.unet.config.sample_size == 64
 
 
 def test_single_file_rejects_foreign_keys(tmp_path):
@@ -166,7 +166,7 @@ def test_convert_round_trip(tmp_path, capsys):
     assert convert([str(tmp_path / "tiny.safetensors"), str(tmp_path / "back")]) == 0
     assert "wrote" in capsys.readouterr().out
     first, back = minisd.load_pipeline(folder), minisd.load_pipeline(tmp_path / "back")
-    assert back.unet.table.name == "sd-v1-tiny"
+    assert back.unet.config.name == "sd-v1-tiny"
     for name in ("unet", "vae", "text_encoder"):
         a, b = getattr(first, name).state_dict(), getattr(back, name).state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name

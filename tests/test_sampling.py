@@ -92,7 +92,7 @@ def test_v2_v_prediction_same_image(tmp_path_factory):
 def test_bk_tiny_same_image(tmp_path_factory):
     ref, pipe, _ = build(tmp_path_factory, "v1", reduced_config("v1", "tiny"), text_config("v1", 96, 2, 4),
                          VAE_SMALL, seed=2)
-    assert pipe.unet.table.mid is False and len(pipe.unet.table.stages) == 3
+    assert pipe.unet.config.mid is False and len(pipe.unet.config.stages) == 3
     ours = pipe(PROMPT, steps=6, seed=11, height=48, width=48, num_images=2, progress=False, output="np")
     theirs = reference_images(ref, PROMPT, 6, 11, 48, num_images_per_prompt=2)
     assert np.abs(ours - theirs).max() <= TOLERANCE

@@ -48,7 +48,7 @@ def test_teacher_is_small_and_half_precision():
 def test_teacher_loads_in_minisd_and_diffusers():
     """The folder is the toy table in diffusers' layout: diffusers' U-Net gives minisd's output."""
     pipe = load_pipeline(TEACHER)
-    assert pipe.unet.table.stages == TOY_UNET.stages and pipe.native_size == 64
+    assert pipe.unet.config.stages == TOY_UNET.stages and pipe.native_size == 64
     reference = UNet2DConditionModel.from_pretrained(TEACHER / "unet", torch_dtype=torch.float32).eval()
     x, context = torch.randn(2, 4, 16, 16), torch.randn(2, 77, 64)
     with torch.no_grad():

@@ -290,7 +290,7 @@ def test_two_gloo_processes_train_as_one(teacher, data, tmp_path, accumulation):
     # here) may go either way. Ranks that trained apart (no all-reduce, or on the same samples) would
     # differ by about the size of the update itself.
     teacher_unet = load_unet(teacher / "unet")
-    start = flat(student_from_teacher(teacher_unet, variant(teacher_unet.table, "tiny")))
+    start = flat(student_from_teacher(teacher_unet, variant(teacher_unet.config, "tiny")))
     single, ddp = (flat(load_unet(tmp_path / run / "checkpoint-0000002" / "unet")) for run in ("one", "two"))
     assert (ddp - single).norm() <= 1e-5 * single.norm()
     assert (ddp - single).norm() <= 1e-3 * (single - start).norm()
@@ -306,7 +306,7 @@ def test_checkpoint_loads_in_sample_py_and_diffusers(distilled, tmp_path):
     assert Image.open(png).size == (32, 32)
 
     ours = load_unet(checkpoint / "unet")
-    assert not ours.table.mid and len(ours.table.stages) == 3 and all(len(st.down) == 1 for st in ours.table.stages)
+    assert not ours.config.mid and len(ours.config.stages) == 3 and all(len(st.down) == 1 for st in ours.config.stages)
     theirs = UNet2DConditionModel.from_pretrained(checkpoint / "unet").eval()
     pipe = StableDiffusionPipeline.from_pretrained(checkpoint, safety_checker=None)
     gen = torch.Generator().manual_seed(0)
@@ -381,7 +381,7 @@ def test_plain_training_from_scratch(teacher, data, tmp_path):
     assert all(r["out"] == 0.0 and r["feat"] == 0.0 for r in rows)
     assert rows[-1]["sd"] < rows[0]["sd"]
     pipe = load_pipeline(out / "checkpoint-0000020")
-    assert [s.channels for s in pipe.unet.table.stages] == [16, 32, 32, 32]
+    assert [s.channels for s in pipe.unet.config.stages] == [16, 32, 32, 32]
     with pytest.raises(SystemExit):
         train.main(flags(teacher, data, tmp_path / "x", unet_config=tmp_path / "unet.json"))
 

@@ -33,7 +33,7 @@ def test_ldm_keys_read_by_diffusers_converter(family, name, tmp_path):
         assert torch.equal(converted[key].reshape(tensor.shape), tensor), key
 
     # and minisd reads the single-file keys back to the same model
-    again = unet_from_ldm(ldm_sd, mine.table).eval()
+    again = unet_from_ldm(ldm_sd, mine.config).eval()
     x, context = torch.randn(1, 4, 16, 16), torch.randn(1, 77, cfg["cross_attention_dim"])
     with torch.no_grad():
         assert rel_diff(ref(x, 250, context).sample, again(x, 250, context)) <= 1e-4

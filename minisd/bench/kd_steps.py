@@ -40,10 +40,10 @@ class MinisdKD:
                  lr: float = 5e-5, recipe: KDRecipe = KDRecipe()):
         self.teacher, self.device = teacher, teacher.device
         cuda = self.device.type == "cuda"
-        self.student = student_from_teacher(teacher.unet, variant(teacher.unet.table, name)).train()
+        self.student = student_from_teacher(teacher.unet, variant(teacher.unet.config, name)).train()
         self.student.gradient_checkpointing = checkpointing
         teacher.to(dtype=torch.bfloat16 if cuda else torch.float32)
-        self.pairs = feature_pairs(self.student.table, teacher.unet.table)
+        self.pairs = feature_pairs(self.student.config, teacher.unet.config)
         self.schedule = NoiseSchedule.from_config(teacher.scheduler_config)
         self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=lr, weight_decay=1e-2, fused=cuda)
         self.model, self.teacher_unet = self.student, teacher.unet

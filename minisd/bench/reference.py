@@ -37,8 +37,8 @@ def _loaded(model: torch.nn.Module, state_dict: dict, like: torch.nn.Module) -> 
 def diffusers_unet(unet: UNet):
     """diffusers' UNet2DConditionModel with the weights of a minisd U-Net."""
     _quiet()
-    config = {k: v for k, v in unet_config_from_table(unet.table).items() if not k.startswith("_")}
-    return _loaded(UNet2DConditionModel(**config), export(unet, unet_rules(unet.table)), unet)
+    config = {k: v for k, v in unet_config_from_table(unet.config).items() if not k.startswith("_")}
+    return _loaded(UNet2DConditionModel(**config), export(unet, unet_rules(unet.config)), unet)
 
 
 def diffusers_pipeline(pipe: Pipeline):

@@ -51,7 +51,7 @@ def run_config(args, name: str, device: torch.device, dtype: torch.dtype) -> lis
     pipe.fuse_qkv().channels_last()
     size = args.size or pipe.native_size
     calls = args.steps + 1  # PNDM (PLMS) spends one extra U-Net call on its warm-up
-    flops = sampling_flops(pipe.unet.table, pipe.vae.config, pipe.text_encoder.config, size=size, steps=calls)["total"]
+    flops = sampling_flops(pipe.unet.config, pipe.vae.config, pipe.text_encoder.config, size=size, steps=calls)["total"]
     resident = {"minisd": model_bytes(pipe.unet, pipe.vae, pipe.text_encoder),
                 "diffusers": model_bytes(ref.unet, ref.vae, ref.text_encoder)}
     generate = {
@@ -88,8 +88,8 @@ def unet_rates(pipe, ref, batch: int, size: int, repeats: int, calls: int, devic
     after `warmup` untimed calls (a compiled U-Net compiles on the 1st, captures CUDA graphs on the 2nd and 3rd)."""
     latent = size // pipe.vae_scale
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2 * batch, pipe.unet.table.in_channels, latent, latent, generator=gen).to(device, dtype)
-    context = torch.randn(2 * batch, 77, pipe.unet.table.context_dim, generator=gen).to(device, dtype)
+    x = torch.randn(2 * batch, pipe.unet.config.in_channels, latent, latent, generator=gen).to(device, dtype)
+    context = torch.randn(2 * batch, 77, pipe.unet.config.context_dim, generator=gen).to(device, dtype)
     t = torch.tensor(500, device=device)
     step = {"minisd": lambda: pipe.predict(x, t, context),
             "diffusers": lambda: ref.unet(x, t, encoder_hidden_states=context, return_dict=False)[0]}

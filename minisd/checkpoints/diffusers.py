@@ -140,8 +140,8 @@ def load_unet(folder: str | Path, dtype: torch.dtype = torch.float32, device: st
 
 def save_unet(unet: UNet, folder: str | Path) -> None:
     folder = Path(folder)
-    write_json(folder / "config.json", unet_config_from_table(unet.table))
-    write_state_dict(folder / "diffusion_pytorch_model.safetensors", export(unet, unet_rules(unet.table)))
+    write_json(folder / "config.json", unet_config_from_table(unet.config))
+    write_state_dict(folder / "diffusion_pytorch_model.safetensors", export(unet, unet_rules(unet.config)))
 
 
 # ---- VAE --------------------------------------------------------------------------------

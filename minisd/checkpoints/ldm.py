@@ -102,7 +102,7 @@ def unet_from_ldm(sd: dict[str, torch.Tensor], table: UNetTable, dtype=torch.flo
 
 
 def unet_to_ldm(unet: UNet) -> dict[str, torch.Tensor]:
-    return export(unet, unet_rules(unet.table), prefix=UNET_PREFIX)
+    return export(unet, unet_rules(unet.config), prefix=UNET_PREFIX)
 
 
 # ---- VAE --------------------------------------------------------------------------------
@@ -309,7 +309,7 @@ def load_single_file(path: str | Path, dtype: torch.dtype = torch.float32, devic
 def save_single_file(components: dict, path: str | Path) -> None:
     """Write one LDM-layout file: .safetensors, or .ckpt with a `state_dict` as the original code saves."""
     unet = components["unet"]
-    family = family_of(unet.table.context_dim)
+    family = family_of(unet.config.context_dim)
     sd = {**unet_to_ldm(unet), **vae_to_ldm(components["vae"]),
           **text_encoder_to_ldm(components["text_encoder"], family)}
     path = Path(path)

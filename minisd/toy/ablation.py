@@ -84,7 +84,7 @@ def run_ablation(teacher: Path, data: Path, out: Path, steps: int, batch: int, l
     """Trains the RUNS, then samples and scores the teacher and each student on the first `prompts` held-out
     captions. Returns the table's rows."""
     out.mkdir(parents=True, exist_ok=True)
-    teacher_unet = load_pipeline(teacher).unet.table
+    teacher_unet = load_pipeline(teacher).unet.config
     write_json(out / "tiny-unet.json", unet_config_from_table(variant(teacher_unet, "tiny")))
     models = {"teacher": teacher}
     for name in RUNS:
@@ -101,7 +101,7 @@ def run_ablation(teacher: Path, data: Path, out: Path, steps: int, batch: int, l
         scores = evaluate_folder(out / name / "images", rows, real_dir=data / "heldout")
         log = out / name / "log.jsonl"
         last = json.loads(log.read_text().splitlines()[-1]) if log.is_file() else {}
-        table.append({"model": name, "params": count_params(pipe.unet.table)["total"],
+        table.append({"model": name, "params": count_params(pipe.unet.config)["total"],
                       "s_per_image": seconds / len(rows),
                       **{k: last[k] for k in ("sd", "out", "feat") if k in last}, **scores})
         sheets.append(labelled_row([Image.open(out / name / "images" / f) for f, _ in rows[:grid_prompts]], name))
