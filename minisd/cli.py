@@ -1,10 +1,10 @@
 """What every script checks before it starts work: numbers, devices and output paths.
 
 A bad flag should cost the user one line and a second, not a traceback after ten minutes of sampling. So the
-scripts parse numbers with the argparse types below (argparse turns their ValueError into a usage error with exit
-code 2) and check devices and output paths before they load a model. `float("nan")` and `float("inf")` parse
-without complaint, and a NaN compares false with every bound, so `--guidance nan` would pass a `< 0` check and act
-as guidance off: every float flag goes through `finite_float`.
+scripts parse numbers with the argparse types below (argparse turns their ValueError into a usage error with
+exit code 2) and check devices and output paths before they load a model. `float("nan")` and `float("inf")`
+parse without complaint, and a NaN compares false with every bound, so `--guidance nan` would pass a `< 0`
+check and act as guidance off: every float flag goes through `finite_float`.
 """
 
 import argparse
@@ -67,24 +67,27 @@ def check_device(name: str) -> torch.device:
 
 
 def check_writable_folder(folder: Path, flag: str = "--out") -> None:
-    """Create `folder` (and its parents) and check that files can be written in it, before any work is done."""
+    """Create `folder` (and its parents) and check that files can be written in it, before any work is
+    done."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UsageError(f"{flag} {folder}: cannot create the folder ({e.strerror}); choose another {flag}") from None
+        raise UsageError(f"{flag} {folder}: cannot create the folder ({e.strerror}); choose another "
+                         f"{flag}") from None
     if not folder.is_dir():
         raise UsageError(f"{flag} {folder} is a file, not a folder; choose another {flag}")
     try:  # a real write: permission bits say nothing to root, nor about a read-only file system
         tempfile.TemporaryFile(dir=folder).close()
     except OSError as e:
-        raise UsageError(f"{flag} {folder}: cannot write in the folder ({e.strerror}); choose another {flag}") from None
+        raise UsageError(f"{flag} {folder}: cannot write in the folder ({e.strerror}); choose another "
+                         f"{flag}") from None
 
 
 def check_image_path(path: Path, flag: str = "--out") -> None:
     """An image file to write with its settings: a known suffix, in a folder where files can be written."""
     if path.suffix.lower() not in IMAGE_SUFFIXES:
-        raise UsageError(f"{flag} {path}: cannot write {path.suffix or 'a file without a suffix'} with the settings "
-                         f"in it; use one of {', '.join(IMAGE_SUFFIXES)}")
+        raise UsageError(f"{flag} {path}: cannot write {path.suffix or 'a file without a suffix'} with the "
+                         f"settings in it; use one of {', '.join(IMAGE_SUFFIXES)}")
     if path.is_dir():
         raise UsageError(f"{flag} {path} is a folder; give an image file name, e.g. {path / 'sample.png'}")
     check_writable_folder(path.parent, flag)

@@ -41,8 +41,10 @@ def main(argv=None) -> int:
     try:
         dest = Path(args.dest)
         source = Path(args.source).expanduser()
-        if source.exists() and (dest.resolve() == source.resolve() or source.resolve() in dest.resolve().parents):
-            raise ValueError(f"dest {dest} is the source or inside it: write the converted model somewhere else")
+        if source.exists() and (dest.resolve() == source.resolve()
+                                or source.resolve() in dest.resolve().parents):
+            raise ValueError(f"dest {dest} is the source or inside it: write the converted model somewhere "
+                             "else")
         check_writable_folder(dest.resolve().parent, "dest")
         pipe = load_pipeline(args.source, dtype=DTYPES[args.dtype], family=args.family, variant=args.variant,
                              prediction_type=args.prediction_type)
@@ -53,7 +55,8 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError, CheckpointError, ConnectionError) as e:
         print(f"minisd.convert: error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {dest} ({pipe.unet.config.name}, {pipe.scheduler_config.get('prediction_type', 'epsilon')})")
+    print(f"wrote {dest} ({pipe.unet.config.name}, "
+          f"{pipe.scheduler_config.get('prediction_type', 'epsilon')})")
     return 0
 
 

@@ -1,11 +1,13 @@
-"""Image-caption data for BK-SDM's distillation training; samples are {"pixels": [3, R, R] in [-1, 1], "text": str}.
+"""Image-caption data for BK-SDM's distillation training; samples are {"pixels": [3, R, R] in [-1, 1], "text":
+str}.
 
-Two layouts: an image folder with metadata.csv (`file_name,text`) or metadata.jsonl, as BK-SDM's LAION subsets and
-diffusers' ImageFolder have it (`ImageFolderDataset`, ordered by `ResumableSampler`), and tar shards as img2dataset
-writes them, streamed with tarfile (`TarShardDataset`). The transforms are BK-SDM's (src/kd_train_text_to_image.py,
-after diffusers' examples/text_to_image): convert("RGB"), Resize(R, BILINEAR), CenterCrop(R) or RandomCrop(R),
-RandomHorizontalFlip(), ToTensor(), Normalize([0.5], [0.5]); their draws are seeded with (seed, epoch, sample), so a
-resumed run sees the same flips. Unreadable images are skipped, counted in `dataset.skipped` and logged once per file.
+Two layouts: an image folder with metadata.csv (`file_name,text`) or metadata.jsonl, as BK-SDM's LAION subsets
+and diffusers' ImageFolder have it (`ImageFolderDataset`, ordered by `ResumableSampler`), and tar shards as
+img2dataset writes them, streamed with tarfile (`TarShardDataset`). The transforms are BK-SDM's
+(src/kd_train_text_to_image.py, after diffusers' examples/text_to_image): convert("RGB"), Resize(R, BILINEAR),
+CenterCrop(R) or RandomCrop(R), RandomHorizontalFlip(), ToTensor(), Normalize([0.5], [0.5]); their draws are
+seeded with (seed, epoch, sample), so a resumed run sees the same flips. Unreadable images are skipped,
+counted in `dataset.skipped` and logged once per file.
 """
 
 import csv
@@ -35,7 +37,8 @@ LAYOUTS = """Expected one of:
   - tar shards as img2dataset writes them (00000.jpg + 00000.txt per sample): a folder of *.tar files, one .tar file,
     or a pattern such as data/{00000..00099}.tar or data/*.tar."""
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-KEY_AND_EXT = re.compile(r"^((?:.*/)?[^./]+)\.([^/]+)$")  # webdataset: the key ends at the file name's first dot
+# webdataset: the key ends at the file name's first dot
+KEY_AND_EXT = re.compile(r"^((?:.*/)?[^./]+)\.([^/]+)$")
 
 
 def preprocess(img: Image.Image, resolution: int, rng: np.random.Generator, center_crop: bool,
@@ -68,14 +71,16 @@ def sample_seed(*key: int) -> int:
 def decode(source, draft: bool = False) -> Image.Image:
     """Opens and fully decodes an image (a path or a file object), so that a corrupt file fails here."""
     with Image.open(source) as img:
-        if draft:  # JPEG only: libjpeg decodes at 1/8 scale, yet reads the whole stream, so truncation still fails
+        # JPEG only: libjpeg decodes at 1/8 scale, yet reads the whole stream, so truncation still fails
+        if draft:
             img.draft("RGB", (1, 1))
         return to_rgb(img)  # 16-bit and transparent images too; loads the pixels
 
 
 class SkipCounter:
-    """Counts skipped samples over all DataLoader workers, and warns once per file and process. Each worker has its
-    own copy of the data set, so the count lives in shared memory (inherited by the workers), not in a plain int."""
+    """Counts skipped samples over all DataLoader workers, and warns once per file and process. Each worker
+    has its own copy of the data set, so the count lives in shared memory (inherited by the workers), not in a
+    plain int."""
 
     def __init__(self):
         self.count, self.warned = multiprocessing.Value("q", 0), set()
@@ -89,9 +94,9 @@ class SkipCounter:
 
 
 class Strings:
-    """Read-only strings as one UTF-8 buffer plus offsets. Forked workers share the parent's pages until written, and
-    reading a Python object writes its refcount: a list of millions of captions would be copied into every worker
-    (pytorch/pytorch#13246)."""
+    """Read-only strings as one UTF-8 buffer plus offsets. Forked workers share the parent's pages until
+    written, and reading a Python object writes its refcount: a list of millions of captions would be copied
+    into every worker (pytorch/pytorch#13246)."""
 
     def __init__(self, strings: list[str]):
         encoded = [s.encode() for s in strings]
@@ -133,16 +138,17 @@ def read_metadata(root: str | Path) -> list[tuple[str, str]]:
 
 def check_columns(where, found: list[str]) -> None:
     if missing := [c for c in ("file_name", "text") if c not in found]:
-        raise ValueError(f"{where}: found columns {found}, expected file_name and text (missing {missing}).\n{LAYOUTS}")
+        raise ValueError(f"{where}: found columns {found}, expected file_name and text (missing "
+                         f"{missing}).\n{LAYOUTS}")
 
 
 class ImageFolderDataset(Dataset):
-    """An image folder with metadata.csv or metadata.jsonl. Keys are indices, or (epoch, index) from ResumableSampler,
-    the epoch varying flips and crops. An unreadable image gives None, which `collate` drops. Ranks split it through
-    their samplers (`make_loader`'s rank and world_size), not here."""
+    """An image folder with metadata.csv or metadata.jsonl. Keys are indices, or (epoch, index) from
+    ResumableSampler, the epoch varying flips and crops. An unreadable image gives None, which `collate`
+    drops. Ranks split it through their samplers (`make_loader`'s rank and world_size), not here."""
 
-    def __init__(self, root: str | Path, resolution: int = 512, center_crop: bool = True, random_flip: bool = True,
-                 seed: int = 1234):
+    def __init__(self, root: str | Path, resolution: int = 512, center_crop: bool = True,
+                 random_flip: bool = True, seed: int = 1234):
         self.root = Path(root)
         names, texts = zip(*read_metadata(self.root))
         self.names, self.texts = Strings(names), Strings(texts)
@@ -162,7 +168,8 @@ class ImageFolderDataset(Dataset):
         path = self.root / self.names[index]
         try:
             img = decode(path)
-        except Exception as err:  # PIL raises OSError, SyntaxError, ValueError or DecompressionBombError, by codec
+        # PIL raises OSError, SyntaxError, ValueError or DecompressionBombError, by codec
+        except Exception as err:
             self.skips.add(str(path), err)
             return None
         rng = np.random.default_rng((self.seed, epoch, index))
@@ -173,11 +180,12 @@ class ImageFolderDataset(Dataset):
 class ResumableSampler(Sampler[tuple[int, int]]):
     """This rank's share of a per-epoch permutation, from any position on; yields (epoch, index).
 
-    The order is DistributedSampler's (shuffle=True, drop_last=False): randperm seeded with seed + epoch, padded by
-    wrapping to a multiple of world_size, rank r taking every world_size-th index from r, so each rank gets
-    ceil(size / world_size) indices, disjoint but for the < world_size padding repeats. `set_state(epoch, position)`
-    makes the next pass start there; each pass moves the state on to (epoch + 1, 0). The loader draws indices ahead of
-    the training loop, so the loop counts the position to save: batches taken this epoch * batch_size.
+    The order is DistributedSampler's (shuffle=True, drop_last=False): randperm seeded with seed + epoch,
+    padded by wrapping to a multiple of world_size, rank r taking every world_size-th index from r, so each
+    rank gets ceil(size / world_size) indices, disjoint but for the < world_size padding repeats.
+    `set_state(epoch, position)` makes the next pass start there; each pass moves the state on to (epoch + 1,
+    0). The loader draws indices ahead of the training loop, so the loop counts the position to save: batches
+    taken this epoch * batch_size.
     """
 
     def __init__(self, size: int, seed: int = 1234, rank: int = 0, world_size: int = 1):
@@ -208,9 +216,9 @@ class ResumableSampler(Sampler[tuple[int, int]]):
 
 
 def tar_samples(path: str, skips: SkipCounter):
-    """Streams (key, {extension: bytes}) per sample of one tar shard, forward only: nothing is extracted or indexed.
-    A sample's files are consecutive (webdataset's convention), so grouping needs only the current key. A shard that
-    breaks off is logged and left."""
+    """Streams (key, {extension: bytes}) per sample of one tar shard, forward only: nothing is extracted or
+    indexed. A sample's files are consecutive (webdataset's convention), so grouping needs only the current
+    key. A shard that breaks off is logged and left."""
     key, files = None, {}
     try:
         with tarfile.open(path, mode="r|*") as tar:
@@ -222,7 +230,8 @@ def tar_samples(path: str, skips: SkipCounter):
                     if files:
                         yield key, files
                     key, files = match[1], {}
-                if (ext := match[2].lower()) in IMAGE_EXTS or ext == "txt":  # not img2dataset's .json metadata
+                # not img2dataset's .json metadata
+                if (ext := match[2].lower()) in IMAGE_EXTS or ext == "txt":
                     files[ext] = tar.extractfile(member).read()
     except (tarfile.TarError, OSError, EOFError) as err:
         skips.add(path, err)
@@ -233,15 +242,16 @@ def tar_samples(path: str, skips: SkipCounter):
 class TarShardDataset(IterableDataset):
     """Tar shards in webdataset layout (img2dataset's output), streamed.
 
-    Each epoch permutes the shards with (seed, epoch); rank r takes every world_size-th shard, and DataLoader worker w
-    of W every W-th of those. Samples keep their order within a shard (no shuffle buffer); ranks may get different
-    sample counts, as shards differ in size. Flips and crops are seeded with (seed, epoch, shard, sample in shard),
-    independent of the numbers of ranks and workers. Each pass (iter(), in each worker) is one epoch and moves the
-    state on, as persistent workers hold copies that `set_state` in the main process does not reach.
+    Each epoch permutes the shards with (seed, epoch); rank r takes every world_size-th shard, and DataLoader
+    worker w of W every W-th of those. Samples keep their order within a shard (no shuffle buffer); ranks may
+    get different sample counts, as shards differ in size. Flips and crops are seeded with (seed, epoch,
+    shard, sample in shard), independent of the numbers of ranks and workers. Each pass (iter(), in each
+    worker) is one epoch and moves the state on, as persistent workers hold copies that `set_state` in the
+    main process does not reach.
     """
 
-    def __init__(self, shards: list[str], resolution: int = 512, center_crop: bool = True, random_flip: bool = True,
-                 seed: int = 1234, rank: int = 0, world_size: int = 1):
+    def __init__(self, shards: list[str], resolution: int = 512, center_crop: bool = True,
+                 random_flip: bool = True, seed: int = 1234, rank: int = 0, world_size: int = 1):
         if len(shards) < world_size:
             raise ValueError(f"{len(shards)} shards cannot be split across {world_size} ranks.")
         self.shards = shards
@@ -255,10 +265,10 @@ class TarShardDataset(IterableDataset):
         return self.skips.count.value
 
     def set_state(self, epoch: int, position: int = 0, batch_size: int | None = None) -> None:
-        """Start the next pass in epoch `epoch`, after the `position` samples (whole batches) this rank consumed in it.
-        The loader takes whole batches from its workers in turn, so its batch_size tells how many each worker made.
-        Sample-exact for the same world_size, num_workers and batch_size while every worker still has samples (in all
-        but the epoch's last few batches)."""
+        """Start the next pass in epoch `epoch`, after the `position` samples (whole batches) this rank
+        consumed in it. The loader takes whole batches from its workers in turn, so its batch_size tells how
+        many each worker made. Sample-exact for the same world_size, num_workers and batch_size while every
+        worker still has samples (in all but the epoch's last few batches)."""
         if position and (batch_size is None or position % batch_size):
             raise ValueError(f"resuming at {position} needs the loader's batch_size, which must divide it")
         self.epoch, self.position, self.batch_size = epoch, position, batch_size or 1
@@ -268,8 +278,8 @@ class TarShardDataset(IterableDataset):
         self.epoch, self.position = epoch + 1, 0
         info = get_worker_info()
         workers, batches = info.num_workers if info else 1, position // self.batch_size
-        # Each pass the loader asks worker 0 first. Resumed after `batches` batches, loader worker j stands in for the
-        # worker whose turn it was, (j + batches) % W: its shards, less the batches that it made.
+        # Each pass the loader asks worker 0 first. Resumed after `batches` batches, loader worker j stands in
+        # for the worker whose turn it was, (j + batches) % W: its shards, less the batches that it made.
         worker = ((info.id if info else 0) + batches) % workers
         skip = len(range(worker, batches, workers)) * self.batch_size
         order = np.random.default_rng((self.seed, epoch)).permutation(len(self.shards))
@@ -293,7 +303,8 @@ class TarShardDataset(IterableDataset):
                     continue
                 rng = np.random.default_rng((self.seed, epoch, shard_id, index))
                 yield {"pixels": preprocess(img, self.resolution, rng, self.center_crop, self.random_flip),
-                       "text": files["txt"].decode(errors="replace"), "seed": sample_seed(self.seed, epoch, shard_id, index)}
+                       "text": files["txt"].decode(errors="replace"),
+                       "seed": sample_seed(self.seed, epoch, shard_id, index)}
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -305,7 +316,8 @@ def expand_braces(pattern: str) -> list[str]:
         items = [f"{i:0{len(numbers[1])}d}" for i in range(int(numbers[1]), int(numbers[2]) + 1)]
     else:
         items = match[1].split(",")
-    return [path for item in items for path in expand_braces(pattern[:match.start()] + item + pattern[match.end():])]
+    return [path for item in items
+            for path in expand_braces(pattern[:match.start()] + item + pattern[match.end():])]
 
 
 def find_shards(pattern: str) -> list[str]:
@@ -322,9 +334,9 @@ def find_shards(pattern: str) -> list[str]:
 
 def open_dataset(path: str, resolution: int = 512, center_crop: bool = True, random_flip: bool = True,
                  seed: int = 1234, rank: int = 0, world_size: int = 1) -> Dataset | IterableDataset:
-    """The data at `path`: an image folder (ImageFolderDataset) or tar shards (TarShardDataset). A stream of shards
-    takes this rank's share itself (rank, world_size); an image folder is shared out by the sampler of its loader,
-    so give make_loader the same rank and world_size."""
+    """The data at `path`: an image folder (ImageFolderDataset) or tar shards (TarShardDataset). A stream of
+    shards takes this rank's share itself (rank, world_size); an image folder is shared out by the sampler of
+    its loader, so give make_loader the same rank and world_size."""
     options = {"resolution": resolution, "center_crop": center_crop, "random_flip": random_flip, "seed": seed}
     root, path = Path(path), str(path)
     if root.is_dir():
@@ -350,22 +362,25 @@ def collate(batch: list[dict | None]) -> dict | None:
 def make_loader(dataset: Dataset | IterableDataset, batch_size: int, num_workers: int, pin_memory: bool,
                 sampler: Sampler | None = None, drop_last: bool = True, collate_fn=collate, rank: int = 0,
                 world_size: int = 1) -> DataLoader:
-    """A DataLoader with `collate`; a map-style set without a sampler gets a ResumableSampler (`loader.sampler`) over
-    this rank's share, in the order of the set's seed (a stream of shards was split when opened: see open_dataset).
-    Workers persist across epochs and keep 4 batches each ready, as decoding time varies from image to image."""
+    """A DataLoader with `collate`; a map-style set without a sampler gets a ResumableSampler
+    (`loader.sampler`) over this rank's share, in the order of the set's seed (a stream of shards was split
+    when opened: see open_dataset). Workers persist across epochs and keep 4 batches each ready, as decoding
+    time varies from image to image."""
     if sampler is None and not isinstance(dataset, IterableDataset):
         sampler = ResumableSampler(len(dataset), dataset.seed, rank, world_size)
     workers = num_workers > 0
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate_fn,
-                      pin_memory=pin_memory, drop_last=drop_last, persistent_workers=workers,
-                      prefetch_factor=4 if workers else None, worker_init_fn=leave_stop_signals if workers else None)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      collate_fn=collate_fn, pin_memory=pin_memory, drop_last=drop_last,
+                      persistent_workers=workers, prefetch_factor=4 if workers else None,
+                      worker_init_fn=leave_stop_signals if workers else None)
 
 
 def leave_stop_signals(worker_id: int) -> None:
     """Workers ignore Ctrl-C and SIGTERM and leave them to the main process, which finishes its step and saves
-    (train.py). A terminal's Ctrl-C reaches the whole process group, and Slurm's or systemd's SIGTERM every process
-    of the job; a worker that died of it would fail the main process ("DataLoader worker ... is killed by signal:
-    Terminated"). The main process still ends its workers: it tells them to stop, and they stop when it is gone (a
-    worker hung in a decode outlives the loader's fallback terminate(), until the decode returns)."""
+    (train.py). A terminal's Ctrl-C reaches the whole process group, and Slurm's or systemd's SIGTERM every
+    process of the job; a worker that died of it would fail the main process ("DataLoader worker ... is killed
+    by signal: Terminated"). The main process still ends its workers: it tells them to stop, and they stop
+    when it is gone (a worker hung in a decode outlives the loader's fallback terminate(), until the decode
+    returns)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -48,11 +48,13 @@ def generate(pipe, rows: list[tuple[str, str]], indices: list[int], folders: dic
     start = time.perf_counter()
     for b in range(0, len(todo), batch_size):
         batch = todo[b:b + batch_size]
-        # per_prompt seeds need consecutive prompts in a batch (seed + first index, then +1 each): else one by one
+        # per_prompt seeds need consecutive prompts in a batch (seed + first index, then +1 each): else one by
+        # one
         groups = [batch] if generator or batch == list(range(batch[0], batch[0] + len(batch))) else [[i] for i in batch]
         for group in groups:
-            images = pipe([rows[i][1] for i in group], steps=steps, guidance=guidance, seed=generator or seed + group[0],
-                          seed_mode="per_image", height=size, width=size, scheduler=scheduler, progress=False)
+            images = pipe([rows[i][1] for i in group], steps=steps, guidance=guidance,
+                          seed=generator or seed + group[0], seed_mode="per_image", height=size, width=size,
+                          scheduler=scheduler, progress=False)
             for i, image in zip(group, images):
                 for folder, copy_size in folders.items():
                     path = folder / rows[i][0]
@@ -88,7 +90,8 @@ def check_rows(path: Path, rows: list[tuple[str, str]]) -> None:
 
 
 def row_lines(path: Path) -> list[int]:
-    """The line of a prompts file on which each row read_metadata returns starts (a CSV caption may span lines)."""
+    """The line of a prompts file on which each row read_metadata returns starts (a CSV caption may span
+    lines)."""
     with open(path, newline="", encoding="utf-8-sig") as f:
         if path.suffix == ".jsonl":
             return [n for n, line in enumerate(f, 1) if line.strip()]
@@ -105,7 +108,8 @@ def row_lines(path: Path) -> list[int]:
 def check_metric_weights(metrics: set[str], inception_weights: Path | None, clip_model: str,
                          clip_pretrained: str) -> Path | None:
     """Find (or download) the metric networks' weights before any image is generated, so that a missing file
-    costs seconds, not a generation run. Returns the Inception weights' path (None when no metric needs it)."""
+    costs seconds, not a generation run. Returns the Inception weights' path (None when no metric needs
+    it)."""
     from minisd.metrics import inception_weights as inception
     from minisd.metrics import open_clip_weights as open_clip
 
@@ -127,9 +131,11 @@ def score_files(out: Path, rows: list[tuple[str, str]], folder: str = SCORE_FOLD
                                 f"(first: {missing[0]}); run the generation again to finish them")
     on_disk = sum(1 for p in (out / folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if on_disk != len(rows):
-        raise ValueError(f"{out / folder} holds {on_disk} images but the prompts ask for {len(rows)}; scores would "
-                         "mix in images of other prompts: use the same --num as the generation, or a fresh --out")
-    return sorted(files)  # in name order, as pytorch-fid and torch-fidelity read a folder (IS shuffles by position)
+        raise ValueError(f"{out / folder} holds {on_disk} images but the prompts ask for {len(rows)}; scores "
+                         "would mix in images of other prompts: use the same --num as the generation, or a "
+                         "fresh --out")
+    # in name order, as pytorch-fid and torch-fidelity read a folder (IS shuffles by position)
+    return sorted(files)
 
 
 def hardware(device: torch.device | str) -> str:
@@ -139,7 +145,8 @@ def hardware(device: torch.device | str) -> str:
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
-def prompt_grid(out: Path, rows: list[tuple[str, str]], n: int = 16, cols: int = 4, tile: int = 256) -> Image.Image:
+def prompt_grid(out: Path, rows: list[tuple[str, str]], n: int = 16, cols: int = 4,
+                tile: int = 256) -> Image.Image:
     """The first n images with their prompts written beneath, for a quick look at a run."""
     tiles = []
     for name, text in rows[:n]:
@@ -177,7 +184,8 @@ def markdown_row(name: str, scores: dict) -> tuple[str, str]:
     if "toy" in scores:
         toy = scores["toy"]
         return ("| model | caption accuracy | toy FID | U-Net params | whole |",
-                f"| {name} | {cell(toy.get('caption_accuracy'), '.1%')} | {cell(toy.get('toy_fid'), '.3f')} | {params}")
+                f"| {name} | {cell(toy.get('caption_accuracy'), '.1%')} | {cell(toy.get('toy_fid'), '.3f')} "
+                f"| {params}")
     return ("| model | FID | IS | CLIP | U-Net params | whole |",
             f"| {name} | {cell(scores.get('fid'), '.2f')} | {cell(scores.get('is_mean'), '.2f')} | "
             f"{cell(scores.get('clip_score'), '.4f')} | {params}")
@@ -186,7 +194,8 @@ def markdown_row(name: str, scores: dict) -> tuple[str, str]:
 def write_scores(out: Path, name: str, scores: dict) -> str:
     """scores.json and scores.md (the table header and this run's row); returns the row."""
     scores = {**scores, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "versions": {"torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version()}}
+              "versions": {"torch": torch.__version__, "numpy": np.__version__,
+                           "python": platform.python_version()}}
     (out / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
     header, row = markdown_row(name, scores)
     (out / "scores.md").write_text(f"{header}\n{'|---' * (header.count('|') - 1)}|\n{row}\n")
@@ -199,14 +208,14 @@ def check_stats(stats: Path, eval_size: int) -> tuple[np.ndarray, np.ndarray]:
 
     mu, sigma, meta = load_stats(stats)
     if "size" in meta and int(np.asarray(meta["size"]).ravel()[0]) != eval_size:
-        raise ValueError(f"{stats} holds statistics of {int(np.asarray(meta['size']).ravel()[0])} px images but "
-                         f"the scores read {eval_size} px copies; rebuild it with --fid-stats-from DIR "
+        raise ValueError(f"{stats} holds statistics of {int(np.asarray(meta['size']).ravel()[0])} px images "
+                         f"but the scores read {eval_size} px copies; rebuild it with --fid-stats-from DIR "
                          f"--eval-size {eval_size}, or pass the matching --eval-size")
     return mu, sigma
 
 
-def fid_is_scores(files: list[Path], metrics: set[str], stats: Path | None, eval_size: int, weights: Path | None,
-                  batch_size: int, device, progress: bool = True) -> dict:
+def fid_is_scores(files: list[Path], metrics: set[str], stats: Path | None, eval_size: int,
+                  weights: Path | None, batch_size: int, device, progress: bool = True) -> dict:
     """FID against real-image statistics and/or the Inception Score, from one read of the images."""
     from minisd.metrics.inception_weights import load_inception
     from minisd.metrics.fid import feature_stats, folder_features, frechet_distance
@@ -234,16 +243,19 @@ def parameter_counts(pipe) -> dict:
 
 
 def generation_record(out: Path, made: int, seconds: float, batch_size: int, processes: int, device) -> dict:
-    """How fast this run generated; a run that only resumed keeps the record of the run that made the images."""
+    """How fast this run generated; a run that only resumed keeps the record of the run that made the
+    images."""
     if made == 0 and (out / "scores.json").is_file():
         return json.loads((out / "scores.json").read_text()).get("generation", {})
-    return {"images": made, "seconds": round(seconds, 2), "images_per_s_per_process": round(made / max(seconds, 1e-9), 4),
-            "processes": processes, "batch_size": batch_size, "hardware": hardware(device)}
+    return {"images": made, "seconds": round(seconds, 2),
+            "images_per_s_per_process": round(made / max(seconds, 1e-9), 4), "processes": processes,
+            "batch_size": batch_size, "hardware": hardware(device)}
 
 
 def real_stats(folder: Path, save: Path, eval_size: int, weights: Path | None, batch_size: int, device,
                progress: bool = True) -> Path:
-    """FID statistics of real images, each squashed to eval_size with PIL's bicubic resize as the protocol does."""
+    """FID statistics of real images, each squashed to eval_size with PIL's bicubic resize as the protocol
+    does."""
     from minisd.metrics.inception_weights import load_inception
     from minisd.metrics.fid import feature_stats, folder_features, image_files, save_stats
 
@@ -255,7 +267,8 @@ def real_stats(folder: Path, save: Path, eval_size: int, weights: Path | None, b
 
 def compute_scores(out: Path, rows: list[tuple[str, str]], metrics: set[str], eval_size: int, device, *,
                    fid_stats: Path | None = None, inception_weights: Path | None = None,
-                   clip_model: str = "ViT-g-14", clip_pretrained: str = "laion2b_s34b_b88k", batch_size: int = 50,
+                   clip_model: str = "ViT-g-14", clip_pretrained: str = "laion2b_s34b_b88k",
+                   batch_size: int = 50,
                    others: dict[str, Callable[[Path, list[tuple[str, str]]], dict]] | None = None,
                    progress: bool = True) -> dict:
     """The chosen metrics over the images of `rows` in out/im256: "fid" (against `fid_stats`), "is", "clip"

@@ -105,7 +105,8 @@ def _vae_part(name: str) -> str:
     return f"{first} {rest.split('.')[0]}" if first in ("down", "up") else first or "quant"
 
 
-def _vae_macs(config: VAEConfig, shape: tuple[int, ...], decode: bool, attention_matmuls: bool) -> dict[str, int]:
+def _vae_macs(config: VAEConfig, shape: tuple[int, ...], decode: bool,
+              attention_matmuls: bool) -> dict[str, int]:
     with torch.device("meta"):
         vae = AutoencoderKL(config)
         x = torch.empty(shape)
@@ -122,7 +123,8 @@ def vae_decoder_macs(config: VAEConfig = SD_VAE, height: int = 512, width: int =
                      attention_matmuls: bool = True) -> dict[str, int]:
     """MACs of decoding `batch` latents to height x width pixels (post_quant_conv's 1x1 included)."""
     f = vae_factor(config)
-    return _vae_macs(config, (batch, config.latent_channels, height // f, width // f), True, attention_matmuls)
+    return _vae_macs(config, (batch, config.latent_channels, height // f, width // f), True,
+                     attention_matmuls)
 
 
 def vae_encoder_macs(config: VAEConfig = SD_VAE, height: int = 512, width: int = 512, batch: int = 1,
@@ -137,7 +139,8 @@ def text_encoder_macs(config: CLIPTextConfig = CLIP_VIT_L14, tokens: int = TEXT_
     with torch.device("meta"):
         encoder = CLIPTextEncoder(config)
         ids = torch.zeros(batch, tokens, dtype=torch.long)
-    return count_macs(encoder, (ids,), lambda n: n.replace("layers.", "layer ").split(".")[0], attention_matmuls)
+    return count_macs(encoder, (ids,), lambda n: n.replace("layers.", "layer ").split(".")[0],
+                      attention_matmuls)
 
 
 def text_config_for(table: UNetTable) -> CLIPTextConfig:
@@ -145,8 +148,9 @@ def text_config_for(table: UNetTable) -> CLIPTextConfig:
     return {text.width: text for text in TEXT_ENCODERS.values()}[table.context_dim]
 
 
-def sampling_flops(unet_table: UNetTable, vae_config: VAEConfig = SD_VAE, text_config: CLIPTextConfig | None = None,
-                   size: int = 512, steps: int = 25, guidance: bool = True) -> dict[str, int]:
+def sampling_flops(unet_table: UNetTable, vae_config: VAEConfig = SD_VAE,
+                   text_config: CLIPTextConfig | None = None, size: int = 512, steps: int = 25,
+                   guidance: bool = True) -> dict[str, int]:
     """FLOPs (2 x MACs) to generate one size x size image: `unet` (steps forwards, each on
     2 latents with classifier-free guidance), `vae_decode`, `text` (2 prompts with guidance), `total`."""
     text_config = text_config or text_config_for(unet_table)
@@ -158,8 +162,9 @@ def sampling_flops(unet_table: UNetTable, vae_config: VAEConfig = SD_VAE, text_c
     return out | {"total": sum(out.values())}
 
 
-def kd_step_flops(student_table: UNetTable, teacher_table: UNetTable, size: int = 512, latents_cached: bool = False,
-                  vae_config: VAEConfig = SD_VAE, text_config: CLIPTextConfig | None = None) -> dict[str, int]:
+def kd_step_flops(student_table: UNetTable, teacher_table: UNetTable, size: int = 512,
+                  latents_cached: bool = False, vae_config: VAEConfig = SD_VAE,
+                  text_config: CLIPTextConfig | None = None) -> dict[str, int]:
     """FLOPs for one BK-SDM distillation sample (sec. 3.2): the frozen teacher's forward, the
     student's forward and backward (2 x forward), the text encoding, and the VAE encode unless
     the latents were precomputed. Parts: `teacher`, `student`, `vae_encode`, `text`, `total`."""
@@ -183,14 +188,16 @@ def main(argv=None):
     table = variant(teacher, args.variant)
     size = args.size or teacher.sample_size * vae_factor()
     latent = size // vae_factor()
-    with_attn, without = unet_macs(table, latent, latent), unet_macs(table, latent, latent, attention_matmuls=False)
+    with_attn, without = unet_macs(table, latent,
+                                   latent), unet_macs(table, latent, latent, attention_matmuls=False)
     print(f"{table.name} U-Net, one forward at {latent}x{latent} latent ({size} px), GMACs")
     print(f"{'part':>8} {'conv+linear':>12} {'+attn matmuls':>14}")
     for part in with_attn:
         print(f"{part:>8} {without[part] / 1e9:>12.1f} {with_attn[part] / 1e9:>14.1f}")
     print(f"U-Net forward: {2 * with_attn['total'] / 1e12:.3f} TFLOP")
     sample = sampling_flops(table, size=size, steps=args.steps)
-    print(f"one image, {args.steps} steps with CFG: " + ", ".join(f"{k} {v / 1e12:.2f}" for k, v in sample.items())
+    print(f"one image, {args.steps} steps with CFG: " + ", ".join(f"{k} "
+                                                                  f"{v / 1e12:.2f}" for k, v in sample.items())
           + " TFLOP")
     for cached in (False, True):
         kd = kd_step_flops(table, teacher, size=size, latents_cached=cached)

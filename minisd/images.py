@@ -1,5 +1,5 @@
-"""Small image helpers shared by sample.py, train.py and evaluate.py: RGB conversion of any image mode, a grid,
-and the settings a generated image carries (PNG text chunks, or EXIF for JPEG and WebP)."""
+"""Small image helpers shared by sample.py, train.py and evaluate.py: RGB conversion of any image mode, a
+grid, and the settings a generated image carries (PNG text chunks, or EXIF for JPEG and WebP)."""
 
 import json
 import math
@@ -9,16 +9,18 @@ from PIL import Image, PngImagePlugin
 
 # what sample.py writes its images as; each keeps the generation settings (save_with_settings)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-DESCRIPTION, USER_COMMENT, EXIF_IFD = 0x010E, 0x9286, 0x8769  # EXIF tags: ImageDescription, UserComment; its IFD
+# EXIF tags: ImageDescription, UserComment; its IFD
+DESCRIPTION, USER_COMMENT, EXIF_IFD = 0x010E, 0x9286, 0x8769
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """`image` as 8-bit RGB, whatever its mode, by the range its pixels really have.
 
-    PIL's convert("RGB") clips 16- and 32-bit pixels to 0..255, so a 16-bit grayscale PNG (mode I;16 or I) turns
-    white: integer modes are scaled from 0..65535 (the 16-bit range PNG and TIFF store; PIL opens them as I;16 or
-    I), float images (F) from 0..1. Transparent pixels (LA, RGBA, PA, P with a transparent colour) are put on
-    white, the colour a transparent background shows in a viewer, instead of whatever colour they hide.
+    PIL's convert("RGB") clips 16- and 32-bit pixels to 0..255, so a 16-bit grayscale PNG (mode I;16 or I)
+    turns white: integer modes are scaled from 0..65535 (the 16-bit range PNG and TIFF store; PIL opens them
+    as I;16 or I), float images (F) from 0..1. Transparent pixels (LA, RGBA, PA, P with a transparent colour)
+    are put on white, the colour a transparent background shows in a viewer, instead of whatever colour they
+    hide.
     """
     if image.mode in ("I", "F") or image.mode.startswith("I;16"):
         scale = 1.0 if image.mode == "F" else 65535.0
@@ -46,8 +48,8 @@ def grid(images: list[Image.Image], cols: int | None = None) -> Image.Image:
 
 
 def save_with_settings(image: Image.Image, path, settings: dict[str, str]) -> None:
-    """Save `image` with the settings that made it: PNG text chunks (one per key), or for JPEG and WebP, which have
-    no text chunks, EXIF: the prompt as ImageDescription and every setting as JSON in UserComment."""
+    """Save `image` with the settings that made it: PNG text chunks (one per key), or for JPEG and WebP, which
+    have no text chunks, EXIF: the prompt as ImageDescription and every setting as JSON in UserComment."""
     suffix = str(path).lower().rpartition(".")[2]
     if suffix == "png":
         info = PngImagePlugin.PngInfo()

@@ -1,6 +1,8 @@
-"""One step of BK-SDM's distillation on one micro-batch (Kim et al., arXiv 2305.15798, sec. 3.2), up to its loss.
+"""One step of BK-SDM's distillation on one micro-batch (Kim et al., arXiv 2305.15798, sec. 3.2), up to its
+loss.
 
-train.py's loop and `python -m minisd.bench train` both call `kd_step`, so the benchmark times what a run does:
+train.py's loop and `python -m minisd.bench train` both call `kd_step`, so the benchmark times what a run
+does:
 1. each sample draws its timestep, its diffusion noise and its VAE posterior sample from its own seed
    (`per_sample_noise`), and its caption may be dropped for classifier-free guidance (`drop_captions`);
 2. the noisy latents go through the frozen teacher (no grad) and the student, each returning the features its
@@ -28,7 +30,8 @@ class KDRecipe:
     lambda_sd: float = 1.0  # the denoising task
     lambda_out: float = 1.0  # output-level KD
     lambda_feat: float = 1.0  # feature-level KD
-    snr_gamma: float | None = None  # Min-SNR-gamma weighting of the task loss (arXiv 2303.09556); None: uniform
+    # Min-SNR-gamma weighting of the task loss (arXiv 2303.09556); None: uniform
+    snr_gamma: float | None = None
     caption_dropout: float = 0.0  # share of captions replaced by the empty prompt (SD: 0.1)
 
 
@@ -46,8 +49,8 @@ def per_sample_noise(seeds: torch.Tensor, latent_shape: tuple, num_train_timeste
 
 
 def drop_captions(texts: list[str], seeds: torch.Tensor, p: float) -> list[str]:
-    """Each caption replaced by the empty prompt with probability p, drawn from its sample's seed, so a resumed
-    run drops the same ones (SD trained with 10% dropped, which classifier-free guidance needs)."""
+    """Each caption replaced by the empty prompt with probability p, drawn from its sample's seed, so a
+    resumed run drops the same ones (SD trained with 10% dropped, which classifier-free guidance needs)."""
     if not p:
         return texts
     drawn = [torch.rand((), generator=torch.Generator().manual_seed(seed ^ 0x5EED)).item()
@@ -60,12 +63,13 @@ def kd_step(batch: dict, teacher: Pipeline, teacher_unet: torch.nn.Module | None
             train_text_encoder: bool = False) -> dict[str, torch.Tensor]:
     """The loss terms of one micro-batch: {"loss": the weighted sum, "sd", "out", "feat"}, left on the device.
 
-    batch: as train.py's loader gives it: "pixels", or the cache's "mean", "std" and "context"; "text" and "seed".
-    teacher: the frozen pipeline (its VAE, tokenizer and text encoder; bf16 on CUDA).
-    teacher_unet: the teacher's U-Net as it runs (compiled or not); None for plain training, the task loss alone.
-    student: the U-Net that learns, as it runs (DDP-wrapped or compiled): fp32 weights, bf16 autocast on CUDA.
-    pairs: distill.feature_pairs, (teacher tap, student tap); empty for plain training.
-    train_text_encoder: the text encoder learns too (train.py --plain --train-text-encoder), so it runs with grad.
+    batch: as train.py's loader gives it: "pixels", or the cache's "mean", "std" and "context"; "text" and
+    "seed". teacher: the frozen pipeline (its VAE, tokenizer and text encoder; bf16 on CUDA).
+    teacher_unet: the teacher's U-Net as it runs (compiled or not); None for plain training, the task loss
+    alone. student: the U-Net that learns, as it runs (DDP-wrapped or compiled): fp32 weights, bf16 autocast
+    on CUDA. pairs: distill.feature_pairs, (teacher tap, student tap); empty for plain training.
+    train_text_encoder: the text encoder learns too (train.py --plain --train-text-encoder), so it runs with
+    grad.
     """
     device = teacher.device
     with torch.no_grad():
@@ -83,7 +87,8 @@ def kd_step(batch: dict, teacher: Pipeline, teacher_unet: torch.nn.Module | None
         target = noise if schedule.prediction_type == "epsilon" else schedule.velocity(latents, noise, t)
         teacher_out, teacher_feats = (None, {}) if teacher_unet is None else \
             teacher_unet(noisy.to(teacher.dtype), t, context, taps=[a for a, _ in pairs])
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    autocast = torch.autocast("cuda",
+                              dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     with autocast:
         student_out, student_feats = student(noisy, t, context.float(), taps=[b for _, b in pairs])
         weights = None if recipe.snr_gamma is None else schedule.min_snr_weights(t, recipe.snr_gamma)

@@ -14,9 +14,11 @@ read from the data folder's metadata at training time, so caption dropout still 
 caption gets the empty prompt's states.
 
 DIR holds
-    cache.json                 what was cached: data folder, resolution, sample count, shard size, dtype, teacher
-    shard-00000.safetensors    rows [k * shard_size, (k + 1) * shard_size) of the data set, in metadata order:
-                               mean, std [n, 4, h, w]; context [n, 77, D]; valid [n] (0: the image failed to load)
+    cache.json                 what was cached: data folder, resolution, sample count, shard size, dtype,
+    teacher shard-00000.safetensors    rows [k * shard_size, (k + 1) * shard_size) of the data set, in
+    metadata order:
+                               mean, std [n, 4, h, w]; context [n, 77, D]; valid [n] (0: the image failed to
+                               load)
 Shards are written under a temporary name and renamed, so a shard on disk is whole, and a re-run skips
 finished shards (resumable). Under torchrun, rank r writes shards r, r + world, ...; then every rank
 reads all of them. Image folders (metadata.csv/jsonl) only; tar shards are streamed and not cached.
@@ -52,26 +54,32 @@ def check_manifest(cache: Path, manifest: dict) -> None:
     if path.is_file():
         found = read_json(path)
         if found != manifest:
-            diff = ", ".join(f"{k}: {found.get(k)!r} there, {v!r} now" for k, v in manifest.items() if found.get(k) != v)
-            raise ValueError(f"--cache-latents {cache} holds another cache ({diff}); give another folder, or delete it")
+            diff = ", ".join(f"{k}: {found.get(k)!r} there, {v!r} now" for k,
+                             v in manifest.items() if found.get(k) != v)
+            raise ValueError(f"--cache-latents {cache} holds another cache ({diff}); give another folder, or "
+                             "delete it")
     else:
         write_json(path, manifest)
 
 
 @torch.no_grad()
-def build(teacher, data: str | Path, cache: str | Path, resolution: int, batch_size: int = 64, num_workers: int = 4,
-          rank: int = 0, world_size: int = 1, teacher_name: str = "", shard_size: int = SHARD_SIZE) -> list[int]:
+def build(teacher, data: str | Path, cache: str | Path, resolution: int, batch_size: int = 64,
+          num_workers: int = 4, rank: int = 0, world_size: int = 1, teacher_name: str = "",
+          shard_size: int = SHARD_SIZE) -> list[int]:
     """Cache the moments and text states of the image folder `data` under `cache` (a Pipeline `teacher`
     gives the VAE and text encoder, in their training dtype); returns the shards this rank wrote."""
     root, cache = Path(data), Path(cache)
     if not (root / "metadata.csv").is_file() and not (root / "metadata.jsonl").is_file():
-        raise ValueError(f"--cache-latents needs an image folder with metadata.csv or metadata.jsonl; {data} is not "
-                         "one (tar shards are streamed, not cached): drop --cache-latents for this data")
+        raise ValueError(f"--cache-latents needs an image folder with metadata.csv or metadata.jsonl; {data} "
+                         "is not one (tar shards are streamed, not cached): drop --cache-latents for this "
+                         "data")
     images = ImageFolderDataset(root, resolution, center_crop=True, random_flip=False)
     n = len(images)
-    check_manifest(cache, dict(data=str(root.resolve()), resolution=resolution, samples=n, shard_size=shard_size,
+    check_manifest(cache,
+                   dict(data=str(root.resolve()), resolution=resolution, samples=n, shard_size=shard_size,
                                dtype=str(teacher.vae_dtype).removeprefix("torch."), teacher=teacher_name))
-    todo = [k for k in range(rank, math.ceil(n / shard_size), world_size) if not shard_path(cache, k).is_file()]
+    todo = [k for k in range(rank, math.ceil(n / shard_size),
+                             world_size) if not shard_path(cache, k).is_file()]
     # batches never straddle two shards, so a shard is written as soon as its last batch is encoded
     batches, shard_of = [], []
     for k in todo:
@@ -81,10 +89,12 @@ def build(teacher, data: str | Path, cache: str | Path, resolution: int, batch_s
     loader = DataLoader(images, batch_sampler=batches, num_workers=num_workers, collate_fn=as_list,
                         pin_memory=teacher.device.type == "cuda")
     parts = []
-    for i, samples in enumerate(tqdm(loader, desc=f"caching latents in {cache}", disable=rank != 0 or not batches)):
+    for i, samples in enumerate(tqdm(loader, desc=f"caching latents in {cache}",
+                                     disable=rank != 0 or not batches)):
         parts.append(encode(teacher, samples, resolution))
         if i + 1 == len(batches) or shard_of[i + 1] != shard_of[i]:
-            write_state_dict(shard_path(cache, shard_of[i]), {key: torch.cat([p[key] for p in parts]) for key in parts[0]})
+            write_state_dict(shard_path(cache, shard_of[i]),
+                             {key: torch.cat([p[key] for p in parts]) for key in parts[0]})
             parts = []
     if dist.is_initialized():
         dist.barrier()  # every rank's shards are on disk before any rank reads them
@@ -99,10 +109,11 @@ def encode(teacher, samples: list[dict | None], resolution: int) -> dict[str, to
     text_dtype = next(teacher.text_encoder.parameters()).dtype
     rows = {"mean": torch.zeros(len(samples), *latent, dtype=teacher.vae_dtype),
             "std": torch.zeros(len(samples), *latent, dtype=teacher.vae_dtype),
-            "context": torch.zeros(len(samples), teacher.tokenizer.max_length, teacher.text_encoder.config.width,
-                                   dtype=text_dtype)}
+            "context": torch.zeros(len(samples), teacher.tokenizer.max_length,
+                                   teacher.text_encoder.config.width, dtype=text_dtype)}
     if ok:
-        posterior = teacher.vae.encode(torch.stack([s["pixels"] for s in ok]).to(teacher.device, teacher.vae_dtype))
+        posterior = teacher.vae.encode(torch.stack([s["pixels"]
+                                                    for s in ok]).to(teacher.device, teacher.vae_dtype))
         context = teacher.text_encoder(teacher.tokenizer([s["text"] for s in ok]).to(teacher.device))
         for key, value in (("mean", posterior.mean), ("std", posterior.std), ("context", context)):
             rows[key][valid.bool()] = value.cpu()
@@ -121,12 +132,12 @@ class CachedDataset(Dataset):
         missing = [shard_path(self.cache, k).name for k in range(math.ceil(self.samples / self.shard_size))
                    if not shard_path(self.cache, k).is_file()]
         if missing:
-            raise FileNotFoundError(f"{self.cache} lacks {', '.join(missing)}: run train.py --cache-latents again to "
-                                    "finish the cache")
+            raise FileNotFoundError(f"{self.cache} lacks {', '.join(missing)}: run train.py --cache-latents "
+                                    "again to finish the cache")
         texts = [text for _, text in read_metadata(Path(data))]
         if len(texts) != self.samples:
-            raise ValueError(f"{data} lists {len(texts)} images but {self.cache} cached {self.samples}; give the "
-                             "folder it was built from, or another --cache-latents folder")
+            raise ValueError(f"{data} lists {len(texts)} images but {self.cache} cached {self.samples}; give "
+                             "the folder it was built from, or another --cache-latents folder")
         self.texts = Strings(texts)
         self.seed = seed
         self.skips, self.files = SkipCounter(), {}
@@ -161,7 +172,8 @@ def collate(batch: list[dict | None]) -> dict | None:
 
 
 def posterior_moments(batch: dict, teacher, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, std) of each sample's VAE posterior, in the VAE's dtype: from the cache, or by encoding batch["pixels"]."""
+    """(mean, std) of each sample's VAE posterior, in the VAE's dtype: from the cache, or by encoding
+    batch["pixels"]."""
     if "mean" in batch:
         return (batch["mean"].to(device, teacher.vae_dtype, non_blocking=True),
                 batch["std"].to(device, teacher.vae_dtype, non_blocking=True))

@@ -266,8 +266,9 @@ def warn_non_finite(latents: torch.Tensor) -> None:
     finite = torch.isfinite(latents).flatten(1).all(1).tolist()
     if not all(finite):
         bad = [i for i, ok in enumerate(finite) if not ok]
-        log.warning("image(s) %s of %d will be black: the latents became NaN or infinite while denoising (weights "
-                    "that are not finite, e.g. a diverged checkpoint, or an fp16 overflow: try --dtype fp32)",
+        log.warning("image(s) %s of %d will be black: the latents became NaN or infinite while denoising "
+                    "(weights that are not finite, e.g. a diverged checkpoint, or an fp16 overflow: try "
+                    "--dtype fp32)",
                     ", ".join(map(str, bad)), len(finite))
 
 

@@ -36,7 +36,8 @@ class UNetTable:
     linear_proj: bool = False    # SD-v2: Linear proj_in/proj_out instead of 1x1 convs
     upcast_attention: bool = False  # SD-v2.1 768: attention in fp32
     teacher_down: int = 2        # blocks per down stage in the teacher
-    teacher_up: int = 3          # blocks per up stage in the teacher (one more: it also eats the downsampler's skip)
+    # blocks per up stage in the teacher (one more: it also eats the downsampler's skip)
+    teacher_up: int = 3
     in_channels: int = 4         # latent channels of SD's VAE
     out_channels: int = 4
     depth: int = 1               # transformer blocks per SpatialTransformer
@@ -69,9 +70,12 @@ TEACHERS = {"v1": SD_V1, "v2": SD_V2, "v2-768": SD_V2_768}
 # blocks (BK-SDM's `up_blocks.i.resnets.1 <- resnets.2`). stages: how many stages remain.
 VARIANTS = {
     "sd":    dict(down=(0, 1), up=(0, 1, 2), mid=True, stages=4),   # the teacher itself
-    "base":  dict(down=(0,), up=(0, 2), mid=True, stages=4),        # BK-SDM-Base:  579,384,964 (v1) / 583,480,964 (v2)
-    "small": dict(down=(0,), up=(0, 2), mid=False, stages=4),       # BK-SDM-Small: 482,346,884 (v1) / 485,787,524 (v2)
-    "tiny":  dict(down=(0,), up=(0, 2), mid=False, stages=3),       # BK-SDM-Tiny:  323,384,964 (v1) / 326,825,604 (v2)
+    # BK-SDM-Base:  579,384,964 (v1) / 583,480,964 (v2)
+    "base":  dict(down=(0,), up=(0, 2), mid=True, stages=4),
+    # BK-SDM-Small: 482,346,884 (v1) / 485,787,524 (v2)
+    "small": dict(down=(0,), up=(0, 2), mid=False, stages=4),
+    # BK-SDM-Tiny:  323,384,964 (v1) / 326,825,604 (v2)
+    "tiny":  dict(down=(0,), up=(0, 2), mid=False, stages=3),
 }
 
 
@@ -83,7 +87,8 @@ def variant(teacher: UNetTable, name: str, down=None, up=None, mid=None, stages=
     spec = dict(VARIANTS.get(name, {}))
     spec.update({k: v for k, v in dict(down=down, up=up, mid=mid, stages=stages).items() if v is not None})
     if not 1 <= spec["stages"] <= len(teacher.stages):
-        raise ValueError(f"a {teacher.name} student has 1 to {len(teacher.stages)} stages, not {spec['stages']}")
+        raise ValueError(f"a {teacher.name} student has 1 to {len(teacher.stages)} stages, not "
+                         f"{spec['stages']}")
     new_stages = tuple(dataclasses.replace(st, down=tuple(d for d in spec["down"] if d in st.down),
                                            up=tuple(u for u in spec["up"] if u in st.up))
                        for st in teacher.stages[:spec["stages"]])
@@ -93,8 +98,9 @@ def variant(teacher: UNetTable, name: str, down=None, up=None, mid=None, stages=
 
 def _shape(table: UNetTable) -> tuple:
     """What decides a U-Net's weights: everything but names, kept indices and run-time settings."""
-    return (tuple((s.channels, s.attention, s.heads, len(s.down), len(s.up)) for s in table.stages), table.mid,
-            table.context_dim, table.linear_proj, table.in_channels, table.out_channels, table.depth, table.groups)
+    return (tuple((s.channels, s.attention, s.heads, len(s.down), len(s.up)) for s in table.stages),
+            table.mid, table.context_dim, table.linear_proj, table.in_channels, table.out_channels,
+            table.depth, table.groups)
 
 
 def identify(table: UNetTable) -> str:

@@ -38,7 +38,8 @@ def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible map from the 256 byte values to printable characters (openai/gpt-2
     encoder.py): printable bytes map to themselves, the others to chr(256), chr(257), ...
     Its order is the order of the first 256 vocabulary ids."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"),
+                                                          ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
     others = [b for b in range(256) if b not in bs]
     return dict(zip(bs + others, map(chr, cs + [256 + n for n in range(len(others))])))
@@ -118,13 +119,15 @@ class CLIPTokenizer:
         pad = pad["content"] if isinstance(pad, dict) else pad  # an AddedToken written as a dict
         length = config.get("model_max_length", MAX_LENGTH)
         if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-            return cls.from_files(folder / "vocab.json", folder / "merges.txt", pad_token=pad, max_length=length)
+            return cls.from_files(folder / "vocab.json", folder / "merges.txt", pad_token=pad,
+                                  max_length=length)
         if (folder / "tokenizer.json").is_file():
             # transformers >= 5 saves only tokenizer.json: its BPE model holds the same vocab and merges
             model = read("tokenizer.json")["model"]
             merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
             return cls(model["vocab"], merges, pad_token=pad, max_length=length)
-        raise FileNotFoundError(f"no tokenizer in {folder}: expected vocab.json and merges.txt (or tokenizer.json)")
+        raise FileNotFoundError(f"no tokenizer in {folder}: expected vocab.json and merges.txt (or "
+                                "tokenizer.json)")
 
     def encode(self, prompt: str) -> list[int]:
         """The prompt's token ids, without specials, truncation or padding."""

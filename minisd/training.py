@@ -1,6 +1,6 @@
 """The parts of train.py's loop around the KD step (minisd/kd_step.py): distributed setup, the learning-rate
-schedule, EMA, the state a run goes on from, the batches and the data position, the loss log, stop signals, atomic
-checkpoints that resume exactly, and a loss plot.
+schedule, EMA, the state a run goes on from, the batches and the data position, the loss log, stop signals,
+atomic checkpoints that resume exactly, and a loss plot.
 
 A checkpoint is a folder `checkpoint-{step:07d}/` under the run's output folder:
     unet/                  the student, diffusers layout (diffusers and sample.py load it)
@@ -90,7 +90,8 @@ class EMA:
         """A U-Net like `like` holding the averaged weights."""
         with torch.device("meta"):
             model = UNet(like.config)
-        model.load_state_dict({k: v.to(like.conv_in.weight.dtype) for k, v in self.shadow.items()}, assign=True)
+        model.load_state_dict({k: v.to(like.conv_in.weight.dtype) for k, v in self.shadow.items()},
+                              assign=True)
         return model.eval()
 
 
@@ -112,7 +113,8 @@ class TrainState:
     student: UNet
     optimizer: torch.optim.Optimizer
     ema: EMA | None = None
-    text_encoder: torch.nn.Module | None = None  # one that learns with the U-Net (train.py --train-text-encoder)
+    # one that learns with the U-Net (train.py --train-text-encoder)
+    text_encoder: torch.nn.Module | None = None
     step: int = 0
     epoch: int = 0
     position: int = 0
@@ -121,7 +123,8 @@ class TrainState:
         """Go on from the checkpoint at `path`, whose parts load_checkpoint(path) has read."""
         self.student.load_state_dict(weights.state_dict())
         if self.text_encoder is not None:
-            trained = load_text_encoder(path / "text_encoder", device=next(self.text_encoder.parameters()).device)
+            trained = load_text_encoder(path / "text_encoder",
+                                        device=next(self.text_encoder.parameters()).device)
             self.text_encoder.load_state_dict(trained.state_dict())
         self.optimizer.load_state_dict(saved["optimizer"])
         if self.ema is not None and ema_weights is not None:
@@ -130,7 +133,8 @@ class TrainState:
 
 
 def save_checkpoint(out: Path, state: TrainState, keep: int, scheduler_class: str, run: dict) -> Path:
-    """state as checkpoint-{step}/ under `out`; `run` (what was trained, and how) goes into training_state.pt."""
+    """state as checkpoint-{step}/ under `out`; `run` (what was trained, and how) goes into
+    training_state.pt."""
     final = out / f"checkpoint-{state.step:07d}"
     tmp = out / f".tmp-checkpoint-{state.step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -167,9 +171,10 @@ def load_checkpoint(path: Path, device) -> tuple:
 
 
 def batches(loader, state: TrainState):
-    """The loader's batches, epoch after epoch, from where `state` is (a resumed run's next batch) without end.
-    state.epoch and state.position follow them: the samples this rank took in the epoch, whole batches, as the
-    loader draws ahead of the loop. A batch whose images all failed to load (None) is counted and passed over."""
+    """The loader's batches, epoch after epoch, from where `state` is (a resumed run's next batch) without
+    end. state.epoch and state.position follow them: the samples this rank took in the epoch, whole batches,
+    as the loader draws ahead of the loop. A batch whose images all failed to load (None) is counted and
+    passed over."""
     if isinstance(loader.sampler, ResumableSampler):
         loader.sampler.set_state(state.epoch, state.position)
     else:  # a stream of tar shards skips what this rank already took
@@ -187,8 +192,8 @@ def batches(loader, state: TrainState):
 
 
 class LossMeter:
-    """The loss terms summed on the device over the steps since the last log row, so that no step waits for the
-    GPU; read() gives their means, over all ranks, and the samples per second since the last read."""
+    """The loss terms summed on the device over the steps since the last log row, so that no step waits for
+    the GPU; read() gives their means, over all ranks, and the samples per second since the last read."""
     TERMS = ("loss", "sd", "out", "feat")
 
     def __init__(self, device: torch.device, world: int):
@@ -201,8 +206,8 @@ class LossMeter:
         self.samples += samples
 
     def read(self) -> tuple[dict[str, float], float]:
-        """The means over the steps since the last read (fewer than --log-steps after a resume or at the end), and
-        the samples per second; then starts anew."""
+        """The means over the steps since the last read (fewer than --log-steps after a resume or at the end),
+        and the samples per second; then starts anew."""
         if self.world > 1:
             dist.all_reduce(self.sums)
             self.sums /= self.world
@@ -215,8 +220,9 @@ class LossMeter:
 
 
 class RunLog:
-    """Rank 0's record of a run: rows appended to log.jsonl (a resumed run goes on in the same file), the progress
-    bar and its figures, and `report` (TensorBoard or wandb) if given; on other ranks it writes nothing."""
+    """Rank 0's record of a run: rows appended to log.jsonl (a resumed run goes on in the same file), the
+    progress bar and its figures, and `report` (TensorBoard or wandb) if given; on other ranks it writes
+    nothing."""
     SHOWN = ("sd", "out", "feat", "samples_per_s", "peak_mem_gb")
 
     def __init__(self, out: Path, rank: int, total: int, initial: int, desc: str, report=None):
@@ -244,8 +250,9 @@ class RunLog:
 
 @contextlib.contextmanager
 def stop_signals():
-    """A list that Ctrl-C or SIGTERM appends to, so that the loop can finish its step, save and exit. The handlers
-    that were there before come back on exit, as train.main may run inside another program (the tests)."""
+    """A list that Ctrl-C or SIGTERM appends to, so that the loop can finish its step, save and exit. The
+    handlers that were there before come back on exit, as train.main may run inside another program (the
+    tests)."""
     stop = []
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     for sig in previous:
@@ -258,7 +265,8 @@ def stop_signals():
 
 
 def any_rank(flag: bool, device: torch.device, world: int) -> bool:
-    """True on every rank if it is on any (a signal may reach only some processes), so that all stop together."""
+    """True on every rank if it is on any (a signal may reach only some processes), so that all stop
+    together."""
     flag = torch.tensor([float(flag)], device=device)
     if world > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)

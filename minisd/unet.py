@@ -63,7 +63,8 @@ class MidBlock(nn.Module):
         super().__init__()
         ch, t = table.stages[-1].channels, table
         self.res1 = ResBlock(ch, ch, t.temb_dim, groups=t.groups)
-        self.attn = SpatialTransformer(ch, t.mid_heads, t.context_dim, t.depth, t.linear_proj, t.upcast_attention, t.groups)
+        self.attn = SpatialTransformer(ch, t.mid_heads, t.context_dim, t.depth, t.linear_proj,
+                                       t.upcast_attention, t.groups)
         self.res2 = ResBlock(ch, ch, t.temb_dim, groups=t.groups)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -76,7 +77,8 @@ class UNet(nn.Module):
         self.config = table  # every model keeps its configuration in .config; a U-Net's is its table
         n, ch = len(table.stages), table.stages[0].channels
         self.conv_in = nn.Conv2d(table.in_channels, ch, 3, padding=1)
-        self.time_embed = nn.Sequential(nn.Linear(ch, table.temb_dim), nn.SiLU(), nn.Linear(table.temb_dim, table.temb_dim))
+        self.time_embed = nn.Sequential(nn.Linear(ch, table.temb_dim), nn.SiLU(),
+                                        nn.Linear(table.temb_dim, table.temb_dim))
 
         skips = [ch]  # channels of each tensor the down path hands to the up path, in order
         down = []
@@ -102,8 +104,9 @@ class UNet(nn.Module):
                 ch = stage.channels
             up.append(UpStage(blocks, Upsample(ch) if s > 0 else None))
         if skips:
-            raise ValueError(f"table {table.name}: the up path takes {sum(len(s.up) for s in table.stages)} skip "
-                             f"connections but the down path gives {sum(len(s.down) for s in table.stages) + n}; "
+            raise ValueError(f"table {table.name}: the up path takes {sum(len(s.up) for s in table.stages)} "
+                             f"skip connections but the down path gives "
+                             f"{sum(len(s.down) for s in table.stages) + n}; "
                              "each stage needs one more up block than down blocks (the downsampler's output)")
         self.up = nn.ModuleList(reversed(up))  # stored by stage index, like self.down
         self.norm_out = group_norm(ch, 1e-5, table.groups)
@@ -194,8 +197,10 @@ def describe(table: UNetTable, teacher: UNetTable | None = None) -> str:
     teacher = teacher or table
     counts = count_params(table)
     lines = [f"{table.name}: context {table.context_dim}, "
-             f"{'linear' if table.linear_proj else 'conv'} proj, {'mid block' if table.mid else 'no mid block'}",
-             f"{'stage':>5} {'ch':>5} {'attn':>4} {'heads':>5}  {'down blocks':<12} {'up blocks':<12} {'params':>13}"]
+             f"{'linear' if table.linear_proj else 'conv'} proj, "
+             f"{'mid block' if table.mid else 'no mid block'}",
+             f"{'stage':>5} {'ch':>5} {'attn':>4} {'heads':>5}  {'down blocks':<12} {'up blocks':<12} "
+             f"{'params':>13}"]
 
     def marks(kept, n):
         return " ".join(("+" if i in kept else "-") + str(i) for i in range(n))
@@ -208,8 +213,10 @@ def describe(table: UNetTable, teacher: UNetTable | None = None) -> str:
                          f"{counts[f'stage {s}']:>13,}")
         else:
             lines.append(f"{s:>5} {t_stage.channels:>5} {'':>4} {'':>5}  {'(stage removed)':<25} {0:>13,}")
-    lines.append(f"{'mid':>5} {'':>5} {'':>4} {'':>5}  {'kept' if table.mid else 'removed':<25} {counts['mid']:>13,}")
-    lines.append(f"{'stem':>5} {'':>5} {'':>4} {'':>5}  {'time embed, conv in/out':<25} {counts['stem']:>13,}")
+    lines.append(f"{'mid':>5} {'':>5} {'':>4} {'':>5}  {'kept' if table.mid else 'removed':<25} "
+                 f"{counts['mid']:>13,}")
+    lines.append(f"{'stem':>5} {'':>5} {'':>4} {'':>5}  {'time embed, conv in/out':<25} "
+                 f"{counts['stem']:>13,}")
     lines.append(f"{'total':>5} {'':>42} {counts['total']:>13,}")
     return "\n".join(lines)
 
@@ -217,7 +224,8 @@ def describe(table: UNetTable, teacher: UNetTable | None = None) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Print the U-Net stage/block table of SD and its BK-SDM "
                                                  "students, with the parameters of each stage.")
-    parser.add_argument("--family", choices=sorted(TEACHERS), default="v1", help="teacher family (default v1)")
+    parser.add_argument("--family", choices=sorted(TEACHERS), default="v1",
+                        help="teacher family (default v1)")
     parser.add_argument("--variant", choices=sorted(VARIANTS) + ["all"], default="all")
     args = parser.parse_args(argv)
     teacher = TEACHERS[args.family]

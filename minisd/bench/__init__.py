@@ -2,8 +2,10 @@
 
     python -m minisd.bench sample --config sd small tiny --batch 1 8 32 --compile both   # vs diffusers
     python -m minisd.bench train --config small tiny --batch 64                          # vs BK-SDM's KD step
-    python -m minisd.bench train --config small --batch 48 64 96 128 --memory-probe      # largest batch (CUDA)
-    python -m minisd.bench sample --config tiny --small --size 64 --steps 2 --batch 1 2 --device cpu   # smoke run
+    python -m minisd.bench train --config small --batch 48 64 96 128 --memory-probe
+        # largest batch (CUDA)
+    python -m minisd.bench sample --config tiny --small --size 64 --steps 2 --batch 1 2 --device cpu
+        # smoke run
 
 Models carry random weights at the real configs (models.py); the libraries alternate, warm-up
 excluded, and the figures land in --out (default bench/) as JSON, Markdown and, for sampling, a PNG

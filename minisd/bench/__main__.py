@@ -18,35 +18,45 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name, helptext in (("sample", "minisd's pipeline against diffusers' StableDiffusionPipeline"),
                            ("train", "minisd's KD step against BK-SDM's reference KD step")):
         s = sub.add_parser(name, help=helptext)
-        s.add_argument("--config", nargs="+", choices=sorted(VARIANTS), default=["small"] if name == "train" else ["sd"],
-                       help="U-Net(s): the SD teacher or a BK-SDM student (train: the student; the teacher is SD)")
+        s.add_argument("--config", nargs="+", choices=sorted(VARIANTS),
+                       default=["small"] if name == "train" else ["sd"],
+                       help="U-Net(s): the SD teacher or a BK-SDM student (train: the student; the teacher "
+                            "is SD)")
         s.add_argument("--family", choices=["v1", "v2"], default="v1")
         s.add_argument("--small", action="store_true",
-                       help="every model at reduced size (1/8-width U-Net, 2-layer text encoder, 2-level VAE): smoke runs")
+                       help="every model at reduced size (1/8-width U-Net, 2-layer text encoder, 2-level "
+                            "VAE): smoke runs")
         s.add_argument("--size", type=int, default=None, help="pixels (default: the model's native 512)")
         s.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32] if name == "sample" else [64],
                        help="batch sizes (train: per GPU)")
-        s.add_argument("--compile", choices=["off", "on", "both"], default="off" if name == "sample" else "on",
+        s.add_argument("--compile", choices=["off", "on", "both"],
+                       default="off" if name == "sample" else "on",
                        help="torch.compile the U-Nets (train: minisd's, on CUDA only, as train.py)")
-        s.add_argument("--repeats", type=int, default=3, help="timed runs per library, alternating (median kept)")
+        s.add_argument("--repeats", type=int, default=3,
+                       help="timed runs per library, alternating (median kept)")
         s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         s.add_argument("--threads", type=int, default=None,
-                       help="CPU threads for torch (default: torch's); 1 on a CPU shared with other jobs, where "
-                            "threads that wait for each other at every op stall for whole scheduler slices")
+                       help="CPU threads for torch (default: torch's); 1 on a CPU shared with other jobs, "
+                            "where threads that wait for each other at every op stall for whole scheduler "
+                            "slices")
         s.add_argument("--peak-tflops", type=float, default=None,
-                       help="the device's peak, for %% of peak (default: spec sheet on known GPUs, else a measured matmul)")
-        s.add_argument("--out", type=Path, default=Path("bench"), help="folder for the JSON, Markdown and PNG")
+                       help="the device's peak, for %% of peak (default: spec sheet on known GPUs, else a "
+                            "measured matmul)")
+        s.add_argument("--out", type=Path, default=Path("bench"),
+                       help="folder for the JSON, Markdown and PNG")
         s.add_argument("--tag", default=None, help="file name tag (default: device and configs)")
     s = sub.choices["sample"]
     s.add_argument("--steps", type=int, default=25, help="PNDM steps (U-Net calls: steps + 1)")
     s.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on CUDA, fp32 on CPU")
     s.add_argument("--mode", default=None,
-                   help="torch.compile mode for both libraries, e.g. reduce-overhead (CUDA graphs), max-autotune")
+                   help="torch.compile mode for both libraries, e.g. reduce-overhead (CUDA graphs), "
+                        "max-autotune")
     s.add_argument("--unet-calls", type=int, default=20, help="U-Net calls per timed block for it/s")
     t = sub.choices["train"]
     t.add_argument("--steps", type=int, default=5, help="steps per timed block")
     t.add_argument("--warmup", type=int, default=3, help="untimed steps per library first")
-    t.add_argument("--gradient-checkpointing", action="store_true", help="minisd's student with activation checkpointing")
+    t.add_argument("--gradient-checkpointing", action="store_true",
+                   help="minisd's student with activation checkpointing")
     t.add_argument("--no-reference", action="store_true", help="minisd alone (no diffusers needed)")
     t.add_argument("--memory-probe", action="store_true",
                    help="CUDA: minisd's step alone at each --batch: fits or out of memory, and its peak")

@@ -57,7 +57,8 @@ class MinisdKD:
     def step(self, batch: dict) -> torch.Tensor:
         """One optimizer step on a batch as train.py's loader gives it (images and captions, or cached
         moments and text states); returns the loss, left on the device."""
-        losses = kd_step(batch, self.teacher, self.teacher_unet, self.model, self.schedule, self.pairs, self.recipe)
+        losses = kd_step(batch, self.teacher, self.teacher_unet, self.model, self.schedule, self.pairs,
+                         self.recipe)
         loss = losses["loss"]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.student.parameters(), 1.0, foreach=True)
@@ -87,12 +88,13 @@ class ReferenceKD:
         cuda = self.device.type == "cuda"
         ref = diffusers_pipeline(teacher)
         self.weight_dtype = torch.float16 if cuda else torch.float32  # accelerate's mixed_precision="fp16"
-        self.vae, self.text_encoder, self.teacher = (m.to(self.weight_dtype) for m in (ref.vae, ref.text_encoder, ref.unet))
+        self.vae, self.text_encoder, self.teacher = (m.to(self.weight_dtype)
+                                                     for m in (ref.vae, ref.text_encoder, ref.unet))
         self.student = diffusers_unet(student).float().train().requires_grad_(True)
         self.student.enable_gradient_checkpointing()
         self.noise_scheduler = DDPMScheduler.from_config(teacher.scheduler_config)
-        self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=1e-2,
-                                           eps=1e-8)
+        self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=lr, betas=(0.9, 0.999),
+                                           weight_decay=1e-2, eps=1e-8)
         self.scaler = torch.amp.GradScaler("cuda") if cuda else None
         self.autocast = torch.autocast("cuda", dtype=torch.float16) if cuda else contextlib.nullcontext()
         self.layers_teacher, self.layers_student = BK_MAPPING[name]

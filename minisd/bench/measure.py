@@ -22,8 +22,9 @@ import torch
 # Dense 16-bit (bf16/fp16) tensor-core peaks from the vendors' spec sheets, TFLOP/s, by device
 # name (first match wins: the PCIe and NVL H100s come before the SXM one). An H100 is sometimes
 # taken at about 800 (docs/performance.md); the SXM spec sheet says 989.
-PEAK_TFLOPS_16BIT = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0),
-                     ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0), ("A10G", 70.0), ("RTX 4090", 165.0)]
+PEAK_TFLOPS_16BIT = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0),
+                     ("GH200", 989.0), ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0), ("A10G", 70.0),
+                     ("RTX 4090", 165.0)]
 GB = 2**30
 
 
@@ -46,7 +47,8 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def alternate(runs: dict, repeats: int, device: torch.device) -> tuple[dict[str, list[float]], dict[str, int]]:
+def alternate(runs: dict, repeats: int,
+              device: torch.device) -> tuple[dict[str, list[float]], dict[str, int]]:
     """Each of `runs` (name -> function) timed `repeats` times, alternating A B B A ... so that a slow
     stretch of the machine falls on both alike: (seconds per run, peak bytes above the start) by name."""
     seconds, peaks = {name: [] for name in runs}, {name: 0 for name in runs}

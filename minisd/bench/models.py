@@ -17,7 +17,8 @@ from minisd.unet import UNet
 from minisd.vae import SD_VAE, AutoencoderKL, VAEConfig
 
 PADS = {"v1": "<|endoftext|>", "v2": "!"}  # SD-v1 pads with <|endoftext|>, SD-v2 (OpenCLIP) with "!"
-REDUCED_VAE = VAEConfig(block_channels=(32, 64), layers_per_block=1, norm_groups=8)  # 2 levels: latents at 1/2 size
+# 2 levels: latents at 1/2 size
+REDUCED_VAE = VAEConfig(block_channels=(32, 64), layers_per_block=1, norm_groups=8)
 
 
 def reduced(table: UNetTable) -> UNetTable:
@@ -36,7 +37,8 @@ def random_pipeline(family: str = "v1", name: str = "sd", small: bool = False, d
     vae = SD_VAE
     if small:
         table = reduced(table)
-        text = dataclasses.replace(text, width=table.context_dim, layers=2, heads=4, mlp_width=4 * table.context_dim)
+        text = dataclasses.replace(text, width=table.context_dim, layers=2, heads=4,
+                                   mlp_width=4 * table.context_dim)
         vae = REDUCED_VAE
     with torch.device(device):
         parts = dict(unet=UNet(table), text_encoder=CLIPTextEncoder(text), vae=AutoencoderKL(vae))

@@ -56,8 +56,9 @@ def diffusers_pipeline(pipe: Pipeline):
     with tempfile.TemporaryDirectory() as folder:  # transformers reads a tokenizer from its files only
         pipe.tokenizer.save(folder)
         tokenizer = HFTokenizer.from_pretrained(folder)
-    ref = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=diffusers_unet(pipe.unet),
-                                  scheduler=PNDMScheduler.from_config(pipe.scheduler_config), safety_checker=None,
-                                  feature_extractor=None, requires_safety_checker=False)
+    ref = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                  unet=diffusers_unet(pipe.unet),
+                                  scheduler=PNDMScheduler.from_config(pipe.scheduler_config),
+                                  safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     ref.set_progress_bar_config(disable=True)
     return ref

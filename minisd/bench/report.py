@@ -8,14 +8,17 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 SAMPLE_COLUMNS = [("config", "config", "{}"), ("compiled", "compiled", "{}"), ("batch", "batch", "{}"),
-                  ("lib", "library", "{}"), ("unet_its", "U-Net it/s", "{:.2f}"), ("s_per_image", "s/image", "{:.3f}"),
-                  ("images_per_s", "images/s", "{:.3f}"), ("peak_gb", "peak GB", "{:.2f}"), ("tflops", "TFLOP/s", "{:.3f}"),
+                  ("lib", "library", "{}"), ("unet_its", "U-Net it/s", "{:.2f}"),
+                  ("s_per_image", "s/image", "{:.3f}"), ("images_per_s", "images/s", "{:.3f}"),
+                  ("peak_gb", "peak GB", "{:.2f}"), ("tflops", "TFLOP/s", "{:.3f}"),
                   ("fraction_of_peak", "% of peak", "{:.1%}")]
 TRAIN_COLUMNS = [("config", "config", "{}"), ("batch", "batch", "{}"), ("lib", "library", "{}"),
-                 ("samples_per_s", "samples/s", "{:.3f}"), ("peak_gb", "peak GB", "{:.2f}"), ("tflops", "TFLOP/s", "{:.3f}"),
-                 ("fraction_of_peak", "% of peak", "{:.1%}"), ("syncs_per_step", "host syncs/step", "{}")]
-PROBE_COLUMNS = [("config", "config", "{}"), ("batch", "batch", "{}"), ("checkpointing", "checkpointing", "{}"),
-                 ("fits", "fits", "{}"), ("peak_gb", "peak GB", "{:.1f}")]
+                 ("samples_per_s", "samples/s", "{:.3f}"), ("peak_gb", "peak GB", "{:.2f}"),
+                 ("tflops", "TFLOP/s", "{:.3f}"), ("fraction_of_peak", "% of peak", "{:.1%}"),
+                 ("syncs_per_step", "host syncs/step", "{}")]
+PROBE_COLUMNS = [("config", "config", "{}"), ("batch", "batch", "{}"),
+                 ("checkpointing", "checkpointing", "{}"), ("fits", "fits", "{}"),
+                 ("peak_gb", "peak GB", "{:.1f}")]
 COLOURS = ["#1f77b4", "#ff7f0e", "#0b3d91", "#d62728", "#2ca02c", "#9467bd", "#8c564b", "#e377c2"]
 
 
@@ -28,7 +31,8 @@ def table(rows: list[dict], columns: list[tuple]) -> str:
     return "\n".join(lines)
 
 
-def ratios(rows: list[dict], ours: str, theirs: str, keys: list[tuple[str, str]], group: tuple[str, ...]) -> str:
+def ratios(rows: list[dict], ours: str, theirs: str, keys: list[tuple[str, str]],
+           group: tuple[str, ...]) -> str:
     """A table of ours / theirs for each `keys` figure, per group of rows (same config, batch, ...)."""
     by_group = {}
     for r in rows:
@@ -52,18 +56,21 @@ def write(kind: str, rows: list[dict], env: dict, peak: tuple[float, str], out: 
     """bench-{kind}-{tag}.json and .md (and .png for sampling) under out; returns the paths."""
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"{kind}-{tag}"
-    stem.with_suffix(".json").write_text(json.dumps({"environment": env, "peak_tflops": peak, "rows": rows}, indent=1))
+    stem.with_suffix(".json").write_text(json.dumps({"environment": env, "peak_tflops": peak, "rows": rows},
+                                                    indent=1))
     if kind == "sample":
         md = (table(rows, SAMPLE_COLUMNS) + "\n\n"
               + ratios(rows, "minisd", "diffusers", [("unet_its", "U-Net it/s"), ("images_per_s", "images/s"),
-                                                      ("peak_gb", "peak memory")], ("config", "compiled", "batch")))
+                                                      ("peak_gb", "peak memory")],
+                       ("config", "compiled", "batch")))
         paths = [stem.with_suffix(".json"), stem.with_suffix(".md"), stem.with_suffix(".png")]
         plot(rows, stem.with_suffix(".png"), f"images/s against batch size on {env['device']}")
     elif kind == "probe":
         md, paths = table(rows, PROBE_COLUMNS), [stem.with_suffix(".json"), stem.with_suffix(".md")]
     else:
         keys = [("samples_per_s", "samples/s"), ("peak_gb", "peak memory")]
-        md = (table(rows, TRAIN_COLUMNS) + "\n\n" + ratios(rows, "minisd", "BK-SDM reference", keys, ("config", "batch"))
+        md = (table(rows, TRAIN_COLUMNS) + "\n\n" + ratios(rows, "minisd", "BK-SDM reference", keys,
+                                                           ("config", "batch"))
               + "\n\n" + ratios(rows, "minisd (cached)", "BK-SDM reference", keys, ("config", "batch")))
         paths = [stem.with_suffix(".json"), stem.with_suffix(".md")]
     stem.with_suffix(".md").write_text(header(env, peak) + "\n" + md + "\n")

@@ -26,7 +26,8 @@ GUIDANCE = 7.5
 
 
 def compile_diffusers(ref, mode: str | None) -> None:
-    """diffusers' speed recipe (its docs, "Accelerate inference"): channels_last, fused q/k/v, compiled U-Net."""
+    """diffusers' speed recipe (its docs, "Accelerate inference"): channels_last, fused q/k/v, compiled
+    U-Net."""
     ref.unet.to(memory_format=torch.channels_last)
     ref.fuse_qkv_projections()
     ref.unet = torch.compile(ref.unet, mode=mode, fullgraph=True, dynamic=False)
@@ -51,7 +52,8 @@ def run_config(args, name: str, device: torch.device, dtype: torch.dtype) -> lis
     pipe.fuse_qkv().channels_last()
     size = args.size or pipe.native_size
     calls = args.steps + 1  # PNDM (PLMS) spends one extra U-Net call on its warm-up
-    flops = sampling_flops(pipe.unet.config, pipe.vae.config, pipe.text_encoder.config, size=size, steps=calls)["total"]
+    flops = sampling_flops(pipe.unet.config, pipe.vae.config, pipe.text_encoder.config, size=size,
+                           steps=calls)["total"]
     resident = {"minisd": model_bytes(pipe.unet, pipe.vae, pipe.text_encoder),
                 "diffusers": model_bytes(ref.unet, ref.vae, ref.text_encoder)}
     generate = {
@@ -68,11 +70,14 @@ def run_config(args, name: str, device: torch.device, dtype: torch.dtype) -> lis
             compile_diffusers(ref, args.mode)
         for b in args.batch:
             common = dict(config=f"{args.family}-{name}" + ("-reduced" if args.small else ""), size=size,
-                          steps=args.steps, batch=b, dtype=str(dtype).removeprefix("torch."), compiled=compiled)
-            its = unet_rates(pipe, ref, b, size, args.repeats, args.unet_calls, device, dtype, 3 if compiled else 1)
+                          steps=args.steps, batch=b, dtype=str(dtype).removeprefix("torch."),
+                          compiled=compiled)
+            its = unet_rates(pipe, ref, b, size, args.repeats, args.unet_calls, device, dtype,
+                             3 if compiled else 1)
             for lib in generate:  # warm-up: compilation, CUDA graph capture, first-call setup
                 generate[lib](b)
-            seconds, peaks = alternate({lib: lambda fn=fn: fn(b) for lib, fn in generate.items()}, args.repeats, device)
+            seconds, peaks = alternate({lib: lambda fn=fn: fn(b) for lib, fn in generate.items()},
+                                       args.repeats, device)
             for lib in generate:
                 s = median(seconds[lib])
                 rows.append(dict(common, lib=lib, unet_its=its[lib], s_per_image=s / b, images_per_s=b / s,
@@ -85,7 +90,8 @@ def run_config(args, name: str, device: torch.device, dtype: torch.dtype) -> lis
 def unet_rates(pipe, ref, batch: int, size: int, repeats: int, calls: int, device, dtype,
                warmup: int = 3) -> dict[str, float]:
     """U-Net calls per second at the CFG batch (2 x batch), each library's U-Net on the same inputs,
-    after `warmup` untimed calls (a compiled U-Net compiles on the 1st, captures CUDA graphs on the 2nd and 3rd)."""
+    after `warmup` untimed calls (a compiled U-Net compiles on the 1st, captures CUDA graphs on the 2nd and
+    3rd)."""
     latent = size // pipe.vae_scale
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2 * batch, pipe.unet.config.in_channels, latent, latent, generator=gen).to(device, dtype)
@@ -96,6 +102,6 @@ def unet_rates(pipe, ref, batch: int, size: int, repeats: int, calls: int, devic
     for fn in step.values():
         for _ in range(warmup):
             fn()
-    seconds, _ = alternate({lib: lambda fn=fn: [fn() for _ in range(calls)] for lib, fn in step.items()}, repeats,
-                           device)
+    seconds, _ = alternate({lib: lambda fn=fn: [fn() for _ in range(calls)] for lib, fn in step.items()},
+                           repeats, device)
     return {lib: calls / median(s) for lib, s in seconds.items()}

@@ -35,10 +35,11 @@ def make_batches(teacher, batch: int, size: int, seed: int = 0) -> tuple[dict, d
     with torch.no_grad():
         posterior = teacher.vae.encode(images["pixels"].to(teacher.device, teacher.vae_dtype))
         context = teacher.text_encoder(teacher.tokenizer(texts).to(teacher.device))
-    cached = {"mean": posterior.mean.cpu(), "std": posterior.std.cpu(), "context": context.cpu(), "text": texts,
-              "seed": images["seed"]}
+    cached = {"mean": posterior.mean.cpu(), "std": posterior.std.cpu(), "context": context.cpu(),
+              "text": texts, "seed": images["seed"]}
     if teacher.device.type == "cuda":
-        images, cached = ({k: v.pin_memory() if torch.is_tensor(v) else v for k, v in b.items()} for b in (images, cached))
+        images, cached = ({k: v.pin_memory() if torch.is_tensor(v) else v for k,
+                           v in b.items()} for b in (images, cached))
     return images, cached
 
 
@@ -61,7 +62,8 @@ def run_one(args, name: str, b: int, device: torch.device, dtype: torch.dtype) -
     common = dict(config=f"{args.family}-{name}" + ("-reduced" if args.small else ""), size=size, batch=b,
                   compiled=compile, checkpointing=args.gradient_checkpointing)
     flops = {cached: kd_step_flops(variant(teacher.unet.config, name), teacher.unet.config, size, cached,
-                                   teacher.vae.config, teacher.text_encoder.config)["total"] for cached in (False, True)}
+                                   teacher.vae.config,
+                                   teacher.text_encoder.config)["total"] for cached in (False, True)}
     images, cached = make_batches(teacher, b, size)
     ours = MinisdKD(teacher, name, compile=compile, checkpointing=args.gradient_checkpointing)
     if args.memory_probe:
@@ -74,7 +76,8 @@ def run_one(args, name: str, b: int, device: torch.device, dtype: torch.dtype) -
     for fn in steps.values():
         for _ in range(args.warmup):
             fn()
-    seconds, peaks = alternate({lib: lambda fn=fn: [fn() for _ in range(args.steps)] for lib, fn in steps.items()},
+    seconds, peaks = alternate({lib: lambda fn=fn: [fn() for _ in range(args.steps)] for lib,
+                                fn in steps.items()},
                                args.repeats, device)
     rows = []
     for lib, fn in steps.items():

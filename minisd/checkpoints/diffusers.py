@@ -251,7 +251,8 @@ def load_tokenizer(folder: str | Path) -> CLIPTokenizer:
     folder = Path(folder)
     for name in ("tokenizer_config.json", "special_tokens_map.json", "vocab.json", "tokenizer.json"):
         if (folder / name).is_file():
-            read_json(folder / name)  # a truncated file is named here; the tokenizer library would not name it
+            # a truncated file is named here; the tokenizer library would not name it
+            read_json(folder / name)
     try:
         return CLIPTokenizer.from_folder(folder)
     except Exception as e:  # the tokenizers library raises plain Exceptions
@@ -289,9 +290,10 @@ def load_folder(folder: str | Path, dtype: torch.dtype = torch.float32, device: 
     dangling = [f"{c}/" for c in COMPONENT_DIRS if (folder / c).is_symlink() and not (folder / c).exists()]
     if dangling:
         raise FileNotFoundError(
-            f"{folder}: {', '.join(dangling)} are links into the training run folder that do not resolve here (a "
-            "train.py checkpoint shares them with its run folder). Copy the whole run folder, or make a standalone "
-            f"copy where the run folder is: python -m minisd.convert RUN/{folder.name} OUT (or cp -rL)")
+            f"{folder}: {', '.join(dangling)} are links into the training run folder that do not resolve "
+            "here (a train.py checkpoint shares them with its run folder). Copy the whole run folder, or "
+            f"make a standalone copy where the run folder is: python -m minisd.convert RUN/{folder.name} OUT "
+            "(or cp -rL)")
     missing = [f"{c}/" for c in COMPONENT_DIRS if not (folder / c).is_dir()]
     if missing:
         raise FileNotFoundError(f"{folder} is not a diffusers-layout pipeline folder: it has no "

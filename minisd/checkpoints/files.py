@@ -30,17 +30,20 @@ def read_checkpoint(path: str | Path) -> dict:
             return load_file(str(path))
         except Exception as e:
             raise ValueError(f"cannot read {path} as safetensors ({type(e).__name__}: {first_sentence(e)}): "
-                             "the file is truncated or not a safetensors file; get or save it again.") from None
+                             "the file is truncated or not a safetensors file; get or save it "
+                             "again.") from None
     try:
         data = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # weights_only refused a Python object: loading it could run code
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
         what = f"it would call {found[1]}" if found else "not only tensors"
         raise ValueError(f"{path}: refused to unpickle it: it holds Python objects ({what}); "
-                         "minisd loads pickled checkpoints with torch.load(weights_only=True), which never runs "
-                         "their code. If you trust the file, re-save its tensors as .safetensors.") from None
+                         "minisd loads pickled checkpoints with torch.load(weights_only=True), which never "
+                         "runs their code. If you trust the file, re-save its tensors as "
+                         ".safetensors.") from None
     except Exception as e:
-        raise ValueError(f"cannot read {path} as a PyTorch checkpoint ({type(e).__name__}: {first_sentence(e)}): "
+        raise ValueError(f"cannot read {path} as a PyTorch checkpoint ({type(e).__name__}: "
+                         f"{first_sentence(e)}): "
                          "the file is truncated or not a checkpoint.") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path} holds a {type(data).__name__}, not a dict of tensors")
@@ -84,10 +87,11 @@ def read_json(path: str | Path) -> dict:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except UnicodeDecodeError:
-        raise ValueError(f"{path} is not a text file, so not a JSON config; download or save it again") from None
+        raise ValueError(f"{path} is not a text file, so not a JSON config; download or save it "
+                         "again") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}): the file is "
-                         "truncated or corrupt; download or save it again") from None
+        raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}): the file "
+                         "is truncated or corrupt; download or save it again") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path} holds a JSON {type(data).__name__}, not the object a config is")
     return data

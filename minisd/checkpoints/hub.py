@@ -29,7 +29,8 @@ def looks_like_hub_id(source: str) -> bool:
 @functools.cache
 def reachable() -> bool:
     """Whether the hub answers one short request (asked once per process). huggingface_hub retries a failed
-    download five times, a warning each, for half a minute: offline, ask for the cached copy at once instead."""
+    download five times, a warning each, for half a minute: offline, ask for the cached copy at once
+    instead."""
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         return False
     try:
@@ -55,14 +56,15 @@ def select_files(repo_files: list[str], half: bool) -> list[str]:
 
 
 def download(repo_id: str, half: bool = False, cache_dir: Path | None = None) -> Path:
-    """The local folder of a hub repo's snapshot, downloading what is missing (into `cache_dir`, default CACHE)."""
+    """The local folder of a hub repo's snapshot, downloading what is missing (into `cache_dir`, default
+    CACHE)."""
     cache_dir = cache_dir or CACHE
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     try:
         if offline:
             raise OSError("HF_HUB_OFFLINE is set")
-        # one request with a short timeout: model_info does not retry (list_repo_files retries five times, with
-        # a warning each, for half a minute), so without network the error comes at once
+        # one request with a short timeout: model_info does not retry (list_repo_files retries five times,
+        # with a warning each, for half a minute), so without network the error comes at once
         info = huggingface_hub.model_info(repo_id, timeout=TIMEOUT)
         files = select_files([s.rfilename for s in info.siblings or []], half)
         return Path(huggingface_hub.snapshot_download(repo_id, cache_dir=cache_dir,
@@ -80,6 +82,7 @@ def download(repo_id: str, half: bool = False, cache_dir: Path | None = None) ->
             reason = str(online_error).strip().split("\n")[0]
             raise ConnectionError(
                 f"cannot download {repo_id!r} ({type(online_error).__name__}: {reason}) and it is not in "
-                f"{cache_dir}. Without network, --model weights/toy-sd (the toy model in this repository) still "
-                f"makes an image; for this model, run `hf download {repo_id} --local-dir DIR` on a machine with "
-                "network and pass DIR (or a single .safetensors/.ckpt file) instead of the hub id.") from None
+                f"{cache_dir}. Without network, --model weights/toy-sd (the toy model in this repository) "
+                f"still makes an image; for this model, run `hf download {repo_id} --local-dir DIR` on a "
+                "machine with network and pass DIR (or a single .safetensors/.ckpt file) instead of the hub "
+                "id.") from None

@@ -123,8 +123,8 @@ def load_into(model: torch.nn.Module, checkpoint: dict[str, torch.Tensor], rules
         # one line that says what and where; the keys follow it
         found = ((missing, "missing"), (unexpected, "unexpected"), (misshaped, "wrongly shaped"))
         counts = ", ".join(f"{len(keys)} {name}" for keys, name in found if keys)
-        parts = [f"{what} does not match the model its config describes ({counts} keys): check that the weights "
-                 "and the config (variant, family) belong together. The keys:"]
+        parts = [f"{what} does not match the model its config describes ({counts} keys): check that the "
+                 "weights and the config (variant, family) belong together. The keys:"]
         if missing:
             parts.append(_listing("missing keys", missing))
         if unexpected:

@@ -18,5 +18,5 @@ from minisd.metrics.fid import (
 from minisd.metrics.inception import InceptionV3
 from minisd.metrics.inception_score import inception_score
 
-__all__ = ["FolderFeatures", "InceptionV3", "feature_stats", "folder_features", "folder_stats", "frechet_distance",
-           "image_files", "inception_score", "load_stats", "save_stats"]
+__all__ = ["FolderFeatures", "InceptionV3", "feature_stats", "folder_features", "folder_stats",
+           "frechet_distance", "image_files", "inception_score", "load_stats", "save_stats"]

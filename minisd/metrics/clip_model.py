@@ -33,7 +33,8 @@ class CLIPConfig:
 
     def __post_init__(self):
         if self.text.eos_token_id != 2:  # the legacy id that makes CLIPTextEncoder.pooled take the argmax
-            raise ValueError("the text tower must pool at the largest token id (open_clip's argmax): eos_token_id 2")
+            raise ValueError("the text tower must pool at the largest token id (open_clip's argmax): "
+                             "eos_token_id 2")
 
     @property
     def embed_dim(self) -> int:
@@ -48,7 +49,8 @@ def _text(width: int, heads: int, layers: int) -> CLIPTextConfig:
 PRESETS = {
     "ViT-B-32": CLIPConfig(vit.VIT_B32, _text(512, 8, 12)),          # 151.3M
     "ViT-L-14": CLIPConfig(vit.VIT_L14, _text(768, 12, 12)),         # 427.6M
-    "ViT-H-14": CLIPConfig(vit.VIT_H14, _text(1024, 16, 24)),        # 986.1M; SD-v2's text encoder is its first 23 blocks
+    # 986.1M; SD-v2's text encoder is its first 23 blocks
+    "ViT-H-14": CLIPConfig(vit.VIT_H14, _text(1024, 16, 24)),
     "ViT-g-14": CLIPConfig(vit.VIT_G14, _text(1024, 16, 24)),        # 1,366.7M; BK-SDM's CLIP score
     "ViT-bigG-14": CLIPConfig(vit.VIT_BIGG14, _text(1280, 20, 32)),  # 2,539.6M
 }
@@ -80,7 +82,8 @@ class CLIPModel(nn.Module):
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
         """PIL images -> [B, 3, S, S], as open_clip's eval transform for these weights."""
         size = self.config.vision.image_size
-        return torch.stack([preprocess(im, size, self.config.image_mean, self.config.image_std) for im in images])
+        return torch.stack([preprocess(im, size, self.config.image_mean,
+                                       self.config.image_std) for im in images])
 
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
         """Prompts -> ids [B, 77], as open_clip's tokenizer for these weights."""

@@ -33,7 +33,8 @@ def pair_scores(model: CLIPModel, images: list[Image.Image], prompts: list[str])
 
 def _check_pairs(n_images: int, n_prompts: int) -> None:
     if n_images != n_prompts:
-        raise ValueError(f"{n_images} images but {n_prompts} prompts: the CLIP score needs one prompt per image")
+        raise ValueError(f"{n_images} images but {n_prompts} prompts: the CLIP score needs one prompt per "
+                         "image")
     if n_images == 0:
         raise ValueError("no images to score")
 
@@ -59,7 +60,8 @@ def _open(path: Path) -> Image.Image:
             image.load()  # read the pixels now, so the file can be closed
             return image
     except (OSError, UnidentifiedImageError) as e:
-        raise ValueError(f"cannot read image {path} ({type(e).__name__}: {e}); regenerate it or remove its row") from None
+        raise ValueError(f"cannot read image {path} ({type(e).__name__}: {e}); regenerate it or remove its "
+                         "row") from None
 
 
 def folder_clip_score(folder: str | Path, rows: list[tuple[str, str]], model: CLIPModel | None = None,
@@ -78,7 +80,8 @@ def folder_clip_score(folder: str | Path, rows: list[tuple[str, str]], model: CL
     missing = [name for name, _ in rows if not (folder / name).is_file()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} of {len(rows)} images are missing from {folder}, e.g. "
-                                f"{', '.join(missing[:5])}; generate them first (evaluate.py) or score fewer rows")
+                                f"{', '.join(missing[:5])}; generate them first (evaluate.py) or score fewer "
+                                "rows")
     if model is None:
         model = load_clip(device=device or "cpu")
     elif device is not None:
@@ -87,7 +90,8 @@ def folder_clip_score(folder: str | Path, rows: list[tuple[str, str]], model: CL
     with tqdm(total=len(rows), desc="CLIP score", unit="img", disable=not progress) as bar:
         for i in range(0, len(rows), batch_size):
             batch = rows[i:i + batch_size]
-            scores.append(pair_scores(model, [_open(folder / name) for name, _ in batch], [text for _, text in batch]).cpu())
+            scores.append(pair_scores(model, [_open(folder / name) for name, _ in batch],
+                                      [text for _, text in batch]).cpu())
             bar.update(len(batch))
     per_image = torch.cat(scores).double().numpy()
     return float(per_image.mean()), per_image

@@ -46,8 +46,8 @@ for _name, _char in html.entities.html5.items():
 # C1 controls U+80..U+9F read as Windows-1252 bytes; its five undefined bytes stay as they are.
 _C1 = {c: bytes([c]).decode("cp1252", errors="ignore") or chr(c) for c in range(0x80, 0xA0)}
 _LIGATURES = dict(zip(map(ord, "ĲĳŉǱǲǳǄǅǆǇǈǉǊǋǌﬀﬁﬂﬃﬄﬅﬆ"),
-                      ["IJ", "ij", "ʼn", "DZ", "Dz", "dz", "DŽ", "Dž", "dž", "LJ", "Lj", "lj", "NJ", "Nj", "nj",
-                       "ff", "fi", "fl", "ffi", "ffl", "ſt", "st"]))
+                      ["IJ", "ij", "ʼn", "DZ", "Dz", "dz", "DŽ", "Dž", "dž", "LJ", "Lj", "lj", "NJ", "Nj",
+                       "nj", "ff", "fi", "fl", "ffi", "ffl", "ſt", "st"]))
 _WIDTH = {0x3000: " "} | {c: unicodedata.normalize("NFKC", chr(c)) for c in range(0xFF01, 0xFFF0)
                           if unicodedata.normalize("NFKC", chr(c)) != chr(c)}
 _QUOTES = {**{c: "'" for c in [0x2BC, *range(0x2018, 0x201C)]}, **{c: '"' for c in range(0x201C, 0x2020)}}
@@ -122,7 +122,9 @@ class OpenCLIPTokenizer:
             if piece in SPECIALS:
                 ids.append(SPECIALS[piece])
             else:
-                ids += [t.id for t in self.bpe.tokenize("".join(self.byte_chars[b] for b in piece.encode("utf-8")))]
+                ids += [t.id
+                        for t in self.bpe.tokenize("".join(self.byte_chars[b]
+                                                           for b in piece.encode("utf-8")))]
         return ids
 
     def __call__(self, prompts: str | list[str]) -> torch.Tensor:

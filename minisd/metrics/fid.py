@@ -1,4 +1,5 @@
-"""Frechet Inception Distance (Heusel et al. 2017): feature statistics, the distance, .npz stats files, folder features.
+"""Frechet Inception Distance (Heusel et al. 2017): feature statistics, the distance, .npz stats files, folder
+features.
 
 Follows pytorch-fid (fid_score.py, after TTUR's TensorFlow original): the statistics are the mean
 and the (N-1)-normalised covariance of the 2048-d pool features, and the distance is
@@ -41,7 +42,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError(f"statistics of different sizes: mu {mu1.shape} vs {mu2.shape}, "
-                         f"sigma {sigma1.shape} vs {sigma2.shape}; were both computed with the same feature layer?")
+                         f"sigma {sigma1.shape} vs {sigma2.shape}; were both computed with the same feature "
+                         "layer?")
     diff = mu1 - mu2
 
     covmean = linalg.sqrtm(sigma1.dot(sigma2))
@@ -70,17 +72,20 @@ def save_stats(path: str | Path, mu: np.ndarray, sigma: np.ndarray, **meta) -> P
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:  # a file object, so numpy does not append a second .npz
-        np.savez_compressed(f, mu=np.asarray(mu), sigma=np.asarray(sigma), **{k: np.asarray(v) for k, v in meta.items()})
+        np.savez_compressed(f, mu=np.asarray(mu), sigma=np.asarray(sigma),
+                            **{k: np.asarray(v) for k, v in meta.items()})
     os.replace(tmp, path)
     return path
 
 
 def load_stats(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Read an .npz of FID statistics (minisd's, pytorch-fid's or BK-SDM's real_im256.npz) -> (mu, sigma, extras)."""
+    """Read an .npz of FID statistics (minisd's, pytorch-fid's or BK-SDM's real_im256.npz) -> (mu, sigma,
+    extras)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"FID statistics file not found: {path}. Build it from a folder of real images with "
-                                "`python evaluate.py --fid-stats-from DIR --save-stats FILE.npz`.")
+        raise FileNotFoundError(f"FID statistics file not found: {path}. Build it from a folder of real "
+                                "images with `python evaluate.py --fid-stats-from DIR --save-stats "
+                                "FILE.npz`.")
     try:
         with np.load(path, allow_pickle=False) as f:
             data = {k: f[k] for k in f.files}
@@ -109,7 +114,8 @@ class FolderFeatures(NamedTuple):
 
 
 def image_files(folder: str | Path) -> list[Path]:
-    """The PNG/JPG files of a folder (not its subfolders), sorted by name as pytorch-fid and torch-fidelity do."""
+    """The PNG/JPG files of a folder (not its subfolders), sorted by name as pytorch-fid and torch-fidelity
+    do."""
     folder = Path(folder)
     if not folder.is_dir():
         raise NotADirectoryError(f"image folder not found: {folder}")
@@ -125,12 +131,14 @@ def _read_rgb(path: Path, size: int | None = None) -> np.ndarray:
             img = img.convert("RGB")
             return np.asarray(img.resize((size, size)) if size else img)  # [H, W, 3] uint8
     except Exception as e:
-        raise ValueError(f"cannot read image {path} ({type(e).__name__}: {e}); remove or replace it") from None
+        raise ValueError(f"cannot read image {path} ({type(e).__name__}: {e}); remove or replace "
+                         "it") from None
 
 
 @torch.no_grad()
-def folder_features(folder: str | Path | list[Path], model, batch_size: int = 50, device: torch.device | str | None = None,
-                    fid: bool = True, isc: bool = False, progress: bool = True, num_workers: int = 4,
+def folder_features(folder: str | Path | list[Path], model, batch_size: int = 50,
+                    device: torch.device | str | None = None, fid: bool = True, isc: bool = False,
+                    progress: bool = True, num_workers: int = 4,
                     resize_to: int | None = None) -> FolderFeatures:
     """Inception features of every image of a folder, read once, as RGB.
 
@@ -151,20 +159,24 @@ def folder_features(folder: str | Path | list[Path], model, batch_size: int = 50
     read = partial(_read_rgb, size=resize_to)
     device = device if device is not None else model.fc.weight.device
     pools, logits, size = [], [], None
-    with ThreadPoolExecutor(num_workers) as readers, tqdm(total=len(files), unit="img", disable=not progress) as bar:
+    with ThreadPoolExecutor(num_workers) as readers, tqdm(total=len(files), unit="img",
+                                                          disable=not progress) as bar:
         for start in range(0, len(files), batch_size):
             batch_files = files[start:start + batch_size]
             arrays = list(readers.map(read, batch_files))  # decoding overlaps across threads
             size = size or arrays[0].shape[:2]
             for path, a in zip(batch_files, arrays):
                 if a.shape[:2] != size:
-                    raise ValueError(f"{path} is {a.shape[0]}x{a.shape[1]} (HxW) but the first image, {files[0]}, is "
-                                     f"{size[0]}x{size[1]}; resize all images to one size first")
-            images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).to(device)  # [B, H, W, 3] -> [B, 3, H, W]
+                    raise ValueError(f"{path} is {a.shape[0]}x{a.shape[1]} (HxW) but the first image, "
+                                     f"{files[0]}, is {size[0]}x{size[1]}; resize all images to one size "
+                                     "first")
+            # [B, H, W, 3] -> [B, 3, H, W]
+            images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).to(device)
             if fid:
                 pools.append(model(images, resize="pytorch-fid")[0].double().cpu().numpy())
             if isc:
-                logits.append(model.unbiased_logits(model(images, resize="torch-fidelity")[0]).float().cpu().numpy())
+                logits.append(model.unbiased_logits(model(images,
+                                                          resize="torch-fidelity")[0]).float().cpu().numpy())
             bar.update(len(batch_files))
     return FolderFeatures(np.concatenate(pools) if fid else None, np.concatenate(logits) if isc else None,
                           tuple(int(s) for s in size), files)

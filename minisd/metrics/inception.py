@@ -34,7 +34,8 @@ class FrozenBatchNorm2d(nn.Module):
             self.register_buffer(name, init(channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0,
+                            self.eps)
 
 
 class BasicConv(nn.Module):
@@ -195,7 +196,8 @@ def resize_tf1_bilinear(x: torch.Tensor, size: int = INPUT_SIZE) -> torch.Tensor
     its float32 coordinate arithmetic, so the resized images agree bit for bit.
     """
     def axis(n_in: int):
-        src = torch.arange(size, dtype=x.dtype, device=x.device) * torch.tensor(n_in / size, dtype=torch.float32)
+        src = torch.arange(size, dtype=x.dtype,
+                           device=x.device) * torch.tensor(n_in / size, dtype=torch.float32)
         lo = src.long()
         hi = (lo + 1).clamp_max(n_in - 1)
         return lo, hi, src - lo.float()

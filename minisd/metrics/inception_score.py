@@ -18,7 +18,8 @@ def inception_score(logits, splits: int = 10, shuffle: bool = True, seed: int = 
         raise ValueError(f"inception_score needs logits [N, classes], got shape {tuple(logits.shape)}")
     n = logits.shape[0]
     if not 1 <= splits <= n:
-        raise ValueError(f"cannot cut {n} samples into {splits} splits; use at least {splits} images or fewer splits")
+        raise ValueError(f"cannot cut {n} samples into {splits} splits; use at least {splits} images or "
+                         "fewer splits")
     if shuffle:
         logits = logits[np.random.RandomState(seed).permutation(n), :]
     logits = logits.double()

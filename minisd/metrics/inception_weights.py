@@ -1,4 +1,5 @@
-"""The FID Inception weights (`pt_inception-2015-12-05`): key layout, strict loading, where the file comes from.
+"""The FID Inception weights (`pt_inception-2015-12-05`): key layout, strict loading, where the file comes
+from.
 
 pytorch-fid's FID_WEIGHTS_URL file and torch-fidelity's `weights-inception-2015-12-05-6726825d.pth`
 are both converted from TensorFlow's inception-2015-12-05 graph under torchvision's Inception3
@@ -20,7 +21,8 @@ from minisd.checkpoints.remap import Rule, load_into
 from minisd.metrics.inception import InceptionV3
 
 URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
-FILENAMES = ("pt_inception-2015-12-05-6726825d.pth", "weights-inception-2015-12-05-6726825d.pth")  # pytorch-fid, torch-fidelity
+# pytorch-fid, torch-fidelity
+FILENAMES = ("pt_inception-2015-12-05-6726825d.pth", "weights-inception-2015-12-05-6726825d.pth")
 HASH_PREFIX = "6726825d"  # the first hex digits of the file's sha256, as torch.hub names files
 CACHE = Path(__file__).resolve().parents[2] / "weights" / "metrics"
 
@@ -47,7 +49,8 @@ RULES: list[Rule] = [
 IGNORE = (r".*\.num_batches_tracked$",)
 
 
-def load_inception_state(model: InceptionV3, state: dict[str, torch.Tensor], what: str = "Inception weights") -> InceptionV3:
+def load_inception_state(model: InceptionV3, state: dict[str, torch.Tensor],
+                         what: str = "Inception weights") -> InceptionV3:
     """Fill minisd's Inception from a state dict in the pt_inception layout; strict."""
     return load_into(model, state, RULES, ignore=IGNORE, what=what)
 
@@ -69,8 +72,8 @@ def find_weights(cache: Path = CACHE) -> Path:
         _download(URL, dest)
     except Exception as e:
         raise ConnectionError(
-            f"the FID Inception weights are not on this machine and cannot be downloaded ({type(e).__name__}: {e}). "
-            f"Get {URL} (on any machine with network) and put it at {dest}, "
+            f"the FID Inception weights are not on this machine and cannot be downloaded "
+            f"({type(e).__name__}: {e}). Get {URL} (on any machine with network) and put it at {dest}, "
             f"or pass its path (torch-fidelity's {FILENAMES[1]} works too).") from None
     return dest
 

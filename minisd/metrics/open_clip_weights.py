@@ -45,36 +45,43 @@ PRETRAINED = {
     ("ViT-H-14", "laion2b_s32b_b79k"): ("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", OPENAI_MEAN, OPENAI_STD),
     ("ViT-L-14", "laion2b_s32b_b82k"): ("laion/CLIP-ViT-L-14-laion2B-s32B-b82K", INCEPTION, INCEPTION),
     ("ViT-B-32", "laion2b_s34b_b79k"): ("laion/CLIP-ViT-B-32-laion2B-s34B-b79K", OPENAI_MEAN, OPENAI_STD),
-    ("ViT-bigG-14", "laion2b_s39b_b160k"): ("laion/CLIP-ViT-bigG-14-laion2B-39B-b160k", OPENAI_MEAN, OPENAI_STD),
+    ("ViT-bigG-14", "laion2b_s39b_b160k"): ("laion/CLIP-ViT-bigG-14-laion2B-39B-b160k", OPENAI_MEAN,
+                                            OPENAI_STD),
 }
-WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # open_clip's hub names, its order
+# open_clip's hub names, its order
+WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
 # open_clip config keys minisd's CLIP does not build, with the value that leaves them out
-_BOTH = {"ls_init_value": None, "output_tokens": False, "act_kwargs": None, "norm_kwargs": None, "block_type": None,
-         "qk_norm": False, "scaled_cosine_attn": False, "scale_heads": False, "scale_attn_inner": False,
-         "scale_attn": False, "scale_fc": False}
+_BOTH = {"ls_init_value": None, "output_tokens": False, "act_kwargs": None, "norm_kwargs": None,
+         "block_type": None, "qk_norm": False, "scaled_cosine_attn": False, "scale_heads": False,
+         "scale_attn_inner": False, "scale_attn": False, "scale_fc": False}
 PLAIN = {"vision_cfg": {**_BOTH, "attentional_pool": False, "no_ln_pre": False, "pool_type": "tok",
                         "final_ln_after_pool": False, "pos_embed_type": "learnable", "timm_model_name": None},
-         "text_cfg": {**_BOTH, "embed_cls": False, "no_causal_mask": False, "pool_type": "argmax", "proj_bias": False,
-                      "proj_type": "linear", "hf_model_name": None, "hf_tokenizer_name": None, "tokenizer_kwargs": None}}
+         "text_cfg": {**_BOTH, "embed_cls": False, "no_causal_mask": False, "pool_type": "argmax",
+                      "proj_bias": False, "proj_type": "linear", "hf_model_name": None,
+                      "hf_tokenizer_name": None, "tokenizer_kwargs": None}}
 
 
 def config_from_open_clip(cfg: dict, mean=OPENAI_MEAN, std=OPENAI_STD) -> CLIPConfig:
     """A CLIPConfig from an open_clip model config (model_configs/NAME.json); missing keys take
     open_clip's defaults (CLIPVisionCfg, CLIPTextCfg). Options minisd does not build are refused."""
     vision, text = cfg.get("vision_cfg", {}), cfg.get("text_cfg", {})
-    unsupported = [f"{k}={cfg[k]!r}" for k in ("custom_text", "multimodal_cfg", "init_logit_bias") if cfg.get(k)]
+    unsupported = [f"{k}={cfg[k]!r}" for k in ("custom_text", "multimodal_cfg",
+                                               "init_logit_bias") if cfg.get(k)]
     for part, plain in PLAIN.items():
-        unsupported += [f"{part}.{k}={v!r}" for k, v in cfg.get(part, {}).items() if k in plain and v != plain[k]]
+        unsupported += [f"{part}.{k}={v!r}" for k,
+                        v in cfg.get(part, {}).items() if k in plain and v != plain[k]]
     if isinstance(vision.get("layers"), (list, tuple)):
         unsupported.append("vision_cfg.layers (a ResNet image tower)")
     if unsupported:
-        raise ValueError(f"open_clip model config not supported: {', '.join(unsupported)}. minisd loads plain "
-                         "CLIP ViTs (such as ViT-B-32, ViT-L-14, ViT-H-14, ViT-g-14, ViT-bigG-14 and their -quickgelu forms).")
+        raise ValueError(f"open_clip model config not supported: {', '.join(unsupported)}. minisd loads "
+                         "plain CLIP ViTs (such as ViT-B-32, ViT-L-14, ViT-H-14, ViT-g-14, ViT-bigG-14 and "
+                         "their -quickgelu forms).")
     image_size = vision.get("image_size", 224)
     if isinstance(image_size, (list, tuple)):
         if len(set(image_size)) != 1:
-            raise ValueError(f"open_clip model config not supported: non-square vision_cfg.image_size={image_size}")
+            raise ValueError(f"open_clip model config not supported: non-square "
+                             f"vision_cfg.image_size={image_size}")
         image_size = image_size[0]
     activation = "quick_gelu" if cfg.get("quick_gelu") else "gelu"
     width, text_width = vision.get("width", 768), text.get("width", 512)
@@ -84,9 +91,10 @@ def config_from_open_clip(cfg: dict, mean=OPENAI_MEAN, std=OPENAI_STD) -> CLIPCo
                             mlp_width=int(width * vision.get("mlp_ratio", 4.0)), embed_dim=cfg["embed_dim"],
                             activation=activation),
         text=dataclasses.replace(OPENCLIP_VIT_H14, width=text_width, heads=text.get("heads", 8),
-                                 layers=text.get("layers", 12), mlp_width=int(text_width * text.get("mlp_ratio", 4.0)),
-                                 vocab_size=text.get("vocab_size", 49408), max_positions=text.get("context_length", 77),
-                                 activation=activation),
+                                 layers=text.get("layers", 12),
+                                 mlp_width=int(text_width * text.get("mlp_ratio", 4.0)),
+                                 vocab_size=text.get("vocab_size", 49408),
+                                 max_positions=text.get("context_length", 77), activation=activation),
         image_mean=tuple(mean), image_std=tuple(std))
 
 
@@ -112,10 +120,10 @@ def download(repo_id: str, cache_dir: Path = CACHE) -> Path:
         except Exception as e:  # not in the repo, no network, offline mode: try the next name
             errors.append(f"{name}: {type(e).__name__}")
     raise ConnectionError(
-        f"cannot download the open_clip weights of {repo_id} ({'; '.join(errors)}) and they are not in {cache_dir}. "
-        f"On a machine with network, run `hf download {repo_id} {WEIGHT_FILES[0]} --local-dir DIR` "
-        f"(or {WEIGHT_FILES[1]}), copy DIR here (e.g. to weights/{repo_id.split('/')[-1]}/) and pass that "
-        "folder or file as `pretrained`.")
+        f"cannot download the open_clip weights of {repo_id} ({'; '.join(errors)}) and they are not in "
+        f"{cache_dir}. On a machine with network, run `hf download {repo_id} {WEIGHT_FILES[0]} --local-dir "
+        f"DIR` (or {WEIGHT_FILES[1]}), copy DIR here (e.g. to weights/{repo_id.split('/')[-1]}/) and pass "
+        "that folder or file as `pretrained`.")
 
 
 def _weights_in(folder: Path) -> Path:
@@ -142,14 +150,17 @@ def locate(name_or_path: str, pretrained: str, cache_dir: Path) -> tuple[Path, t
 
 
 def _model_config(source: Path, name: str, config: dict | None, mean: tuple, std: tuple) -> CLIPConfig:
-    """From `config`, else the open_clip_config.json beside the weights (as the hub repos have it), else the preset."""
+    """From `config`, else the open_clip_config.json beside the weights (as the hub repos have it), else the
+    preset."""
     folder = source if source.is_dir() else source.parent
     if config is None and (folder / "open_clip_config.json").is_file():
         hub_config = read_json(folder / "open_clip_config.json")
         config, preprocess = hub_config.get("model_cfg"), hub_config.get("preprocess_cfg", {})
         mean, std = preprocess.get("mean", mean), preprocess.get("std", std)
-        if (preprocess.get("interpolation", "bicubic"), preprocess.get("resize_mode", "shortest")) != ("bicubic", "shortest"):
-            raise ValueError(f"{folder / 'open_clip_config.json'}: only the bicubic, shortest-side resize is implemented")
+        if (preprocess.get("interpolation", "bicubic"),
+            preprocess.get("resize_mode", "shortest")) != ("bicubic", "shortest"):
+            raise ValueError(f"{folder / 'open_clip_config.json'}: only the bicubic, shortest-side resize is "
+                             "implemented")
     if config is not None:
         return config_from_open_clip(config, mean, std)
     if name in PRESETS:
@@ -158,8 +169,9 @@ def _model_config(source: Path, name: str, config: dict | None, mean: tuple, std
                      "model_configs/ViT-g-14.json) or put the hub's open_clip_config.json beside the weights")
 
 
-def load_clip(name_or_path: str = "ViT-g-14", pretrained: str = "laion2b_s34b_b88k", device: str | torch.device = "cpu",
-              dtype: torch.dtype = torch.float32, config: dict | None = None, cache_dir: Path = CACHE) -> CLIPModel:
+def load_clip(name_or_path: str = "ViT-g-14", pretrained: str = "laion2b_s34b_b88k",
+              device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+              config: dict | None = None, cache_dir: Path = CACHE) -> CLIPModel:
     """An open_clip CLIP ViT as a minisd CLIPModel, in eval mode.
 
     name_or_path: a preset name (`PRESETS`: "ViT-g-14", "ViT-H-14", ...), or a local weight file
@@ -171,7 +183,8 @@ def load_clip(name_or_path: str = "ViT-g-14", pretrained: str = "laion2b_s34b_b8
         architecture instead of the preset or the folder's open_clip_config.json.
     """
     if not Path(name_or_path).exists() and name_or_path not in PRESETS and config is None:
-        raise ValueError(f"{name_or_path!r} is neither a local path nor a known model ({', '.join(PRESETS)}); "
+        raise ValueError(f"{name_or_path!r} is neither a local path nor a known model "
+                         f"({', '.join(PRESETS)}); "
                          "pass config= (an open_clip model-config dict) for other ViTs")
     source, mean, std = locate(name_or_path, pretrained, cache_dir)
     cfg = _model_config(source, name_or_path, config, mean, std)

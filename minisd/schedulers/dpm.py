@@ -27,8 +27,9 @@ from minisd.schedulers.schedule import option
 SUPPORTED = {"solver_order": (2,), "algorithm_type": ("dpmsolver++", "deis"),
              "solver_type": ("midpoint", "logrho", "bh1", "bh2"), "thresholding": (False,),
              "use_karras_sigmas": (False, None), "use_exponential_sigmas": (False, None),
-             "use_beta_sigmas": (False, None), "use_lu_lambdas": (False, None), "use_flow_sigmas": (False, None),
-             "final_sigmas_type": ("zero",), "lambda_min_clipped": (-float("inf"),), "variance_type": (None,)}
+             "use_beta_sigmas": (False, None), "use_lu_lambdas": (False, None),
+             "use_flow_sigmas": (False, None), "final_sigmas_type": ("zero",),
+             "lambda_min_clipped": (-float("inf"),), "variance_type": (None,)}
 
 
 def alpha_sigma(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -75,7 +75,8 @@ class NoiseSchedule:
 
     def alpha_bar(self, t, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """alphas_cumprod[t] on `device`."""
-        # copied to the device once: a blocking copy at every training step would make the host wait for the GPU
+        # copied to the device once: a blocking copy at every training step would make the host wait for the
+        # GPU
         key = (device, dtype)
         if key not in self.on_device:
             self.on_device[key] = self.alphas_cumprod.to(device, dtype)
@@ -88,7 +89,8 @@ class NoiseSchedule:
         return alpha_bar**0.5, (1 - alpha_bar) ** 0.5
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
-        """A sample of q(x_t | x_0) (Ho et al. 2020, eq. 4): sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise."""
+        """A sample of q(x_t | x_0) (Ho et al. 2020, eq. 4): sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t)
+        noise."""
         signal, noise_scale = self.scales(t, x0)
         return signal * x0 + noise_scale * noise
 
@@ -103,7 +105,8 @@ class NoiseSchedule:
         train_text_to_image.py --snr_gamma applies them: min(SNR_t, gamma) / SNR_t for an epsilon target,
         / (SNR_t + 1) for v. SNR_t = alpha_bar_t / (1 - alpha_bar_t). Uniform timesteps spend most of the
         gradient on the nearly clean steps (SNR up to ~1000), where the noise is easy to see and a caption
-        barely matters; capping the weight there leaves more of it to the noisy steps that lay out the scene."""
+        barely matters; capping the weight there leaves more of it to the noisy steps that lay out the
+        scene."""
         alpha_bar = self.alpha_bar(t, t.device)
         snr = alpha_bar / (1 - alpha_bar)
         capped = snr.clamp(max=gamma)

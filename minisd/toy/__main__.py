@@ -5,12 +5,14 @@ training, or run the distillation ablation.
     python -m minisd.toy check --images data/toy/heldout
     python -m minisd.toy check --images results/toy/im512 --metadata data/toy/heldout/metadata.csv
     python -m minisd.toy configs --out data/toy-configs              # vae.json, unet.json, text_encoder.json
-    python -m minisd.toy init --vae weights/toy-vae --out data/toy-init   # random U-Net and text tower + the VAE
+    python -m minisd.toy init --vae weights/toy-vae --out data/toy-init
+        # random U-Net and text tower + the VAE
     python -m minisd.toy export --checkpoint weights/toy-teacher/checkpoint-0001500 --out weights/toy-sd
     python -m minisd.toy ablation --teacher weights/toy-sd --data data/toy --out results/toy-ablation
 
-`check` prints the share of images whose stated colours, shapes, sizes, count and position or relation the pixel
-checker finds, and the share with all of them (caption accuracy). Images of any size are scaled to 64 px first.
+`check` prints the share of images whose stated colours, shapes, sizes, count and position or relation the
+pixel checker finds, and the share with all of them (caption accuracy). Images of any size are scaled to 64 px
+first.
 """
 
 import argparse
@@ -39,19 +41,25 @@ def main(argv: list[str] | None = None) -> None:
     configs = commands.add_parser("configs", help="write the toy models' configs (train_vae.py --config, "
                                                   "train.py --unet-config)")
     configs.add_argument("--out", type=Path, required=True)
-    init = commands.add_parser("init", help="a pipeline folder with a random toy U-Net and text tower, to train "
-                                            "a teacher from (train.py --plain --train-text-encoder --teacher OUT)")
+    init = commands.add_parser("init",
+                               help="a pipeline folder with a random toy U-Net and text tower, to train "
+                                            "a teacher from (train.py --plain --train-text-encoder --teacher "
+                                            "OUT)")
     init.add_argument("--vae", type=Path, required=True, help="the trained toy VAE (train_vae.py --out)")
     init.add_argument("--out", type=Path, required=True)
     init.add_argument("--seed", type=int, default=0)
     export = commands.add_parser("export", help="a checkpoint of train.py as a standalone pipeline folder")
     export.add_argument("--checkpoint", type=Path, required=True)
     export.add_argument("--out", type=Path, required=True)
-    export.add_argument("--dtype", choices=["fp16", "fp32"], default="fp16", help="weights as stored (fp16: half)")
-    ablation = commands.add_parser("ablation", help="train base/small/tiny students and the KD ablation, then "
-                                                    "sample, score and tabulate them (minisd/toy/ablation.py)")
+    export.add_argument("--dtype", choices=["fp16", "fp32"], default="fp16",
+                        help="weights as stored (fp16: half)")
+    ablation = commands.add_parser("ablation",
+                                   help="train base/small/tiny students and the KD ablation, then "
+                                                    "sample, score and tabulate them "
+                                                    "(minisd/toy/ablation.py)")
     ablation.add_argument("--teacher", type=Path, default=Path("weights/toy-sd"))
-    ablation.add_argument("--data", type=Path, default=Path("data/toy"), help="written by `data` (train/, heldout/)")
+    ablation.add_argument("--data", type=Path, default=Path("data/toy"),
+                          help="written by `data` (train/, heldout/)")
     ablation.add_argument("--out", type=Path, default=Path("results/toy-ablation"))
     ablation.add_argument("--steps", type=int, default=250, help="training steps of every student")
     ablation.add_argument("--batch-size", type=int, default=32)
@@ -59,7 +67,8 @@ def main(argv: list[str] | None = None) -> None:
     ablation.add_argument("--seed", type=int, default=0)
     ablation.add_argument("--prompts", type=int, default=200, help="held-out prompts each model is scored on")
     ablation.add_argument("--sample-steps", type=int, default=25, help="PNDM steps")
-    ablation.add_argument("--guidance", type=float, help="classifier-free guidance (default: configs.TOY_GUIDANCE)")
+    ablation.add_argument("--guidance", type=float,
+                          help="classifier-free guidance (default: configs.TOY_GUIDANCE)")
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
@@ -95,9 +104,11 @@ def tools(args) -> None:
         write_json(args.out / "text_encoder.json", configs.TOY_TEXT.to_transformers())
         print(f"wrote vae.json, unet.json and text_encoder.json to {args.out}")
     elif args.command == "init":
-        require(args.vae, "config.json", "a VAE folder: train one with train_vae.py --config data/toy-configs/vae.json "
+        require(args.vae, "config.json",
+                "a VAE folder: train one with train_vae.py --config data/toy-configs/vae.json "
                                           "(see weights/toy-sd/README.md)")
-        print(f"random toy pipeline with the VAE of {args.vae}: {configs.initial_pipeline(args.vae, args.out, args.seed)}")
+        print(f"random toy pipeline with the VAE of {args.vae}: "
+              f"{configs.initial_pipeline(args.vae, args.out, args.seed)}")
     elif args.command == "export":
         require(args.checkpoint, "unet", "a train.py checkpoint folder (checkpoint-NNNNNNN)")
         print(f"exported {args.checkpoint}: {configs.export(args.checkpoint, args.out, args.dtype)}")
@@ -106,7 +117,8 @@ def tools(args) -> None:
         require(args.data, "heldout/metadata.csv", f"a toy data set (train/ and heldout/): write one with "
                                                     f"python -m minisd.toy data --out {args.data}")
         table = ablation.run_ablation(args.teacher, args.data, args.out, args.steps, args.batch_size, args.lr,
-                                      args.seed, args.prompts, args.sample_steps, args.guidance or configs.TOY_GUIDANCE)
+                                      args.seed, args.prompts, args.sample_steps,
+                                      args.guidance or configs.TOY_GUIDANCE)
         print((args.out / "results.md").read_text())
         print(f"{len(table)} models scored; grid of samples: {args.out / 'grid.png'}")
 

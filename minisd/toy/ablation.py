@@ -1,6 +1,6 @@
-"""BK-SDM's distillation ablation in miniature (Kim et al., arXiv 2305.15798: teacher init, output KD and feature KD,
-each taken away in turn): students of the toy teacher, all trained with train.py for the same steps, data, batch
-and seed, then sampled and scored alike. docs/toy-ablation.md holds the results.
+"""BK-SDM's distillation ablation in miniature (Kim et al., arXiv 2305.15798: teacher init, output KD and
+feature KD, each taken away in turn): students of the toy teacher, all trained with train.py for the same
+steps, data, batch and seed, then sampled and scored alike. docs/toy-ablation.md holds the results.
 
     run            student   init      loss
     base           base      teacher   denoising + output KD + feature KD (BK-SDM)
@@ -56,23 +56,27 @@ def train_script():
     return train
 
 
-def train(teacher: Path, data: Path, out: Path, name: str, steps: int, batch: int, lr: float, seed: int) -> Path:
+def train(teacher: Path, data: Path, out: Path, name: str, steps: int, batch: int, lr: float,
+          seed: int) -> Path:
     """One run of train.py; returns its last checkpoint, a whole pipeline folder."""
     flags = [f.format(tiny_config=out / "tiny-unet.json") for f in RUNS[name]]
     argv = [*flags, "--teacher", str(teacher), "--data", str(data / "train"), "--out", str(out / name),
             "--resolution", "64", "--no-flip", "--batch-size", str(batch), "--global-batch", str(batch),
             "--max-steps", str(steps), "--lr", str(lr), "--caption-dropout", "0.1", "--seed", str(seed),
-            "--num-workers", "1", "--save-steps", str(max(1, steps // 4)), "--keep", "1", "--valid-steps", "0",
-            "--log-steps", "25"]
+            "--num-workers", "1", "--save-steps", str(max(1, steps // 4)), "--keep", "1", "--valid-steps",
+            "0", "--log-steps", "25"]
     status, checkpoint = train_script().main(argv), out / name / f"checkpoint-{steps:07d}"
     if status or not checkpoint.is_dir():  # stopped early: on Ctrl-C train.py saves where it is and returns
-        raise RuntimeError(f"train.py stopped run {name} before step {steps}; run the ablation again to resume")
+        raise RuntimeError(f"train.py stopped run {name} before step {steps}; run the ablation again to "
+                           "resume")
     return checkpoint
 
 
 def labelled_row(images: list[Image.Image], label: str, scale: int = 2) -> Image.Image:
-    """The images side by side, scaled up (nearest: the pixels as the checker sees them), with a label on the left."""
-    row = grid([im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in images], cols=len(images))
+    """The images side by side, scaled up (nearest: the pixels as the checker sees them), with a label on the
+    left."""
+    row = grid([im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in images],
+               cols=len(images))
     sheet = Image.new("RGB", (row.width + 110, row.height), "white")
     sheet.paste(row, (110, 0))
     ImageDraw.Draw(sheet).text((6, row.height // 2 - 6), label, fill="black")
@@ -104,7 +108,8 @@ def run_ablation(teacher: Path, data: Path, out: Path, steps: int, batch: int, l
         table.append({"model": name, "params": count_params(pipe.unet.config)["total"],
                       "s_per_image": seconds / len(rows),
                       **{k: last[k] for k in ("sd", "out", "feat") if k in last}, **scores})
-        sheets.append(labelled_row([Image.open(out / name / "images" / f) for f, _ in rows[:grid_prompts]], name))
+        sheets.append(labelled_row([Image.open(out / name / "images" / f) for f, _ in rows[:grid_prompts]],
+                                   name))
         del pipe
     (out / "results.json").write_text(json.dumps(table, indent=1) + "\n")
     (out / "results.md").write_text(markdown(table, steps, batch, prompts, sample_steps, guidance))
@@ -112,19 +117,21 @@ def run_ablation(teacher: Path, data: Path, out: Path, steps: int, batch: int, l
     return table
 
 
-def markdown(table: list[dict], steps: int, batch: int, prompts: int, sample_steps: int, guidance: float) -> str:
-    columns = ("model", "U-Net params", "caption acc.", "colour", "shape", "size", "count", "position", "relation",
-               "toy FID", "s/image (CPU)", "final L_sd", "L_out", "L_feat")
+def markdown(table: list[dict], steps: int, batch: int, prompts: int, sample_steps: int,
+             guidance: float) -> str:
+    columns = ("model", "U-Net params", "caption acc.", "colour", "shape", "size", "count", "position",
+               "relation", "toy FID", "s/image (CPU)", "final L_sd", "L_out", "L_feat")
     head = "| " + " | ".join(columns) + " |\n|---" + "|---:" * (len(columns) - 1) + "|\n"
     lines = []
     for r in table:
         acc = r["accuracy"]
         cells = [r["model"], f"{r['params']:,}", f"{r['caption_accuracy']:.1%}",
-                 *(f"{acc[k]:.1%}" if k in acc else "-" for k in ("colour", "shape", "size", "count", "position",
+                 *(f"{acc[k]:.1%}" if k in acc else "-"
+                   for k in ("colour", "shape", "size", "count", "position",
                                                                      "relation")),
                  f"{r['toy_fid']:.2f}", f"{r['s_per_image']:.2f}",
                  *(f"{r[k]:.4f}" if k in r else "-" for k in ("sd", "out", "feat"))]
         lines.append("| " + " | ".join(cells) + " |")
-    note = (f"\n{steps} steps of batch {batch} per student; {prompts} held-out prompts, {sample_steps} PNDM steps, "
-            f"guidance {guidance}, seed i for prompt i; torch {torch.__version__}.\n")
+    note = (f"\n{steps} steps of batch {batch} per student; {prompts} held-out prompts, {sample_steps} PNDM "
+            f"steps, guidance {guidance}, seed i for prompt i; torch {torch.__version__}.\n")
     return head + "\n".join(lines) + "\n" + note

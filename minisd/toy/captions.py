@@ -1,10 +1,10 @@
-"""Captions for toy scenes, and their parser: `caption` words a scene's attributes in one of several templates with
-synonyms, `parse_caption` reads any of them back to exactly those attributes.
+"""Captions for toy scenes, and their parser: `caption` words a scene's attributes in one of several templates
+with synonyms, `parse_caption` reads any of them back to exactly those attributes.
 
-Every caption states each item's size, colour and shape, and the position (one item) or relation (two items), as the
-checker judges all of them; a trailing background phrase is optional and is not judged. Two items read in either
-order ("a red circle above a blue square", "a blue square below a red circle"): the parser returns the canonical
-relation ("above" or "left of") with the items in its order, the form `Attributes` keeps.
+Every caption states each item's size, colour and shape, and the position (one item) or relation (two items),
+as the checker judges all of them; a trailing background phrase is optional and is not judged. Two items read
+in either order ("a red circle above a blue square", "a blue square below a red circle"): the parser returns
+the canonical relation ("above" or "left of") with the items in its order, the form `Attributes` keeps.
 """
 
 import re
@@ -14,8 +14,8 @@ import numpy as np
 from minisd.toy.world import PALETTE, Attributes, Item, Scene
 
 SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("large", "big")}
-SHAPE_WORDS = {"circle": ("circle", "disc"), "square": ("square",), "triangle": ("triangle",), "star": ("star",),
-               "cross": ("cross", "plus sign")}
+SHAPE_WORDS = {"circle": ("circle", "disc"), "square": ("square",), "triangle": ("triangle",),
+               "star": ("star",), "cross": ("cross", "plus sign")}
 POSITION_WORDS = {
     "left": ("on the left", "on the left side", "at the left"),
     "right": ("on the right", "on the right side", "at the right"),
@@ -30,7 +30,8 @@ RELATION_WORDS = {  # the second pair of each line swaps the items
 SWAPPED = {"below": "above", "right of": "left of"}
 TEXTURE_WORDS = {"plain": ("", "plain "), "noise": ("noisy ", "grainy "), "stripes": ("striped ",)}
 
-ONE = ("a {a} {where}", "there is a {a} {where}", "{a} {where}", "{where}, a {a}", "a picture of a {a} {where}")
+ONE = ("a {a} {where}", "there is a {a} {where}", "{a} {where}", "{where}, a {a}",
+       "a picture of a {a} {where}")
 TWO = ("a {a} {rel} a {b}", "{a} {rel} {b}", "there is a {a} {rel} a {b}", "a picture of a {a} {rel} a {b}",
        "a {a} and a {b}, the {ca} one {rel} the {cb} one", "a {b} and a {a}, the {ca} one {rel} the {cb} one")
 BACKDROP = (", {texture}{tone} background", ", on a {texture}{tone} background")
@@ -58,12 +59,14 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
         text = choose(rng, TWO).format(a=words(rng, first), b=words(rng, second), ca=first.colour,
                                        cb=second.colour, rel=choose(rng, RELATION_WORDS[relation]))
     if rng.random() < 0.5:
-        text += choose(rng, BACKDROP).format(texture=choose(rng, TEXTURE_WORDS[scene.texture]), tone=scene.background)
+        text += choose(rng, BACKDROP).format(texture=choose(rng, TEXTURE_WORDS[scene.texture]),
+                                             tone=scene.background)
     return text[0].upper() + text[1:] if rng.random() < 0.5 else text
 
 
 def alternation(table: dict) -> str:
-    """A regex group matching any phrase of the table, longest first ("on the left side" before "on the left")."""
+    """A regex group matching any phrase of the table, longest first ("on the left side" before "on the
+    left")."""
     phrases = sorted((p for ps in table.values() for p in ps), key=len, reverse=True)
     return "(" + "|".join(re.escape(p) for p in phrases) + ")"
 
@@ -80,9 +83,10 @@ RELATION = re.compile(rf"\b{alternation(RELATION_WORDS)}\b")
 
 
 def parse_caption(text: str) -> Attributes:
-    """The attributes a caption states; ValueError if it does not follow a template. With two items, the relation's
-    subject is the colour named last before the relation phrase and its object the first named after it, which
-    reads every template ("a red circle above a blue square", "..., the blue one under the red one")."""
+    """The attributes a caption states; ValueError if it does not follow a template. With two items, the
+    relation's subject is the colour named last before the relation phrase and its object the first named
+    after it, which reads every template ("a red circle above a blue square", "..., the blue one under the red
+    one")."""
     text = text.lower()
     items = [Item(m[2], meaning(SHAPE_WORDS, m[3]), meaning(SIZE_WORDS, m[1])) for m in ITEM.finditer(text)]
     if len(items) == 1:

@@ -1,19 +1,22 @@
-"""A rule-based pixel checker for toy images: does an image show what its caption states? No network, no training.
+"""A rule-based pixel checker for toy images: does an image show what its caption states? No network, no
+training.
 
 1. Background: the median colour of the 2-px border (the world keeps shapes 3 px inside it), so textures and a
    model's off-tone backgrounds are judged against what the image itself shows.
-2. Colour by unmixing: each pixel is read as background + alpha * (palette colour - background), alpha fitted per
-   colour by least squares (clipped to [0, 1]). The colour with the smallest residual explains the pixel; it is that
-   colour's if alpha >= 1/2 and the residual is under MAX_RESIDUAL. A blurred edge is a mix of one shape colour and
-   the background, so it is never mistaken for a third colour, as plain nearest-colour would do (black over sage
-   lies nearer green than either).
+2. Colour by unmixing: each pixel is read as background + alpha * (palette colour - background), alpha fitted
+   per colour by least squares (clipped to [0, 1]). The colour with the smallest residual explains the pixel;
+   it is that colour's if alpha >= 1/2 and the residual is under MAX_RESIDUAL. A blurred edge is a mix of one
+   shape colour and the background, so it is never mistaken for a third colour, as plain nearest-colour would
+   do (black over sage lies nearer green than either).
 3. Blobs: 8-connected components of each colour's pixels, those under MIN_AREA px being specks. Each colour's
-   largest blob is its shape; its alpha map (the blob grown by 2 px, to take in its soft edge) is what is measured.
-4. Shape by template: each of the five shapes is drawn, as minisd.toy.world draws it, with the blob's alpha mass
-   and centroid (both survive blurring), sharp and blurred by TEMPLATE_BLURS; the shape of the template that
-   overlaps the blob best (soft IoU) is its shape. Sharp templates alone lose small stars, whose points a blur turns
-   into a pentagon nearer a sharp circle than a sharp star. The fitted template also gives the blob's extent (for
-   size) and its box centre (for position and relation), which is how the world places shapes.
+   largest blob is its shape; its alpha map (the blob grown by 2 px, to take in its soft edge) is what is
+   measured.
+4. Shape by template: each of the five shapes is drawn, as minisd.toy.world draws it, with the blob's alpha
+   mass and centroid (both survive blurring), sharp and blurred by TEMPLATE_BLURS; the shape of the template
+   that overlaps the blob best (soft IoU) is its shape. Sharp templates alone lose small stars, whose points a
+   blur turns into a pentagon nearer a sharp circle than a sharp star. The fitted template also gives the
+   blob's extent (for size) and its box centre (for position and relation), which is how the world places
+   shapes.
 5. Size, position and relation: thresholds half-way between the ranges that minisd.toy.world draws from.
 """
 
@@ -35,8 +38,8 @@ MAX_RESIDUAL = 60.0  # RGB units off the background-to-colour line; the palette 
 MIN_AREA = 15  # px; the smallest shape, a 12 px star, covers ~50
 LARGE = 19.0  # px of fitted extent: small shapes are drawn 12-16 px, large ones 22-27
 OFF_CENTRE = 8.0  # px; "center" is drawn within 3 px of the middle, the sides at least 14 px away
-# Gaussian sigmas, px. Caption accuracy on 1,000 scenes blurred with sigma 1.5 plus noise (std 8): 99.7% with these,
-# 96% with (0, 0.7, 1.4, 2.1), 88% with sharp templates only (small stars taken for circles or squares)
+# Gaussian sigmas, px. Caption accuracy on 1,000 scenes blurred with sigma 1.5 plus noise (std 8): 99.7% with
+# these, 96% with (0, 0.7, 1.4, 2.1), 88% with sharp templates only (small stars taken for circles or squares)
 TEMPLATE_BLURS = (0.0, 1.0, 2.0)
 COLOURS = np.array(list(PALETTE.values()), dtype=np.float32)
 
@@ -70,7 +73,8 @@ class Blob:
 
 
 def pixels(image) -> np.ndarray:
-    """[SIZE, SIZE, 3] float32 RGB from a PIL image or an [H, W, 3] array of 0..255; other sizes are area-resized."""
+    """[SIZE, SIZE, 3] float32 RGB from a PIL image or an [H, W, 3] array of 0..255; other sizes are
+    area-resized."""
     if isinstance(image, np.ndarray) and image.shape == (SIZE, SIZE, 3):
         return image.astype(np.float32)
     image = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))
@@ -114,7 +118,8 @@ def moments(alpha: np.ndarray) -> tuple[float, float, float]:
 
 
 def fit(colour: str, alpha: np.ndarray) -> Blob:
-    """Step 4: each template scaled to the blob's mass and moved to its centroid; the blob with every overlap."""
+    """Step 4: each template scaled to the blob's mass and moved to its centroid; the blob with every
+    overlap."""
     mass, cx, cy = moments(alpha)
     matches, placed = [], []
     for shape in SHAPES:
@@ -146,9 +151,9 @@ def find_blobs(image) -> tuple[dict[str, Blob], int]:
 
 
 def check(image, attributes: Attributes) -> dict[str, bool]:
-    """Per-attribute verdicts: colour (each stated colour has a blob), shape, size, position or relation, count
-    (as many blobs as items: nothing missing, nothing extra), and caption_correct (all of them). An item whose
-    colour is missing fails every attribute."""
+    """Per-attribute verdicts: colour (each stated colour has a blob), shape, size, position or relation,
+    count (as many blobs as items: nothing missing, nothing extra), and caption_correct (all of them). An item
+    whose colour is missing fails every attribute."""
     blobs, count = find_blobs(image)
     found = [blobs.get(item.colour) for item in attributes.items]
     verdict = {
@@ -166,7 +171,8 @@ def check(image, attributes: Attributes) -> dict[str, bool]:
 
 
 def relation(first: Blob, second: Blob) -> str:
-    """How `first` stands to `second` along the axis that separates them more: above/below, left of/right of."""
+    """How `first` stands to `second` along the axis that separates them more: above/below, left of/right
+    of."""
     dx, dy = second.x - first.x, second.y - first.y
     if abs(dy) > abs(dx):
         return "above" if dy > 0 else "below"
@@ -178,12 +184,14 @@ def check_caption(image, text: str) -> dict[str, bool]:
 
 
 def features(image) -> np.ndarray:
-    """[len(PALETTE) * 9 + 4] float32 per image, for an FID-like distance between image sets: per palette colour (in
-    PALETTE's order) its blob's area / SIZE**2, x, y and extent / SIZE and its five template matches, zeros when
-    absent; then the background tone / 255 and the fraction of pixels that no colour explains beyond the background."""
+    """[len(PALETTE) * 9 + 4] float32 per image, for an FID-like distance between image sets: per palette
+    colour (in PALETTE's order) its blob's area / SIZE**2, x, y and extent / SIZE and its five template
+    matches, zeros when absent; then the background tone / 255 and the fraction of pixels that no colour
+    explains beyond the background."""
     x = pixels(image)
     blobs, _ = find_blobs(x)
-    rows = [[b.area / SIZE**2, b.x / SIZE, b.y / SIZE, b.extent / SIZE, *b.matches] if (b := blobs.get(colour))
+    rows = [[b.area / SIZE**2, b.x / SIZE, b.y / SIZE, b.extent / SIZE,
+             *b.matches] if (b := blobs.get(colour))
             else [0.0] * 9 for colour in PALETTE]
     tone = background_tone(x)
     _, explained = unmix(x)
@@ -197,7 +205,8 @@ def check_file(folder: Path, row: tuple[str, str]) -> dict[str, bool]:
         return check_caption(image, text)
 
 
-def check_folder(folder: str | Path, rows: list[tuple[str, str]], workers: int = 1) -> dict[str, tuple[int, int]]:
+def check_folder(folder: str | Path, rows: list[tuple[str, str]],
+                 workers: int = 1) -> dict[str, tuple[int, int]]:
     """(right, judged) per attribute over the (file_name, text) rows, images read from `folder`. Position and
     relation are judged only on the captions that state them."""
     totals = {}

@@ -1,13 +1,16 @@
-"""The toy world's models: SD's three networks with smaller tables, and the random pipeline a teacher starts from.
+"""The toy world's models: SD's three networks with smaller tables, and the random pipeline a teacher starts
+from.
 
-Nothing here is a new class. The U-Net has SD's four stages (attention in the outer three, cross-attention to the
-text, a mid block), so BK-SDM's base/small/tiny removals (minisd/table.py, VARIANTS) apply to it unchanged; only the
-widths, head counts and norm groups shrink. The VAE is SD's AutoencoderKL with three levels instead of four, so it
-downsamples 4x, not 8x: a 64 px toy image becomes 16x16x4 latents, and its smallest shape (12 px) still spans three
-latent pixels. The text tower is CLIP's, with the real 49,408-token vocabulary and tokenizer, 64 wide and 2 deep:
-its embedding table (3.2 M of its 3.3 M parameters) is most of the shipped weights.
+Nothing here is a new class. The U-Net has SD's four stages (attention in the outer three, cross-attention to
+the text, a mid block), so BK-SDM's base/small/tiny removals (minisd/table.py, VARIANTS) apply to it
+unchanged; only the widths, head counts and norm groups shrink. The VAE is SD's AutoencoderKL with three
+levels instead of four, so it downsamples 4x, not 8x: a 64 px toy image becomes 16x16x4 latents, and its
+smallest shape (12 px) still spans three latent pixels. The text tower is CLIP's, with the real 49,408-token
+vocabulary and tokenizer, 64 wide and 2 deep: its embedding table (3.2 M of its 3.3 M parameters) is most of
+the shipped weights.
 
-    python -m minisd.toy init --vae weights/toy-vae --out data/toy-init    # random U-Net and text tower, trained VAE
+    python -m minisd.toy init --vae weights/toy-vae --out data/toy-init
+        # random U-Net and text tower, trained VAE
 """
 
 from pathlib import Path
@@ -23,8 +26,9 @@ from minisd.tokenizer import CLIPTokenizer
 from minisd.unet import UNet
 
 # The U-Net: 2,202,932 params, 77 M MACs per 16x16 latent. SD-v1's table (minisd/table.py, SD_V1) with widths
-# 320/640/1280/1280 -> 16/32/64/64 and heads sized for a head width of 16. Most of the compute is in the outer two
-# stages (16x16 and 8x8), as in SD. BK-SDM students of it: base 1,483,812, small 1,235,812, tiny 836,644 params.
+# 320/640/1280/1280 -> 16/32/64/64 and heads sized for a head width of 16. Most of the compute is in the outer
+# two stages (16x16 and 8x8), as in SD. BK-SDM students of it: base 1,483,812, small 1,235,812, tiny 836,644
+# params.
 TOY_UNET = UNetTable(
     "toy",
     tuple(Stage(c, a, h, down=(0, 1), up=(0, 1, 2))
@@ -35,26 +39,28 @@ TOY_UNET = UNetTable(
     sample_size=16,  # latents of a 64 px image
 )
 
-# The VAE, as a diffusers AutoencoderKL config.json (train_vae.py --config reads it): 3 levels -> 4x downsampling.
-# The bottom level stays at 32 channels: its mid block (ResBlocks + attention over 16x16) is the costliest part at
-# 64 (50 M MACs of the encoder's 106 M), and flat shapes need no more.
+# The VAE, as a diffusers AutoencoderKL config.json (train_vae.py --config reads it): 3 levels -> 4x
+# downsampling. The bottom level stays at 32 channels: its mid block (ResBlocks + attention over 16x16) is the
+# costliest part at 64 (50 M MACs of the encoder's 106 M), and flat shapes need no more.
 TOY_VAE = {
     "_class_name": "AutoencoderKL", "block_out_channels": [16, 32, 32],
     "down_block_types": ["DownEncoderBlock2D"] * 3, "up_block_types": ["UpDecoderBlock2D"] * 3,
     "layers_per_block": 1, "norm_num_groups": 8, "latent_channels": 4, "sample_size": 64,
 }
 
-# The text tower: CLIP ViT-L/14's text transformer (minisd/clip.py) at width 64, 2 layers, 4 heads. The captions
-# use ~40 words, but the vocabulary stays CLIP's so that the real tokenizer and every minisd loader apply as is.
+# The text tower: CLIP ViT-L/14's text transformer (minisd/clip.py) at width 64, 2 layers, 4 heads. The
+# captions use ~40 words, but the vocabulary stays CLIP's so that the real tokenizer and every minisd loader
+# apply as is.
 TOY_TEXT = CLIPTextConfig(width=64, layers=2, heads=4, mlp_width=256)
 
 TOY_GUIDANCE = 4.0  # classifier-free guidance for the toy models
 
 
 def initial_pipeline(vae: str | Path, out: str | Path, seed: int = 0) -> Path:
-    """A pipeline folder to train a toy teacher from (train.py --plain --teacher OUT --train-text-encoder): a random
-    U-Net and text tower of the tables above, the trained VAE in `vae`, CLIP's tokenizer and SD's PNDM schedule
-    (the scaled-linear betas, which suit latents scaled to unit variance as train_vae.py scales them)."""
+    """A pipeline folder to train a toy teacher from (train.py --plain --teacher OUT --train-text-encoder): a
+    random U-Net and text tower of the tables above, the trained VAE in `vae`, CLIP's tokenizer and SD's PNDM
+    schedule (the scaled-linear betas, which suit latents scaled to unit variance as train_vae.py scales
+    them)."""
     torch.manual_seed(seed)
     vae_model = load_vae(vae)
     if vae_model.config.latent_channels != TOY_UNET.in_channels:
@@ -67,8 +73,9 @@ def initial_pipeline(vae: str | Path, out: str | Path, seed: int = 0) -> Path:
 
 
 def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp16") -> Path:
-    """A train.py checkpoint (whose vae/, tokenizer/ and scheduler/ link to its run folder) as a standalone pipeline
-    folder, in half precision by default: the toy models sample the same in fp16 weights upcast to fp32."""
+    """A train.py checkpoint (whose vae/, tokenizer/ and scheduler/ link to its run folder) as a standalone
+    pipeline folder, in half precision by default: the toy models sample the same in fp16 weights upcast to
+    fp32."""
     pipe = load_pipeline(checkpoint)
     if dtype == "fp16":
         pipe.to(dtype=torch.float16)

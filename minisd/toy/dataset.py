@@ -6,9 +6,9 @@
     OUT/info.json the seed, the counts and the held-out colour+shape pairs
 
 The held-out split tests composition: a few colour+shape pairs (3 of the 30 for --heldout 0.1) never appear in
-training, and every held-out scene shows at least one of them. The pairs take distinct colours and distinct shapes,
-so training still shows every colour and every shape, just never in those combinations. Example i of a split is a
-pure function of (seed, split, i): any number of worker processes writes the same bytes.
+training, and every held-out scene shows at least one of them. The pairs take distinct colours and distinct
+shapes, so training still shows every colour and every shape, just never in those combinations. Example i of a
+split is a pure function of (seed, split, i): any number of worker processes writes the same bytes.
 
 Train with random flips off (train.py --no-flip): a mirrored image contradicts its "left"/"right" caption.
 """
@@ -30,8 +30,8 @@ SPLITS = ("train", "heldout")  # a split's index is part of each example's seed
 
 
 def heldout_pairs(seed: int, fraction: float) -> frozenset:
-    """round(fraction * 30) colour+shape pairs (at least 1 when fraction > 0, at most 5), with distinct colours and
-    distinct shapes, drawn with the seed."""
+    """round(fraction * 30) colour+shape pairs (at least 1 when fraction > 0, at most 5), with distinct
+    colours and distinct shapes, drawn with the seed."""
     count = min(len(SHAPES), max(1, round(fraction * len(PAIRS)))) if fraction > 0 else 0
     rng = np.random.default_rng((seed, len(SPLITS)))  # a key no split uses
     colours, shapes = rng.permutation(list(PALETTE))[:count], rng.permutation(list(SHAPES))[:count]
@@ -39,8 +39,8 @@ def heldout_pairs(seed: int, fraction: float) -> frozenset:
 
 
 def example(seed: int, split: str, index: int, held_out: frozenset) -> tuple[Scene, str]:
-    """Example `index` of a split, and its caption: training scenes avoid the held-out pairs, held-out scenes show
-    one of them."""
+    """Example `index` of a split, and its caption: training scenes avoid the held-out pairs, held-out scenes
+    show one of them."""
     rng = np.random.default_rng((seed, SPLITS.index(split), index))
     scene = sample_scene(rng, avoid=held_out) if split == "train" else sample_scene(rng, need=held_out)
     return scene, caption(scene, rng)
@@ -57,7 +57,8 @@ def write_example(folder: Path, seed: int, split: str, held_out: frozenset, inde
 def write_split(folder: Path, split: str, n: int, seed: int, held_out: frozenset, workers: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     work = partial(write_example, folder, seed, split, held_out)
-    lines = list(ordered_map(work, range(n), workers, chunksize=256))  # in index order, whichever worker wrote it
+    # in index order, whichever worker wrote it
+    lines = list(ordered_map(work, range(n), workers, chunksize=256))
     with open(folder / "scenes.jsonl", "w", encoding="utf-8") as f:
         f.writelines(line + "\n" for line in lines)
     with open(folder / "metadata.csv", "w", newline="", encoding="utf-8") as f:
@@ -66,8 +67,10 @@ def write_split(folder: Path, split: str, n: int, seed: int, held_out: frozenset
         writer.writerows((record["file_name"], record["text"]) for record in map(json.loads, lines))
 
 
-def write_dataset(out: str | Path, n: int, seed: int = 0, heldout: float = 0.1, workers: int | None = None) -> dict:
-    """n examples under `out`: round(n * heldout) in heldout/, the rest in train/. Returns what info.json holds."""
+def write_dataset(out: str | Path, n: int, seed: int = 0, heldout: float = 0.1,
+                  workers: int | None = None) -> dict:
+    """n examples under `out`: round(n * heldout) in heldout/, the rest in train/. Returns what info.json
+    holds."""
     out, workers = Path(out), workers or len(os.sched_getaffinity(0))
     held_out = heldout_pairs(seed, heldout)
     counts = {"train": n - round(n * heldout), "heldout": round(n * heldout)}

@@ -1,11 +1,13 @@
-"""The toy world: scenes of one or two flat shapes on a plain or lightly textured background, drawn at 64x64 px.
+"""The toy world: scenes of one or two flat shapes on a plain or lightly textured background, drawn at 64x64
+px.
 
 A scene is data (`Scene`): what its caption states (`Attributes`: colour, shape and size of each item, plus a
-position for one item or a relation for two) and how it is drawn (centres, extents, background, texture). Everything
-follows from one numpy Generator, so a scene is a pure function of the key that seeds it. The vocabulary is chosen
-so that a pixel rule can judge it after a lossy autoencoder blurs it (minisd.toy.checker): six colours far apart in
-RGB, backgrounds that are muted and at least 100 RGB units from every one of them, five shapes that stay apart when
-blurred, and sizes and positions with wide gaps between their classes.
+position for one item or a relation for two) and how it is drawn (centres, extents, background, texture).
+Everything follows from one numpy Generator, so a scene is a pure function of the key that seeds it. The
+vocabulary is chosen so that a pixel rule can judge it after a lossy autoencoder blurs it
+(minisd.toy.checker): six colours far apart in RGB, backgrounds that are muted and at least 100 RGB units from
+every one of them, five shapes that stay apart when blurred, and sizes and positions with wide gaps between
+their classes.
 """
 
 import math
@@ -33,17 +35,21 @@ BACKGROUNDS = {  # muted tones, each >= 100 RGB units from every palette colour 
     "mauve": (150, 120, 135),
 }
 TEXTURES = ("plain", "noise", "stripes")
-NOISE_STD, STRIPE_AMPLITUDE = 6.0, 10.0  # RGB units: light enough that background pixels stay nearest their tone
+# RGB units: light enough that background pixels stay nearest their tone
+NOISE_STD, STRIPE_AMPLITUDE = 6.0, 10.0
 
 SHAPES = ("circle", "square", "triangle", "star", "cross")
 PAIRS = tuple((colour, shape) for colour in PALETTE for shape in SHAPES)  # the 30 colour+shape combinations
-EXTENTS = {"small": (12.0, 16.0), "large": (22.0, 27.0)}  # px, a shape's box side; the checker splits them at 19
+# px, a shape's box side; the checker splits them at 19
+EXTENTS = {"small": (12.0, 16.0), "large": (22.0, 27.0)}
 POSITIONS = ("left", "right", "top", "bottom", "center")
 RELATIONS = ("above", "left of")  # canonical; "below" and "right of" are these with the items swapped
 MARGIN = 3.0  # px between a shape's box and the image edge, so the border shows only background
-SIDE_OFFSET = 14.0  # px, the least offset of a shape placed left/right/top/bottom (the checker's boundary is 8)
+# px, the least offset of a shape placed left/right/top/bottom (the checker's boundary is 8)
+SIDE_OFFSET = 14.0
 JITTER = 3.0  # px, the largest offset across the stated direction (and from the centre for "center")
-STAR_INNER = 0.5  # inner/outer radius: fatter than a pentagram's 0.38, so small stars keep their points when blurred
+# inner/outer radius: fatter than a pentagram's 0.38, so small stars keep their points when blurred
+STAR_INNER = 0.5
 
 
 @dataclass(frozen=True)
@@ -56,8 +62,8 @@ class Item:
 
 @dataclass(frozen=True)
 class Attributes:
-    """What a caption states, and all the checker judges. Two items have distinct colours and are ordered as their
-    relation reads: items[0] is above / left of items[1]."""
+    """What a caption states, and all the checker judges. Two items have distinct colours and are ordered as
+    their relation reads: items[0] is above / left of items[1]."""
     items: tuple[Item, ...]
     position: str | None = None  # one item: one of POSITIONS
     relation: str | None = None  # two items: one of RELATIONS
@@ -74,15 +80,17 @@ class Scene:
     texture_seed: int  # seeds the noise, or the stripes' period, angle and phase
 
 
-def sample_scene(rng: np.random.Generator, avoid: frozenset = frozenset(), need: frozenset = frozenset()) -> Scene:
-    """A random scene. Its colour+shape pairs avoid `avoid`; with `need`, one item is one of those pairs and any other
-    item may be any pair (the held-out split: combinations the training split never shows)."""
+def sample_scene(rng: np.random.Generator, avoid: frozenset = frozenset(),
+                 need: frozenset = frozenset()) -> Scene:
+    """A random scene. Its colour+shape pairs avoid `avoid`; with `need`, one item is one of those pairs and
+    any other item may be any pair (the held-out split: combinations the training split never shows)."""
     count = int(rng.integers(1, 3))
     free = [p for p in PAIRS if p not in avoid]
     pools = [sorted(need) or free] + [PAIRS if need else free] * (count - 1)
     pairs = []
     for pool in pools:
-        pool = [p for p in pool if p[0] not in {colour for colour, _ in pairs}]  # two items never share a colour
+        # two items never share a colour
+        pool = [p for p in pool if p[0] not in {colour for colour, _ in pairs}]
         pairs.append(pool[rng.integers(len(pool))])
     pairs = [pairs[i] for i in rng.permutation(count)]  # the needed pair is not always the first item
     sizes = [("small", "large")[rng.integers(2)] for _ in pairs]
@@ -100,8 +108,8 @@ def sample_scene(rng: np.random.Generator, avoid: frozenset = frozenset(), need:
 
 
 def place_one(rng: np.random.Generator, position: str, extent: float) -> tuple[float, float]:
-    """A centre for one shape at `position`: at least SIDE_OFFSET px from the image centre along its direction,
-    within JITTER across it, and inside the margin."""
+    """A centre for one shape at `position`: at least SIDE_OFFSET px from the image centre along its
+    direction, within JITTER across it, and inside the margin."""
     centre, reach = SIZE / 2, SIZE / 2 - MARGIN - extent / 2  # the farthest a centre may move from the middle
     along, across = float(rng.uniform(SIDE_OFFSET, reach)), float(rng.uniform(-JITTER, JITTER))
     dx, dy = {"left": (-along, across), "right": (along, across), "top": (across, -along),
@@ -109,9 +117,11 @@ def place_one(rng: np.random.Generator, position: str, extent: float) -> tuple[f
     return centre + dx, centre + dy
 
 
-def place_two(rng: np.random.Generator, relation: str, first: float, second: float) -> tuple[tuple[float, float], ...]:
-    """Centres for two shapes, the first above / left of the second: along the relation they are separated by a gap
-    of at least 3 px, across it they share a line within JITTER. Laid out on (along, across) axes, then mapped."""
+def place_two(rng: np.random.Generator, relation: str, first: float,
+              second: float) -> tuple[tuple[float, float], ...]:
+    """Centres for two shapes, the first above / left of the second: along the relation they are separated by
+    a gap of at least 3 px, across it they share a line within JITTER. Laid out on (along, across) axes, then
+    mapped."""
     gap = float(rng.uniform(3.0, SIZE - 2 * MARGIN - first - second))  # two large shapes: 3..4 px
     start = float(rng.uniform(MARGIN, SIZE - MARGIN - (first + gap + second)))
     along = (start + first / 2, start + first + gap + second / 2)
@@ -124,7 +134,8 @@ def place_two(rng: np.random.Generator, relation: str, first: float, second: flo
 
 
 def outline(shape: str, x: float, y: float, extent: float) -> list[tuple[float, float]]:
-    """The polygon of a triangle, star or cross whose bounding box is `extent` px wide or tall, centred on (x, y)."""
+    """The polygon of a triangle, star or cross whose bounding box is `extent` px wide or tall, centred on (x,
+    y)."""
     r = extent / 2
     if shape == "triangle":  # pointing up, base and height both `extent`: it fills half its box
         return [(x, y - r), (x + r, y + r), (x - r, y + r)]
@@ -155,13 +166,15 @@ def coverage(shape: str, x: float, y: float, extent: float) -> np.ndarray:
 
 
 def background(scene: Scene) -> np.ndarray:
-    """[SIZE, SIZE, 3] float RGB: the scene's tone, with grey noise or sine stripes (the same offset in R, G, B)."""
+    """[SIZE, SIZE, 3] float RGB: the scene's tone, with grey noise or sine stripes (the same offset in R, G,
+    B)."""
     rng = np.random.default_rng(scene.texture_seed)
     tone = np.array(BACKGROUNDS[scene.background], dtype=np.float32)
     if scene.texture == "noise":
         offset = rng.normal(0.0, NOISE_STD, (SIZE, SIZE))
     elif scene.texture == "stripes":
-        period, angle, phase = rng.uniform(6.0, 12.0), rng.choice([0.0, 45.0, 90.0, 135.0]), rng.uniform(0, 2 * math.pi)
+        period, angle, phase = rng.uniform(6.0,
+                                           12.0), rng.choice([0.0, 45.0, 90.0, 135.0]), rng.uniform(0, 2 * math.pi)
         y, x = np.mgrid[0:SIZE, 0:SIZE]
         along = x * math.cos(math.radians(angle)) + y * math.sin(math.radians(angle))
         offset = STRIPE_AMPLITUDE * np.sin(2 * math.pi * along / period + phase)
