@@ -36,7 +36,8 @@ def hub_folder(folder: Path, pad: str) -> Path:
     path = Path(importlib.util.find_spec("open_clip").submodule_search_locations[0]) / "bpe_simple_vocab_16e6.txt.gz"
     merges = gzip.open(path, "rt", encoding="utf-8").read().split("\n")[1:48895]
     chars = list(bytes_to_unicode().values())
-    tokens = chars + [c + "</w>" for c in chars] + [m.replace(" ", "") for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    tokens = chars + [c + "</w>" for c in chars] + [m.replace(" ", "")
+                                                    for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
     folder.mkdir(parents=True)
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
@@ -46,21 +47,24 @@ def hub_folder(folder: Path, pad: str) -> Path:
         {"bos_token": bos, "eos_token": eos, "pad_token": pad, "unk_token": eos}))
     added = {"__type": "AddedToken"}
     (folder / "tokenizer_config.json").write_text(json.dumps({
-        "add_prefix_space": False, "bos_token": {**added, **bos}, "do_lower_case": True, "eos_token": {**added, **eos},
-        "errors": "replace", "model_max_length": 77, "name_or_path": "openai/clip-vit-large-patch14",
-        "pad_token": pad, "special_tokens_map_file": "./special_tokens_map.json",
-        "tokenizer_class": "CLIPTokenizer", "unk_token": {**added, **eos}}))
+        "add_prefix_space": False, "bos_token": {**added, **bos}, "do_lower_case": True,
+        "eos_token": {**added, **eos}, "errors": "replace", "model_max_length": 77,
+        "name_or_path": "openai/clip-vit-large-patch14", "pad_token": pad,
+        "special_tokens_map_file": "./special_tokens_map.json", "tokenizer_class": "CLIPTokenizer",
+        "unk_token": {**added, **eos}}))
     return folder
 
 
 # The real configs, as the hub repos ship them (CompVis/stable-diffusion-v1-4 unet/config.json).
 SD_V1_CONFIG = dict(
-    sample_size=64, in_channels=4, out_channels=4, block_out_channels=[320, 640, 1280, 1280], layers_per_block=2,
-    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"], mid_block_type="UNetMidBlock2DCrossAttn",
-    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, attention_head_dim=8, cross_attention_dim=768,
-    norm_num_groups=32, act_fn="silu", flip_sin_to_cos=True, freq_shift=0, downsample_padding=1)
+    sample_size=64, in_channels=4, out_channels=4, block_out_channels=[320, 640, 1280, 1280],
+    layers_per_block=2, down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    mid_block_type="UNetMidBlock2DCrossAttn", up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    attention_head_dim=8, cross_attention_dim=768, norm_num_groups=32, act_fn="silu", flip_sin_to_cos=True,
+    freq_shift=0, downsample_padding=1)
 # stabilityai/stable-diffusion-2-1-base
-SD_V2_CONFIG = dict(SD_V1_CONFIG, attention_head_dim=[5, 10, 20, 20], cross_attention_dim=1024, use_linear_projection=True)
+SD_V2_CONFIG = dict(SD_V1_CONFIG, attention_head_dim=[5, 10, 20, 20], cross_attention_dim=1024,
+                    use_linear_projection=True)
 # nota-ai/bk-sdm-{base,small,tiny} and bk-sdm-v2-*: the teacher's config with these changes
 BK_CHANGES = {
     "sd": {},
@@ -85,23 +89,27 @@ def reduced_config(family: str, name: str) -> dict:
 
 
 PADS = {"v1": "<|endoftext|>", "v2": "!"}
-SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-                    set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1)
+SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                    num_train_timesteps=1000, set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1)
 VAE_FULL = dict(block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
-                up_block_types=["UpDecoderBlock2D"] * 4, layers_per_block=2, latent_channels=4, sample_size=512)
+                up_block_types=["UpDecoderBlock2D"] * 4, layers_per_block=2, latent_channels=4,
+                sample_size=512)
 VAE_SMALL = dict(VAE_FULL, block_out_channels=[32, 64], down_block_types=["DownEncoderBlock2D"] * 2,
                  up_block_types=["UpDecoderBlock2D"] * 2, layers_per_block=1, norm_num_groups=8)
 
 
 def text_config(family: str, width: int, layers: int, heads: int) -> CLIPTextConfig:
-    return CLIPTextConfig(vocab_size=49408, hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
-                          num_attention_heads=heads, max_position_embeddings=77, bos_token_id=0, eos_token_id=2,
-                          pad_token_id=1, hidden_act="quick_gelu" if family == "v1" else "gelu")
+    return CLIPTextConfig(vocab_size=49408, hidden_size=width, intermediate_size=4 * width,
+                          num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=77,
+                          bos_token_id=0, eos_token_id=2, pad_token_id=1,
+                          hidden_act="quick_gelu" if family == "v1" else "gelu")
 
 
-def reference_parts(family: str, unet_cfg: dict, text_cfg: CLIPTextConfig, vae_cfg: dict, seed: int = 0) -> dict:
+def reference_parts(family: str, unet_cfg: dict, text_cfg: CLIPTextConfig, vae_cfg: dict,
+                    seed: int = 0) -> dict:
     torch.manual_seed(seed)
-    return dict(unet=perturb_(UNet2DConditionModel(**unet_cfg)).eval(), vae=perturb_(AutoencoderKL(**vae_cfg)).eval(),
+    return dict(unet=perturb_(UNet2DConditionModel(**unet_cfg)).eval(),
+                vae=perturb_(AutoencoderKL(**vae_cfg)).eval(),
                 text_encoder=perturb_(CLIPTextModel(text_cfg)).eval())
 
 
@@ -113,7 +121,8 @@ def save_hub_layout(parts: dict, family: str, folder, prediction_type="epsilon")
                                    requires_safety_checker=False)
     pipe.save_pretrained(folder / "pipe")
     weights = folder / "pipe" / "text_encoder" / "model.safetensors"
-    save_file({k if k.startswith("text_model.") else "text_model." + k: v for k, v in load_file(weights).items()},
+    save_file({k if k.startswith("text_model.") else "text_model." + k: v for k,
+               v in load_file(weights).items()},
               weights)
     for f in (folder / "pipe" / "tokenizer").iterdir():
         f.unlink()

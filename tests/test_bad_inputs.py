@@ -1,7 +1,8 @@
 """Bad inputs, one table per script: each row is (id, command-line arguments, exit code, words the error must
-contain). Every row must fail with one line `SCRIPT: error: ...` that holds the words, no traceback, and before
-any image is generated. The scripts run in-process (their `main(argv)`), on the toy model weights/toy-sd and on
-broken copies of it. In the arguments, {model} is weights/toy-sd and {tmp} the folder `inputs` fills."""
+contain). Every row must fail with one line `SCRIPT: error: ...` that holds the words, no traceback, and
+before any image is generated. The scripts run in-process (their `main(argv)`), on the toy model
+weights/toy-sd and on broken copies of it. In the arguments, {model} is weights/toy-sd and {tmp} the folder
+`inputs` fills."""
 
 import os
 import shutil
@@ -35,13 +36,16 @@ SAMPLE = [
     ("device-unknown", ["a", "--device", "tpu7"], 2, ["unknown device 'tpu7'", "cpu"]),
     ("device-missing-gpu", ["a", "--device", "cuda:99"], 2, ["--device cuda:99"]),
     ("model-missing", ["a", "--model", "{tmp}/nothing"], 2, ["nothing", "not a file, a folder or a hub id"]),
-    ("config-truncated", ["a", "--model", "{tmp}/truncated"], 2, ["truncated/unet/config.json", "not valid JSON"]),
+    ("config-truncated", ["a", "--model", "{tmp}/truncated"], 2,
+     ["truncated/unet/config.json", "not valid JSON"]),
     ("config-binary", ["a", "--model", "{tmp}/binary-config"], 2, ["binary-config/vae/config.json",
                                                                    "not a text file"]),
-    ("vocab-truncated", ["a", "--model", "{tmp}/bad-vocab"], 2, ["bad-vocab/tokenizer/vocab.json", "truncated"]),
+    ("vocab-truncated", ["a", "--model", "{tmp}/bad-vocab"], 2,
+     ["bad-vocab/tokenizer/vocab.json", "truncated"]),
     ("unet-not-its-config", ["a", "--model", "{tmp}/mismatch"], 2, ["U-Net weights", "mismatch/unet",
                                                                     "does not match", "wrongly shaped"]),
-    ("pickle-refused", ["a", "--model", "{tmp}/evil.ckpt"], 2, ["evil.ckpt", "refused to unpickle", "posix.system"]),
+    ("pickle-refused", ["a", "--model", "{tmp}/evil.ckpt"], 2,
+     ["evil.ckpt", "refused to unpickle", "posix.system"]),
     ("checkpoint-truncated", ["a", "--model", "{tmp}/cut.ckpt"], 2, ["cut.ckpt", "truncated"]),
     ("checkpoint-copied-away", ["a", "--model", "{tmp}/checkpoint-0000010"], 2,
      ["vae/", "links", "python -m minisd.convert"]),
@@ -69,7 +73,8 @@ EVALUATE = [
     ("out-unwritable", ["--out", "/proc/minisd/r"], 2, ["--out", "cannot create the folder"]),
     ("inception-weights-missing", ["--metrics", "is", "--inception-weights", "{tmp}/none.pth"], 2,
      ["--inception-weights", "none.pth", "no such file"]),
-    ("fid-stats-missing", ["--metrics", "fid", "--fid-stats", "{tmp}/none.npz"], 2, ["none.npz", "not found"]),
+    ("fid-stats-missing", ["--metrics", "fid", "--fid-stats", "{tmp}/none.npz"], 2,
+     ["none.npz", "not found"]),
     ("fid-stats-other-size", ["--metrics", "fid", "--fid-stats", "{tmp}/s256.npz", "--inception-weights",
                               "{tmp}/prompts.csv"], 2, ["s256.npz", "256 px", "16 px"]),
     ("clip-weights-missing", ["--metrics", "clip", "--clip-model", "ViT-B-32", "--clip-pretrained",
@@ -80,7 +85,8 @@ EVALUATE = [
 CONVERT = [
     ("dest-inside-source", ["{model}", "{model}/copy"], 2, ["inside it"]),
     ("source-missing", ["{tmp}/nothing", "{tmp}/out"], 2, ["not a file, a folder or a hub id"]),
-    ("config-truncated", ["{tmp}/truncated", "{tmp}/out"], 2, ["truncated/unet/config.json", "not valid JSON"]),
+    ("config-truncated", ["{tmp}/truncated", "{tmp}/out"], 2,
+     ["truncated/unet/config.json", "not valid JSON"]),
     ("checkpoint-copied-away", ["{tmp}/checkpoint-0000010", "{tmp}/out"], 2, ["links", "cp -rL"]),
 ]
 
@@ -160,7 +166,8 @@ def fill(argv: list[str], tmp: Path) -> list[str]:
     return [a.format(tmp=tmp, model=TOY) for a in argv]
 
 
-# ---- sample.py ---------------------------------------------------------------------------------------------------
+# ---- sample.py
+# ---------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("argv, code, words", [row[1:] for row in SAMPLE], ids=[row[0] for row in SAMPLE])
 def test_sample_bad_input(inputs, no_generation, capsys, argv, code, words):
@@ -169,7 +176,8 @@ def test_sample_bad_input(inputs, no_generation, capsys, argv, code, words):
     check("sample.py", got, err, code, words, inputs)
 
 
-# ---- evaluate.py -------------------------------------------------------------------------------------------------
+# ---- evaluate.py
+# -------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("argv, code, words", [row[1:] for row in EVALUATE], ids=[row[0] for row in EVALUATE])
 def test_evaluate_bad_input(inputs, no_generation, capsys, argv, code, words):
@@ -179,7 +187,8 @@ def test_evaluate_bad_input(inputs, no_generation, capsys, argv, code, words):
     check("evaluate.py", got, err, code, words, inputs)
 
 
-# ---- python -m minisd.convert ------------------------------------------------------------------------------------
+# ---- python -m minisd.convert
+# ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("argv, code, words", [row[1:] for row in CONVERT], ids=[row[0] for row in CONVERT])
 def test_convert_bad_input(inputs, capsys, argv, code, words):

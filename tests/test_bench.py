@@ -29,12 +29,15 @@ def positive(*values) -> bool:
 
 
 def test_sample_smoke(tmp_path):
-    assert main(["sample", *SMOKE, "--steps", "1", "--batch", "1", "2", "--unet-calls", "1", "--out", str(tmp_path)]) == 0
+    assert main(["sample", *SMOKE, "--steps", "1", "--batch", "1", "2", "--unet-calls", "1", "--out",
+                 str(tmp_path)]) == 0
     stem = tmp_path / "sample-cpu-v1-tiny-reduced"
     rows = rows_of(stem.with_suffix(".json"))
-    assert [(r["lib"], r["batch"]) for r in rows] == [("minisd", 1), ("diffusers", 1), ("minisd", 2), ("diffusers", 2)]
+    assert [(r["lib"], r["batch"]) for r in rows] == [("minisd", 1), ("diffusers", 1), ("minisd", 2),
+                                                      ("diffusers", 2)]
     for r in rows:
-        assert positive(r["unet_its"], r["s_per_image"], r["images_per_s"], r["peak_gb"], r["tflops"], r["fraction_of_peak"])
+        assert positive(r["unet_its"], r["s_per_image"], r["images_per_s"], r["peak_gb"], r["tflops"],
+                        r["fraction_of_peak"])
         assert r["images_per_s"] == pytest.approx(1 / r["s_per_image"])
         assert r["config"] == "v1-tiny-reduced" and r["size"] == 32 and not r["compiled"]
     md = stem.with_suffix(".md").read_text()
@@ -44,7 +47,8 @@ def test_sample_smoke(tmp_path):
 
 @pytest.mark.slow
 def test_train_smoke(tmp_path):
-    assert main(["train", *SMOKE, "--batch", "2", "--steps", "1", "--warmup", "1", "--out", str(tmp_path)]) == 0
+    assert main(["train", *SMOKE, "--batch", "2", "--steps", "1", "--warmup", "1", "--out",
+                 str(tmp_path)]) == 0
     stem = tmp_path / "train-cpu-v1-tiny-reduced"
     rows = rows_of(stem.with_suffix(".json"))
     assert [r["lib"] for r in rows] == ["minisd", "minisd (cached)", "BK-SDM reference"]
@@ -60,7 +64,8 @@ def test_train_smoke(tmp_path):
 def test_bad_arguments(capsys):
     for argv, message in ((["sample", "--batch", "0"], "--batch must be at least 1"),
                           (["sample", "--size", "50"], "--size must be a positive multiple of 16"),
-                          (["train", "--memory-probe", "--device", "cpu"], "--memory-probe measures GPU memory")):
+                          (["train", "--memory-probe", "--device", "cpu"],
+                           "--memory-probe measures GPU memory")):
         with pytest.raises(SystemExit) as stop:
             main(argv)
         assert stop.value.code == 2 and message in capsys.readouterr().err
@@ -71,7 +76,8 @@ def test_kd_step_never_reads_the_device(monkeypatch):
     """train.py's step as the bench runs it, on the meta device, where reading any tensor's value on the
     host raises. Gradient clipping runs without foreach there (meta tensors have no foreach kernels)."""
     clip = torch.nn.utils.clip_grad_norm_
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, norm, foreach: clip(params, norm, foreach=False))
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, norm,
+                        foreach: clip(params, norm, foreach=False))
     teacher = random_pipeline("v1", "sd", small=True)
     images, cached = make_batches(teacher, 2, 32)
     step = MinisdKD(teacher.to("meta"), "tiny")

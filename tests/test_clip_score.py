@@ -28,22 +28,25 @@ from minisd.metrics.clip_tokenizer import OpenCLIPTokenizer
 
 # Small open_clip configs: ViT-g-14's fractional mlp_ratio with exact GELU; quick-GELU at 112 px.
 SMALL = {"embed_dim": 32,
-         "vision_cfg": {"image_size": 224, "layers": 2, "width": 64, "head_width": 16, "mlp_ratio": 4.3637, "patch_size": 16},
+         "vision_cfg": {"image_size": 224, "layers": 2, "width": 64, "head_width": 16, "mlp_ratio": 4.3637,
+                        "patch_size": 16},
          "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2}}
 SMALL_QUICK = {"embed_dim": 48, "quick_gelu": True,
-               "vision_cfg": {"image_size": 112, "layers": 3, "width": 96, "head_width": 32, "patch_size": 14},
+               "vision_cfg": {"image_size": 112, "layers": 3, "width": 96, "head_width": 32,
+                              "patch_size": 14},
                "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
 
 PROMPTS = [
     "a black vase holding a bouquet of roses", "A man riding a wave on top of a surfboard.",
-    "Two dogs playing with a frisbee in the park.", "the man’s “hat” — isn’t it odd?", "fish &amp; chips &EACUTE;",
-    "ﬁsh and ﬂowers ＡＢＣ　ｘ", "wow!!! amazing!!", "a <|endoftext|> b", "x <end_of_text> y", "hello.<end_of_text> z",
-    "  lots   of\tspace\n and\r\nlines\u2028", "café crème brûlée", "ΟΔΟΣ ΣΑΣ", "'ſ and I'M HERE, you'll see",
-    "3.14159 apples, 42 pears", "日本語のテキスト 🚀🎉", "", "   ", "\x93quoted\x94 \x85 tail",
-    "ctrl\x00\x1b[31mred\x1b[0m\ufeff",
-    "\ud83d\udca9 and a lone \ud800", "a < b &amp; c &lt;tag&gt;", "&#65;&#x42; &#99999999; &notanentity; &not this",
-    "ǅemal ĳs ﬂuﬃeﬆ", "An İstanbul street, Straße", "a\u00a0b\u2009c\u3000d", "e-mail: someone@example.com #tag",
-    "A RED BUS on a STREET", "pizza🍕pizza", "word " * 100, "a photo of " + "a very long caption, " * 20,
+    "Two dogs playing with a frisbee in the park.", "the man’s “hat” — isn’t it odd?",
+    "fish &amp; chips &EACUTE;", "ﬁsh and ﬂowers ＡＢＣ　ｘ", "wow!!! amazing!!", "a <|endoftext|> b",
+    "x <end_of_text> y", "hello.<end_of_text> z", "  lots   of\tspace\n and\r\nlines\u2028",
+    "café crème brûlée", "ΟΔΟΣ ΣΑΣ", "'ſ and I'M HERE, you'll see", "3.14159 apples, 42 pears", "日本語のテキスト 🚀🎉",
+    "", "   ", "\x93quoted\x94 \x85 tail", "ctrl\x00\x1b[31mred\x1b[0m\ufeff",
+    "\ud83d\udca9 and a lone \ud800", "a < b &amp; c &lt;tag&gt;",
+    "&#65;&#x42; &#99999999; &notanentity; &not this", "ǅemal ĳs ﬂuﬃeﬆ", "An İstanbul street, Straße",
+    "a\u00a0b\u2009c\u3000d", "e-mail: someone@example.com #tag", "A RED BUS on a STREET", "pizza🍕pizza",
+    "word " * 100, "a photo of " + "a very long caption, " * 20,
 ]
 
 
@@ -127,7 +130,8 @@ def test_presets_equal_open_clip(name):
     with torch.device("meta"):
         ours, theirs = CLIPModel(PRESETS[name]), open_clip.model.CLIP(**open_clip.get_model_config(name))
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
-    assert sum(p.numel() for p in ours.visual.parameters()) == sum(p.numel() for p in theirs.visual.parameters())
+    assert sum(p.numel()
+               for p in ours.visual.parameters()) == sum(p.numel() for p in theirs.visual.parameters())
 
 
 @pytest.mark.slow  # 31 ViTs up to ViT-e-14, built twice (ours and open_clip's)
@@ -180,13 +184,15 @@ def test_file_layouts_load_alike(references, tmp_path):
     open_clip_config.json gives the architecture, load the same weights as the safetensors file."""
     reference, path = references["small"]
     wrapped = tmp_path / "epoch_32.pt"
-    ddp = {"module." + k: v.reshape(1) if k == "logit_scale" else v for k, v in reference.state_dict().items()}
+    ddp = {"module." + k: v.reshape(1) if k == "logit_scale" else v for k,
+           v in reference.state_dict().items()}
     torch.save({"epoch": 32, "state_dict": ddp}, wrapped)  # logit_scale as [1], as some checkpoints have it
     folder = tmp_path / "hub"
     folder.mkdir()
     torch.save(reference.state_dict(), folder / "open_clip_pytorch_model.bin")
     (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": SMALL, "preprocess_cfg": {
-        "mean": OPENAI_DATASET_MEAN, "std": OPENAI_DATASET_STD, "interpolation": "bicubic", "resize_mode": "shortest"}}))
+        "mean": OPENAI_DATASET_MEAN, "std": OPENAI_DATASET_STD, "interpolation": "bicubic",
+        "resize_mode": "shortest"}}))
     expected = load_clip(str(path), config=SMALL).state_dict()
     for model in (load_clip(str(wrapped), config=SMALL), load_clip(str(folder))):
         got = model.state_dict()
@@ -201,7 +207,8 @@ def test_folder_clip_score(references, tmp_path):
     for image, (name, _) in zip(pil, rows):
         image.save(tmp_path / name)
     mean, per_image = folder_clip_score(tmp_path, rows, model, batch_size=2, progress=False)
-    expected = bk_sdm_scores(reference, reference_transform(224), open_clip.get_tokenizer("ViT-g-14"), pil, PROMPTS[:5])
+    expected = bk_sdm_scores(reference, reference_transform(224), open_clip.get_tokenizer("ViT-g-14"), pil,
+                             PROMPTS[:5])
     assert np.abs(per_image - expected).max() < 1e-4 and abs(mean - expected.mean()) < 1e-4
 
     with pytest.raises(FileNotFoundError, match=r"2 of 7 images are missing .*00005\.png, 00006\.png"):
@@ -250,12 +257,14 @@ def test_offline_download_says_what_to_do(monkeypatch, tmp_path):
         load_clip("ViT-g-14", cache_dir=tmp_path)
     message = str(err.value)
     assert calls == ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
-    for part in ("laion/CLIP-ViT-g-14-laion2B-s34B-b88K", "hf download", "open_clip_model.safetensors", "pretrained"):
+    for part in ("laion/CLIP-ViT-g-14-laion2B-s34B-b88K", "hf download", "open_clip_model.safetensors",
+                 "pretrained"):
         assert part in message
 
 
 def test_download_falls_back_on_the_bin_file(monkeypatch, tmp_path):
-    """Repos without open_clip_model.safetensors are read from open_clip_pytorch_model.bin, as open_clip does."""
+    """Repos without open_clip_model.safetensors are read from open_clip_pytorch_model.bin, as open_clip
+    does."""
     def hub(repo_id, filename, **kwargs):
         if filename.endswith(".safetensors"):
             raise EntryNotFoundError(f"{filename} is not in {repo_id}")
@@ -274,6 +283,7 @@ def test_full_size_vit_b32_by_preset_name(tmp_path):
     save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(path))
     model = load_clip("ViT-B-32", pretrained=str(path))
     pil, prompts = images()[:3], PROMPTS[:3]
-    expected = bk_sdm_scores(reference, reference_transform(224), open_clip.get_tokenizer("ViT-B-32"), pil, prompts)
+    expected = bk_sdm_scores(reference, reference_transform(224), open_clip.get_tokenizer("ViT-B-32"), pil,
+                             prompts)
     mean, per_image = clip_score(model, pil, prompts)
     assert np.abs(per_image - expected).max() < 1e-4 and abs(mean - expected.mean()) < 1e-4

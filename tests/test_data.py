@@ -1,6 +1,7 @@
-"""minisd.data on a small generated data set in each layout: an image folder with metadata.csv or metadata.jsonl, and
-img2dataset-style tar shards. Checks the samples, torchvision's resize/crop arithmetic, seeded flips, skipped corrupt
-files, the per-rank sampler and its resumption, and the sharded tar stream across ranks, workers and a resume."""
+"""minisd.data on a small generated data set in each layout: an image folder with metadata.csv or
+metadata.jsonl, and img2dataset-style tar shards. Checks the samples, torchvision's resize/crop arithmetic,
+seeded flips, skipped corrupt files, the per-rank sampler and its resumption, and the sharded tar stream
+across ranks, workers and a resume."""
 
 import csv
 import io
@@ -28,7 +29,8 @@ from minisd.data import (
 R = 32  # the test resolution
 CAPTIONS = ['a red fox, "jumping" over a fence', "café ☕ 東京, naïve 'quotes'", "two lines,\nwith a comma",
             '"fully quoted"', "emoji 🦊, commas, and more, commas", "plain caption"]
-SIZES = [(64, 48), (48, 80), (90, 90), (33, 97), (120, 40), (40, 41)]  # (w, h): landscape, portrait, square, extremes
+# (w, h): landscape, portrait, square, extremes
+SIZES = [(64, 48), (48, 80), (90, 90), (33, 97), (120, 40), (40, 41)]
 FORMATS = [("jpg", "JPEG", "RGB"), ("png", "PNG", "RGBA"), ("webp", "WEBP", "RGB"), ("jpeg", "JPEG", "L"),
            ("png", "PNG", "P"), ("jpg", "JPEG", "RGB")]
 
@@ -71,7 +73,8 @@ def write_shards(root, rows, per_shard):
             for i, (name, data, text) in enumerate(rows[shard:shard + per_shard]):
                 key, ext = f"{shard // per_shard:05d}{i:04d}", name.split(".")[1]
                 meta = json.dumps({"caption": text}).encode()
-                for member, payload in ((f"{key}.{ext}", data), (f"{key}.txt", text.encode()), (f"{key}.json", meta)):
+                for member, payload in ((f"{key}.{ext}", data), (f"{key}.txt", text.encode()),
+                                        (f"{key}.json", meta)):
                     if payload is not None:
                         info = tarfile.TarInfo(member)
                         info.size = len(payload)
@@ -100,7 +103,8 @@ def test_samples_in_every_layout(tmp_path, layout):
 
 def test_resize_and_crop_follow_torchvision():
     rng = np.random.default_rng(0)
-    # 35 x 32: the short side is already R, so no resampling; CenterCrop's left = round(3 / 2) = 2, not 3 // 2 = 1
+    # 35 x 32: the short side is already R, so no resampling; CenterCrop's left = round(3 / 2) = 2, not 3 // 2
+    # = 1
     columns = np.tile(np.arange(35, dtype=np.uint8)[None, :, None] * 7, (32, 1, 3))
     x = preprocess(Image.fromarray(columns), R, rng, center_crop=True, random_flip=False)
     expected = torch.from_numpy(columns[:, 2:34]).permute(2, 0, 1).float() / 255 * 2 - 1
@@ -122,13 +126,15 @@ def test_flips_and_crops_are_seeded(tmp_path):
     for epoch in range(8):
         for i in range(len(plain)):
             x = flipping[epoch, i]["pixels"]
-            assert torch.equal(x, again[epoch, i]["pixels"])  # the same seed, epoch and index: the same sample
+            # the same seed, epoch and index: the same sample
+            assert torch.equal(x, again[epoch, i]["pixels"])
             flipped = torch.equal(x, plain[i]["pixels"].flip(-1))
             assert flipped or torch.equal(x, plain[i]["pixels"])
             flips.append(flipped)
     assert 0.3 < np.mean(flips) < 0.7  # p = 0.5, varying with the epoch
     other = ImageFolderDataset(tmp_path, resolution=R, seed=99)
-    assert any(not torch.equal(other[e, i]["pixels"], flipping[e, i]["pixels"]) for e in range(8) for i in range(6))
+    assert any(not torch.equal(other[e, i]["pixels"],
+                               flipping[e, i]["pixels"]) for e in range(8) for i in range(6))
     cropping = ImageFolderDataset(tmp_path, resolution=R, center_crop=False)
     assert torch.equal(cropping[3, 4]["pixels"], cropping[3, 4]["pixels"])
     assert any(not torch.equal(cropping[e, 4]["pixels"], cropping[0, 4]["pixels"]) for e in range(1, 8))
@@ -174,13 +180,15 @@ def test_unreadable_tar_samples_are_skipped_and_counted(tmp_path):
 
 def test_make_loader_batches(tmp_path):
     write_folder(tmp_path, samples())
-    loader = make_loader(open_dataset(str(tmp_path), resolution=R), batch_size=4, num_workers=0, pin_memory=False)
+    loader = make_loader(open_dataset(str(tmp_path), resolution=R), batch_size=4, num_workers=0,
+                         pin_memory=False)
     assert isinstance(loader.sampler, ResumableSampler)
     (batch,) = list(loader)  # 6 samples, drop_last: one batch of 4
     assert batch["pixels"].shape == (4, 3, R, R) and len(batch["text"]) == 4
     # two ranks: each loader's sampler takes its half of the folder
     halves = [[t for b in make_loader(open_dataset(str(tmp_path), resolution=R), batch_size=1, num_workers=0,
-                                      pin_memory=False, rank=rank, world_size=2) for t in b["text"]] for rank in (0, 1)]
+                                      pin_memory=False, rank=rank,
+                                      world_size=2) for t in b["text"]] for rank in (0, 1)]
     assert len(halves[0]) == len(halves[1]) == 3 and Counter(halves[0] + halves[1]) == Counter(CAPTIONS)
 
 
@@ -197,7 +205,8 @@ def test_sampler_splits_each_epoch_across_ranks(size):
             assert slices[-1] == list(reference)  # DistributedSampler's order, padding included
         assert len(slices[0]) == len(slices[1]) == -(-size // 2)
         counts = Counter(slices[0] + slices[1])
-        assert set(counts) == set(range(size))  # every index, each once but for one padding repeat of an odd size
+        # every index, each once but for one padding repeat of an odd size
+        assert set(counts) == set(range(size))
         assert sum(counts.values()) - size == size % 2
     assert ResumableSampler(10, seed=5).indices(0) != ResumableSampler(10, seed=5).indices(1)
 
@@ -215,7 +224,8 @@ def test_sampler_resumes_at_the_next_sample():
 
 
 def stream_texts(stream, num_workers, batch_size=2):
-    loader = make_loader(stream, batch_size=batch_size, num_workers=num_workers, pin_memory=False, drop_last=False)
+    loader = make_loader(stream, batch_size=batch_size, num_workers=num_workers, pin_memory=False,
+                         drop_last=False)
     return [t for batch in loader for t in batch["text"]]
 
 
@@ -258,10 +268,12 @@ def test_bad_layouts_name_what_is_expected(tmp_path):
         open_dataset(str(tmp_path / "empty"))
     (tmp_path / "cols").mkdir()
     (tmp_path / "cols" / "metadata.csv").write_text("image,caption\na.jpg,a cat\n")
-    with pytest.raises(ValueError, match=r"found columns \['image', 'caption'\], expected file_name and text"):
+    with pytest.raises(ValueError,
+                       match=r"found columns \['image', 'caption'\], expected file_name and text"):
         open_dataset(str(tmp_path / "cols"))
     (tmp_path / "keys").mkdir()
-    (tmp_path / "keys" / "metadata.jsonl").write_text('{"file_name": "a.jpg", "text": "a"}\n{"file_name": "b.jpg"}\n')
+    (tmp_path / "keys" / "metadata.jsonl").write_text('{"file_name": "a.jpg", "text": "a"}\n{"file_name": '
+                                                      '"b.jpg"}\n')
     with pytest.raises(ValueError, match=r"line 2: found columns \['file_name'\](.|\n)*missing \['text'\]"):
         open_dataset(str(tmp_path / "keys"))
     write_shards(tmp_path / "tar", samples(), 2)

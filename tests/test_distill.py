@@ -86,9 +86,11 @@ def test_taps_equal_bk_sdms_hooked_features(tmp_path):
     names = {t for pairs in BK_PAIRS.values() for t, _ in pairs}
     for name in names:
         module = ref.get_submodule(name)
-        module.register_forward_hook(lambda m, i, o, name=name: hooked.__setitem__(name, o[0] if isinstance(o, tuple) else o))
+        module.register_forward_hook(lambda m, i, o,
+                                     name=name: hooked.__setitem__(name, o[0] if isinstance(o, tuple) else o))
     x, context = torch.randn(2, 4, 16, 16), torch.randn(2, 77, 96)
-    taps = ["down.0", "down.1", "down.2", "down.3", "up.0", "up.1", "up.2", "up.3", "down.2.blocks.1.attn.proj_out"]
+    taps = ["down.0", "down.1", "down.2", "down.3", "up.0", "up.1", "up.2", "up.3",
+            "down.2.blocks.1.attn.proj_out"]
     with torch.no_grad():
         expected = ref(x, 300, context).sample
         out, feats = ours(x, 300, context, taps=taps)
@@ -109,7 +111,8 @@ def test_student_blocks_start_as_teacher_blocks(name, tmp_path):
     for s_prefix, t_prefix in prefixes.items():
         s_mod, t_mod = student.get_submodule(s_prefix.rstrip(".")), teacher.get_submodule(t_prefix.rstrip("."))
         if s_prefix.count(".") != 4:  # whole blocks only: down.{s}.blocks.{b}. / up.{s}.blocks.{b}.
-            assert all(torch.equal(a, b) for a, b in zip(s_mod.state_dict().values(), t_mod.state_dict().values()))
+            assert all(torch.equal(a, b) for a,
+                       b in zip(s_mod.state_dict().values(), t_mod.state_dict().values()))
             continue
         channels = s_mod.res.norm1.num_channels
         x = torch.randn(2, channels, 8, 8)
@@ -132,7 +135,8 @@ def test_sd_variant_has_zero_kd_loss(tmp_path):
 
 
 def test_weighted_denoising_loss():
-    """kd_losses' weights scale each sample's squared error before the batch mean; the KD terms are unweighted."""
+    """kd_losses' weights scale each sample's squared error before the batch mean; the KD terms are
+    unweighted."""
     out, target, teacher_out = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
     per_sample = (out - target).pow(2).mean((1, 2, 3))
     plain = kd_losses(out, target, teacher_out, {}, {}, [])

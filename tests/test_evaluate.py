@@ -12,12 +12,14 @@ import minisd
 from evaluate import main as evaluate
 from minisd.evaluation import billions
 
-PROMPTS = [("a.png", 'a red, round "apple"'), ("sub/b.png", "a cat on a mat"), ("c.png", "a dog"), ("d.png", "a boat")]
+PROMPTS = [("a.png", 'a red, round "apple"'), ("sub/b.png", "a cat on a mat"), ("c.png", "a dog"),
+           ("d.png", "a boat")]
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    parts = reference_parts("v1", reduced_config("v1", "tiny"), text_config("v1", 96, 2, 4), VAE_SMALL, seed=5)
+    parts = reference_parts("v1", reduced_config("v1", "tiny"), text_config("v1", 96, 2, 4), VAE_SMALL,
+                            seed=5)
     return save_hub_layout(parts, "v1", tmp_path_factory.mktemp("eval"))[1]
 
 
@@ -54,13 +56,16 @@ def test_per_prompt_seeds_do_not_depend_on_batch_size(model, tmp_path):
         one, three = (np.asarray(Image.open(tmp_path / d / "im512" / name), dtype=int) for d in ("b1", "b3"))
         assert np.abs(one - three).max() <= 2, name
     # and prompt i is the pipeline's image for seed 1234 + i
-    expected = minisd.load_pipeline(model)(PROMPTS[2][1], steps=2, seed=1234 + 2, height=32, width=32, progress=False)
-    assert np.abs(np.asarray(expected[0], dtype=int) - np.asarray(Image.open(tmp_path / "b1" / "im512" / "c.png"),
+    expected = minisd.load_pipeline(model)(PROMPTS[2][1], steps=2, seed=1234 + 2, height=32, width=32,
+                                           progress=False)
+    assert np.abs(np.asarray(expected[0],
+                             dtype=int) - np.asarray(Image.open(tmp_path / "b1" / "im512" / "c.png"),
                                                                    dtype=int)).max() <= 2
 
 
 def test_bad_prompts_file(model, tmp_path, capsys):
-    assert run(model, write_prompts(tmp_path / "bad.csv", PROMPTS, header="image,caption"), tmp_path / "x") == 2
+    assert run(model, write_prompts(tmp_path / "bad.csv", PROMPTS, header="image,caption"),
+               tmp_path / "x") == 2
     assert "expected a header with file_name,text" in capsys.readouterr().err
     assert run(model, tmp_path / "missing.csv", tmp_path / "x") == 2
     assert "prompts file not found" in capsys.readouterr().err
@@ -73,11 +78,13 @@ def test_writes_scores_row_and_grid(model, tmp_path, capsys):
     pipe = minisd.load_pipeline(model)
     unet = sum(p.numel() for p in pipe.unet.parameters())
     assert scores["num_images"] == 2 and scores["unet_params"] == unet
-    assert scores["total_params"] == unet + sum(p.numel() for m in (pipe.vae, pipe.text_encoder) for p in m.parameters())
+    assert scores["total_params"] == unet + sum(p.numel() for m in (pipe.vae, pipe.text_encoder)
+                                                for p in m.parameters())
     assert scores["steps"] == 2 and scores["seed_mode"] == "per_prompt" and scores["generation"]["images"] == 2
     row = f"| tiny | - | - | - | {unet / 1e6:.2f}M | {scores['total_params'] / 1e6:.2f}M |"
     assert billions(859_520_964) == "0.86B" and billions(1_040_000_000) == "1.04B"
-    assert (tmp_path / "r" / "scores.md").read_text().splitlines()[-1] == row and row in capsys.readouterr().out
+    assert (tmp_path / "r"
+            / "scores.md").read_text().splitlines()[-1] == row and row in capsys.readouterr().out
     assert Image.open(tmp_path / "r" / "grid.png").size == (2 * 256, 256 + 44)
 
 
@@ -90,8 +97,8 @@ def test_score_errors(model, tmp_path, capsys):
     weights.write_bytes(b"")
 
     def error(*extra):
-        assert evaluate(["--model", str(model), "--prompts", str(prompts), "--out", str(tmp_path / "r"), "--size", "32",
-                         "--eval-size", "16", "--steps", "2", "--num", "2", "--no-progress",
+        assert evaluate(["--model", str(model), "--prompts", str(prompts), "--out", str(tmp_path / "r"),
+                         "--size", "32", "--eval-size", "16", "--steps", "2", "--num", "2", "--no-progress",
                          "--inception-weights", str(weights), *extra]) == 2
         return capsys.readouterr().err
 
@@ -106,5 +113,6 @@ def test_score_errors(model, tmp_path, capsys):
     (tmp_path / "r" / "im256" / "stray.png").unlink()
     (tmp_path / "r" / "im256" / PROMPTS[0][0]).unlink()
     (tmp_path / "r" / "im512" / PROMPTS[0][0]).unlink()
-    assert evaluate(["--model", str(model), "--prompts", str(prompts), "--out", str(tmp_path / "r"), "--size", "32",
-                     "--eval-size", "16", "--steps", "2", "--num", "2", "--metrics", "none", "--no-progress"]) == 0
+    assert evaluate(["--model", str(model), "--prompts", str(prompts), "--out", str(tmp_path / "r"), "--size",
+                     "32", "--eval-size", "16", "--steps", "2", "--num", "2", "--metrics", "none",
+                     "--no-progress"]) == 0

@@ -33,7 +33,8 @@ PROMPTS = [(f"img{i:02d}.png", text) for i, text in enumerate(
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("scores")
-    parts = reference_parts("v1", reduced_config("v1", "tiny"), text_config("v1", 96, 2, 4), VAE_SMALL, seed=7)
+    parts = reference_parts("v1", reduced_config("v1", "tiny"), text_config("v1", 96, 2, 4), VAE_SMALL,
+                            seed=7)
     model = save_hub_layout(parts, "v1", root / "model")[1]
     state = random_inception_state(seed=1)
     torch.save(state, root / inception_layout.FILENAMES[0])
@@ -42,7 +43,8 @@ def setup(tmp_path_factory):
     torch.manual_seed(0)
     clip = perturb_(open_clip.model.CLIP(**SMALL)).eval()
     (root / "clip").mkdir()
-    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(root / "clip" / "open_clip_model.safetensors"))
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()},
+              str(root / "clip" / "open_clip_model.safetensors"))
     (root / "clip" / "open_clip_config.json").write_text(json.dumps({"model_cfg": SMALL}))
     rng = np.random.default_rng(0)
     (root / "real").mkdir()
@@ -54,13 +56,15 @@ def setup(tmp_path_factory):
 
 def test_scores_equal_the_reference_tools(setup, tmp_path):
     root, model, state, clip = setup
-    common = ["--inception-weights", str(root / inception_layout.FILENAMES[0]), "--eval-size", "32", "--no-progress"]
-    assert evaluate(["--fid-stats-from", str(root / "real"), "--save-stats", str(tmp_path / "real.npz"), *common]) == 0
+    common = ["--inception-weights", str(root / inception_layout.FILENAMES[0]), "--eval-size", "32",
+              "--no-progress"]
+    assert evaluate(["--fid-stats-from", str(root / "real"), "--save-stats", str(tmp_path / "real.npz"),
+                     *common]) == 0
     prompts = write_prompts(tmp_path / "metadata.csv", PROMPTS)
     out = tmp_path / "run"
-    assert evaluate(["--model", str(model), "--prompts", str(prompts), "--out", str(out), "--size", "64", "--steps", "2",
-                     "--batch-size", "4", "--fid-stats", str(tmp_path / "real.npz"), "--clip-model", str(root / "clip"),
-                     "--score-batch-size", "4", *common]) == 0
+    assert evaluate(["--model", str(model), "--prompts", str(prompts), "--out", str(out), "--size", "64",
+                     "--steps", "2", "--batch-size", "4", "--fid-stats", str(tmp_path / "real.npz"),
+                     "--clip-model", str(root / "clip"), "--score-batch-size", "4", *common]) == 0
     scores = json.loads((out / "scores.json").read_text())
     assert scores["num_images"] == N and scores["eval_size"] == 32 and (out / "grid.png").is_file()
     assert (out / "scores.md").read_text().splitlines()[-1].startswith(f"| run | {scores['fid']:.2f} | ")
@@ -79,12 +83,14 @@ def test_scores_equal_the_reference_tools(setup, tmp_path):
 
     # IS: torch-fidelity on the folder; random weights give near-flat posteriors, so compare the part above 1
     ref = calculate_metrics(input1=str(out / "im256"), isc=True, cuda=False, cache=False, verbose=False,
-                            feature_extractor_weights_path=str(root / inception_layout.FILENAMES[1]), save_cpu_ram=True)
+                            feature_extractor_weights_path=str(root / inception_layout.FILENAMES[1]),
+                            save_cpu_ram=True)
     assert scores["is_mean"] - 1 == pytest.approx(ref["inception_score_mean"] - 1, rel=1e-3)
     assert scores["is_std"] == pytest.approx(ref["inception_score_std"], rel=1e-3, abs=1e-9)
 
     # CLIP score: BK-SDM's loop over open_clip's model, transform and tokenizer
     tokenizer = open_clip.get_tokenizer("ViT-g-14")
     images = [Image.open(out / "im256" / name) for name, _ in PROMPTS]
-    expected = bk_sdm_scores(clip, reference_transform(224), tokenizer, images, [text for _, text in PROMPTS]).mean()
+    expected = bk_sdm_scores(clip, reference_transform(224), tokenizer, images,
+                             [text for _, text in PROMPTS]).mean()
     assert scores["clip_score"] == pytest.approx(float(expected), abs=1e-5)

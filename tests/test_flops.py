@@ -71,17 +71,21 @@ def brute_force_flops(model, *inputs) -> int:
     return counter.get_total_flops()
 
 
-TINY_UNET = UNetTable("tiny-test", (Stage(32, True, 2, (0, 1), (0, 1, 2)), Stage(64, True, 4, (0, 1), (0, 1, 2)),
-                                    Stage(64, False, 4, (0, 1), (0, 1, 2))), mid=True, context_dim=16, groups=8)
+TINY_UNET = UNetTable("tiny-test",
+                      (Stage(32, True, 2, (0, 1), (0, 1, 2)), Stage(64, True, 4, (0, 1), (0, 1, 2)),
+                                    Stage(64, False, 4, (0, 1), (0, 1, 2))), mid=True, context_dim=16,
+                      groups=8)
 
 
-@pytest.mark.parametrize("table", [TINY_UNET, variant(TINY_UNET, "small", stages=3)], ids=["teacher", "small"])
+@pytest.mark.parametrize("table", [TINY_UNET, variant(TINY_UNET, "small", stages=3)],
+                         ids=["teacher", "small"])
 def test_unet_matches_flop_counter(table):
     from minisd.unet import UNet
 
     torch.manual_seed(0)
     x, t, context = torch.randn(2, 4, 16, 12), torch.tensor([3.0, 500.0]), torch.randn(2, 77, 16)
-    assert brute_force_flops(UNet(table).eval(), x, t, context) == 2 * unet_macs(table, 16, 12, batch=2)["total"]
+    assert brute_force_flops(UNet(table).eval(), x, t,
+                             context) == 2 * unet_macs(table, 16, 12, batch=2)["total"]
 
 
 def test_vae_matches_flop_counter():
@@ -89,7 +93,8 @@ def test_vae_matches_flop_counter():
     vae = AutoencoderKL(cfg).eval()
     assert brute_force_flops(lambda x: vae.encode(x).mean, torch.randn(2, 3, 16, 12)) == \
         2 * vae_encoder_macs(cfg, 16, 12, batch=2)["total"]
-    assert brute_force_flops(vae.decode, torch.randn(2, 4, 8, 6)) == 2 * vae_decoder_macs(cfg, 16, 12, batch=2)["total"]
+    assert brute_force_flops(vae.decode,
+                             torch.randn(2, 4, 8, 6)) == 2 * vae_decoder_macs(cfg, 16, 12, batch=2)["total"]
 
 
 def test_text_encoder_matches_flop_counter():

@@ -36,9 +36,11 @@ def test_16_bit_grayscale_png_by_its_range():
 
 
 @pytest.mark.parametrize("mode, pixels, expected", [
-    ("I", np.array([[0, 32896, 65535]], dtype=np.int32), [0, 128, 255]),          # 16-bit range in 32-bit pixels
+    # 16-bit range in 32-bit pixels
+    ("I", np.array([[0, 32896, 65535]], dtype=np.int32), [0, 128, 255]),
     ("I;16B", np.array([[0, 32896, 65535]], dtype=">u2"), [0, 128, 255]),
-    ("F", np.array([[0.0, 0.25, 1.0, 2.0]], dtype=np.float32), [0, 64, 255, 255]),  # floats in [0, 1], clipped
+    # floats in [0, 1], clipped
+    ("F", np.array([[0.0, 0.25, 1.0, 2.0]], dtype=np.float32), [0, 64, 255, 255]),
 ])
 def test_wide_modes(mode, pixels, expected):
     image = Image.frombytes(mode, pixels.shape[::-1], pixels.tobytes())

@@ -46,7 +46,8 @@ def test_cache_gives_the_losses_of_the_images(teacher, data, tmp_path):
     assert shard["context"].shape == (9, 77, 96)
     # a second run reuses the cache (nothing rebuilt) and resumes from the first run's last checkpoint
     mtime = (cache / "shard-00000.safetensors").stat().st_mtime_ns
-    assert train.main(flags(teacher, data, tmp_path / "cached", cache_latents=cache, **dict(options, max_steps=6))) == 0
+    assert train.main(flags(teacher, data, tmp_path / "cached", cache_latents=cache,
+                            **dict(options, max_steps=6))) == 0
     assert (cache / "shard-00000.safetensors").stat().st_mtime_ns == mtime
     assert [r["step"] for r in log_rows(tmp_path / "cached")] == [1, 2, 3, 4, 5, 6]
 
@@ -86,7 +87,8 @@ def test_interrupted_caching_resumes(teacher, data, tmp_path, monkeypatch):
 
 def test_refusals(teacher, data, tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
-        train.main(flags(teacher, data, tmp_path / "x", cache_latents=tmp_path / "c") + ["--plain", "--train-text-encoder"])
+        train.main(flags(teacher, data, tmp_path / "x",
+                         cache_latents=tmp_path / "c") + ["--plain", "--train-text-encoder"])
     assert stop.value.code == 2 and "drop --cache-latents or --train-text-encoder" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         train.main(flags(teacher, data, tmp_path / "x", cache_latents=tmp_path / "c") + ["--random-crop"])

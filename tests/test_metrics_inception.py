@@ -1,4 +1,5 @@
-"""FID and IS parity: minisd's Inception, Frechet distance and Inception Score against pytorch-fid and torch-fidelity.
+"""FID and IS parity: minisd's Inception, Frechet distance and Inception Score against pytorch-fid and
+torch-fidelity.
 
 The reference networks get random weights (every BatchNorm statistic and bias perturbed, so a dropped
 key shows) saved as .pth files in the pt_inception layout, and minisd loads those files through
@@ -29,7 +30,8 @@ from minisd.metrics.inception import prepare, resize_tf1_bilinear
 
 
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a - b| relative to the output's scale (tests/reference.py's measure, without its heavy imports)."""
+    """max |a - b| relative to the output's scale (tests/reference.py's measure, without its heavy
+    imports)."""
     return ((a.float() - b.float()).abs().max() / a.float().abs().max().clamp(min=1.0)).item()
 
 
@@ -39,7 +41,8 @@ def random_inception_state(seed: int = 0) -> dict[str, torch.Tensor]:
     Convs get He-normal weights so that the signal survives 94 layers; BatchNorm weights, biases and
     running statistics are all moved away from their defaults.
     """
-    template = torchvision.models.inception_v3(num_classes=1008, aux_logits=False, weights=None, init_weights=False)
+    template = torchvision.models.inception_v3(num_classes=1008, aux_logits=False, weights=None,
+                                               init_weights=False)
     gen = torch.Generator().manual_seed(seed)
     state = template.state_dict()
     for key, v in state.items():
@@ -67,16 +70,19 @@ def state():
 @pytest.fixture(scope="module")
 def weights(state, tmp_path_factory):
     """The same weights as the two reference files store them: pytorch-fid's, with BatchNorm's
-    num_batches_tracked (a torchvision model's state dict), and torch-fidelity's converter output without it."""
+    num_batches_tracked (a torchvision model's state dict), and torch-fidelity's converter output without
+    it."""
     folder = tmp_path_factory.mktemp("weights")
     torch.save(state, folder / ckpt.FILENAMES[0])
-    torch.save({k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}, folder / ckpt.FILENAMES[1])
+    torch.save({k: v for k, v in state.items() if not k.endswith("num_batches_tracked")},
+               folder / ckpt.FILENAMES[1])
     return folder / ckpt.FILENAMES[0], folder / ckpt.FILENAMES[1]
 
 
 @pytest.fixture(scope="module")
 def pytorch_fid_net(state):
-    """pytorch-fid's InceptionV3 (FID blocks, pool3 output) with the random weights instead of its download."""
+    """pytorch-fid's InceptionV3 (FID blocks, pool3 output) with the random weights instead of its
+    download."""
     with mock.patch.object(pfid_inception, "load_state_dict_from_url", lambda *args, **kwargs: state):
         return pfid_inception.InceptionV3([3]).eval()
 
@@ -121,7 +127,8 @@ def test_tf1_resize_matches_torch_fidelity(size):
     assert torch.equal(resize_tf1_bilinear(x), ref)
 
 
-@pytest.mark.parametrize("seed,n,d", [(0, 300, 64), (1, 500, 64), (2, 200, 32), (3, 40, 64)])  # the last: N < D, singular
+# the last: N < D, singular
+@pytest.mark.parametrize("seed,n,d", [(0, 300, 64), (1, 500, 64), (2, 200, 32), (3, 40, 64)])
 def test_frechet_distance_matches_pytorch_fid(seed, n, d):
     rng = np.random.default_rng(seed)
     mix = rng.normal(size=(d, d)) / d**0.5
@@ -145,13 +152,15 @@ def test_frechet_distance_eps_offset_matches_pytorch_fid(monkeypatch):
     Recent scipy rarely returns non-finite values even for singular products, so the failure is forced.
     """
     rng = np.random.default_rng(4)
-    (mu1, s1), (mu2, s2) = feature_stats(rng.normal(size=(20, 32))), feature_stats(rng.normal(size=(20, 32)) + 0.1)
+    (mu1, s1), (mu2,
+                s2) = feature_stats(rng.normal(size=(20, 32))), feature_stats(rng.normal(size=(20, 32)) + 0.1)
     sqrtm = scipy.linalg.sqrtm
 
     def failing_on_raw_product(a, *args, **kwargs):
         result = sqrtm(a, *args, **kwargs)
         if np.array_equal(a, s1.dot(s2)):
-            return (np.full_like(result[0], np.nan), result[1]) if isinstance(result, tuple) else np.full_like(result, np.nan)
+            return (np.full_like(result[0], np.nan),
+                    result[1]) if isinstance(result, tuple) else np.full_like(result, np.nan)
         return result
 
     monkeypatch.setattr(scipy.linalg, "sqrtm", failing_on_raw_product)
@@ -212,15 +221,15 @@ def test_folder_stats_and_is_match_references(image_folder, pytorch_fid_net, wei
     found = folder_features(image_folder, model, batch_size=2, fid=True, isc=True, progress=False)
     assert [p.name for p in found.files] == ["a.png", "b.png", "d.jpg"] and found.size == (48, 64)
 
-    ref_mu, ref_sigma = calculate_activation_statistics(found.files, pytorch_fid_net, batch_size=2, device="cpu",
-                                                        num_workers=0)
+    ref_mu, ref_sigma = calculate_activation_statistics(found.files, pytorch_fid_net, batch_size=2,
+                                                        device="cpu", num_workers=0)
     mu, sigma = feature_stats(found.pool)
     assert rel_diff(torch.from_numpy(ref_mu), torch.from_numpy(mu)) < 1e-4
     assert rel_diff(torch.from_numpy(ref_sigma), torch.from_numpy(sigma)) < 1e-4
 
     # torch-fidelity end to end, as `fidelity --isc` runs it (one split for three images)
-    ref = calculate_metrics(input1=str(image_folder), isc=True, isc_splits=1, cuda=False, cache=False, verbose=False,
-                            feature_extractor_weights_path=str(weights[1]), save_cpu_ram=True)
+    ref = calculate_metrics(input1=str(image_folder), isc=True, isc_splits=1, cuda=False, cache=False,
+                            verbose=False, feature_extractor_weights_path=str(weights[1]), save_cpu_ram=True)
     mean, std = inception_score(found.logits, splits=1)
     # random weights give nearly flat class posteriors, so the score is 1 + a small KL: compare the KL part
     assert mean - 1 == pytest.approx(ref["inception_score_mean"] - 1, rel=1e-4) and mean - 1 > 1e-7

@@ -230,8 +230,8 @@ def test_components_in_different_dtypes(sd_v1):
 
 
 def test_sample_py_jpeg_keeps_its_settings(sd_v1, tmp_path):
-    """A JPEG has no text chunks: the settings go into its EXIF (the prompt as ImageDescription, all of them as
-    JSON in UserComment), and read back as a PNG's do."""
+    """A JPEG has no text chunks: the settings go into its EXIF (the prompt as ImageDescription, all of them
+    as JSON in UserComment), and read back as a PNG's do."""
     _, _, path = sd_v1
     for out in (tmp_path / "roses.jpg", tmp_path / "roses.png"):
         assert sample_main([PROMPT, "--model", str(path), "--steps", "1", "--height", "32", "--width", "32",

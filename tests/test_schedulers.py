@@ -29,11 +29,11 @@ SD_V1 = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_en
          "clip_sample": False}
 # stabilityai/stable-diffusion-2-1 as re-saved by newer diffusers: another class, extra keys
 SD_V21 = {"_class_name": "DDIMScheduler", "_diffusers_version": "0.19.0.dev0", "beta_end": 0.012,
-          "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False, "clip_sample_range": 1.0,
-          "dynamic_thresholding_ratio": 0.995, "num_train_timesteps": 1000, "prediction_type": "v_prediction",
-          "rescale_betas_zero_snr": False, "sample_max_value": 1.0, "set_alpha_to_one": False,
-          "skip_prk_steps": True, "steps_offset": 1, "thresholding": False, "timestep_spacing": "leading",
-          "trained_betas": None}
+          "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
+          "clip_sample_range": 1.0, "dynamic_thresholding_ratio": 0.995, "num_train_timesteps": 1000,
+          "prediction_type": "v_prediction", "rescale_betas_zero_snr": False, "sample_max_value": 1.0,
+          "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "thresholding": False,
+          "timestep_spacing": "leading", "trained_betas": None}
 REFERENCE = {"pndm": PNDMScheduler, "ddim": DDIMScheduler, "euler": EulerDiscreteScheduler,
              "euler_a": EulerAncestralDiscreteScheduler, "dpm": DPMSolverMultistepScheduler}
 SHAPE = (2, 4, 8, 8)
@@ -228,7 +228,8 @@ def test_pndm_warmup_redoes_the_first_step():
 def test_noise_schedule_matches_ddpm():
     for config in (SD_V1, SD_V21, {}, {"beta_schedule": "linear", "beta_start": 0.001, "beta_end": 0.01}):
         schedule, ref = NoiseSchedule.from_config(config), DDPMScheduler.from_config(config)
-        assert torch.equal(schedule.betas, ref.betas) and torch.equal(schedule.alphas_cumprod, ref.alphas_cumprod)
+        assert torch.equal(schedule.betas,
+                           ref.betas) and torch.equal(schedule.alphas_cumprod, ref.alphas_cumprod)
         assert schedule.prediction_type == ref.config.prediction_type
     schedule, ref = NoiseSchedule.from_config(SD_V1), DDPMScheduler.from_config(SD_V1)
     x0, noise = initial(1), initial(2)
@@ -240,8 +241,8 @@ def test_noise_schedule_matches_ddpm():
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_min_snr_weights(prediction_type):
-    """Min-SNR-gamma's weights from diffusers' own SNR (training_utils.compute_snr), as its train_text_to_image.py
-    forms them: min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v."""
+    """Min-SNR-gamma's weights from diffusers' own SNR (training_utils.compute_snr), as its
+    train_text_to_image.py forms them: min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v."""
     config = {**SD_V1, "prediction_type": prediction_type}
     schedule, ref = NoiseSchedule.from_config(config), DDPMScheduler.from_config(config)
     t = torch.tensor([0, 10, 100, 250, 500, 999])
@@ -263,7 +264,8 @@ def test_pinned_loop_values():
         sampler = make_sampler(name, SD_V1)
         sampler.set_timesteps(25)
         latents = minisd_loop(sampler, initial() * sampler.init_noise_sigma, generator=generators(7, False))
-        assert [float(x[0, 0, 0, 0]) for x in (latents[0], latents[1], latents[-1])] == pytest.approx(values, abs=1e-5)
+        assert [float(x[0, 0, 0, 0]) for x in (latents[0], latents[1],
+                                               latents[-1])] == pytest.approx(values, abs=1e-5)
 
 
 @pytest.mark.parametrize("name, key, value", [
@@ -272,8 +274,9 @@ def test_pinned_loop_values():
         ("prediction_type", "sample"), ("timestep_spacing", "uniform")]],
     ("pndm", "skip_prk_steps", False), ("ddim", "thresholding", True),
     ("euler", "use_karras_sigmas", True), ("euler", "interpolation_type", "log_linear"),
-    ("dpm", "solver_order", 3), ("dpm", "algorithm_type", "sde-dpmsolver++"), ("dpm", "use_karras_sigmas", True),
-    ("dpm", "thresholding", True), ("dpm", "final_sigmas_type", "sigma_min")])
+    ("dpm", "solver_order", 3), ("dpm", "algorithm_type", "sde-dpmsolver++"),
+    ("dpm", "use_karras_sigmas", True), ("dpm", "thresholding", True),
+    ("dpm", "final_sigmas_type", "sigma_min")])
 def test_unsupported_config_values_are_refused_by_name(name, key, value):
     with pytest.raises(ValueError, match=key):
         make_sampler(name, dict(SD_V1, **{key: value}))

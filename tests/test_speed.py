@@ -28,10 +28,12 @@ def test_fused_qkv_gives_the_same_outputs_and_checkpoints(pipe, tmp_path):
     plain = pipe.unet
     fused = copy.deepcopy(plain).fuse_qkv()
     self_attentions = [name for name, _ in fused.named_modules() if name.endswith("attn1")]
-    assert [name for name, m in fused.named_modules() if getattr(m, "to_qkv", None) is not None] == self_attentions
+    assert [name for name,
+            m in fused.named_modules() if getattr(m, "to_qkv", None) is not None] == self_attentions
     assert len(self_attentions) == 9  # BK-small: 3 down + 6 up blocks with attention
     gen = torch.Generator().manual_seed(0)
-    x, context, t = torch.randn(2, 4, 16, 16, generator=gen), torch.randn(2, 77, 96, generator=gen), torch.tensor([3, 900])
+    x, context, t = torch.randn(2, 4, 16, 16,
+                                generator=gen), torch.randn(2, 77, 96, generator=gen), torch.tensor([3, 900])
     with torch.no_grad():
         assert rel_diff(plain(x, t, context), fused(x, t, context)) < 1e-6
     # state_dict and the saved checkpoint are the standard layout, value for value
@@ -60,7 +62,8 @@ def test_fast_paths_give_the_plain_image(pipe):
 
 
 # How far a half-precision image may be from the fp32 one (pixels in [0, 1]; docs/performance.md).
-# Measured on this random reduced BK-small, 5 PNDM steps: bf16 mean 0.0025, max 0.018; fp16 mean 0.0003, max 0.002.
+# Measured on this random reduced BK-small, 5 PNDM steps: bf16 mean 0.0025, max 0.018; fp16 mean 0.0003, max
+# 0.002.
 HALF_TOLERANCE = {torch.bfloat16: (2 / 255, 16 / 255), torch.float16: (0.5 / 255, 4 / 255)}  # (mean, max)
 
 

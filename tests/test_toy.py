@@ -1,6 +1,6 @@
-"""minisd.toy: the data set is deterministic and readable by minisd.data, every caption template parses back to its
-attributes, and the pixel checker accepts toy images (clean, and blurred and noisy as a generative model makes them)
-while rejecting captions with a wrong colour, shape, size, position or relation."""
+"""minisd.toy: the data set is deterministic and readable by minisd.data, every caption template parses back
+to its attributes, and the pixel checker accepts toy images (clean, and blurred and noisy as a generative
+model makes them) while rejecting captions with a wrong colour, shape, size, position or relation."""
 
 import csv
 import itertools
@@ -32,7 +32,8 @@ def written(tmp_path_factory):
 
 
 def files(folder):
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
 
 
 def scenes(count: int, key: int = 0):
@@ -40,7 +41,8 @@ def scenes(count: int, key: int = 0):
     return [example(key, "train", i, frozenset()) for i in range(count)]
 
 
-def degrade(image: Image.Image, rng: np.random.Generator, radius: float = 1.0, noise: float = 5.0) -> Image.Image:
+def degrade(image: Image.Image, rng: np.random.Generator, radius: float = 1.0,
+            noise: float = 5.0) -> Image.Image:
     """What a generative model's output might look like: blurred (PIL's Gaussian, radius = sigma in px) with
     per-pixel noise."""
     x = np.asarray(image.filter(ImageFilter.GaussianBlur(radius)), dtype=np.float32)
@@ -106,8 +108,8 @@ def test_every_template_and_phrase_parses_back():
         for _ in range(5):
             first, second = (Item(colour, SHAPES[rng.integers(5)], ("small", "large")[rng.integers(2)])
                              for colour in rng.choice(list(PALETTE), 2, replace=False))
-            text = template.format(a=captions.words(rng, first), b=captions.words(rng, second), ca=first.colour,
-                                   cb=second.colour, rel=phrase)
+            text = template.format(a=captions.words(rng, first), b=captions.words(rng, second),
+                                   ca=first.colour, cb=second.colour, rel=phrase)
             expected = Attributes((first, second), relation=relation)
             if relation in captions.SWAPPED:  # "B below A" states "A above B"
                 expected = Attributes((second, first), relation=captions.SWAPPED[relation])
@@ -144,8 +146,8 @@ OPPOSITE = {"left": "right", "right": "left", "top": "bottom", "bottom": "top", 
 
 
 def mismatch(attributes: Attributes, kind: str, rng: np.random.Generator) -> Attributes:
-    """The attributes with one thing wrong: one item's colour (to one absent from the scene), shape or size, the
-    position (to the opposite side), or the relation (its items swapped)."""
+    """The attributes with one thing wrong: one item's colour (to one absent from the scene), shape or size,
+    the position (to the opposite side), or the relation (its items swapped)."""
     items, k = list(attributes.items), int(rng.integers(len(attributes.items)))
     if kind == "colour":
         absent = [c for c in PALETTE if c not in {item.colour for item in items}]
@@ -165,7 +167,8 @@ def mismatch(attributes: Attributes, kind: str, rng: np.random.Generator) -> Att
 @pytest.mark.parametrize("kind", ["colour", "shape", "size", "position or relation"])
 def test_checker_rejects_mismatches(kind):
     rng = np.random.default_rng(3)
-    rejected = [not check(degrade(render(scene), rng), mismatch(scene.attributes, kind, rng))["caption_correct"]
+    rejected = [not check(degrade(render(scene), rng),
+                          mismatch(scene.attributes, kind, rng))["caption_correct"]
                 for scene, _ in scenes(150, key=3)]
     assert np.mean(rejected) >= 0.9  # measured: 100% for each kind
 

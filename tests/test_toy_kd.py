@@ -1,7 +1,7 @@
-"""A short BK-SDM distillation from the shipped toy teacher (weights/toy-sd) on the CPU: a tiny student, initialised
-from the teacher, learns to match it. The criterion is the KD losses, not caption accuracy: a few hundred steps move
-a student's samples too little, and too unevenly across seeds, for an accuracy bound to be both tight and reliable,
-while both KD terms fall steadily (see docs/toy-ablation.md for the numbers)."""
+"""A short BK-SDM distillation from the shipped toy teacher (weights/toy-sd) on the CPU: a tiny student,
+initialised from the teacher, learns to match it. The criterion is the KD losses, not caption accuracy: a few
+hundred steps move a student's samples too little, and too unevenly across seeds, for an accuracy bound to be
+both tight and reliable, while both KD terms fall steadily (see docs/toy-ablation.md for the numbers)."""
 
 import json
 from pathlib import Path
@@ -13,19 +13,19 @@ from minisd.toy.dataset import write_dataset
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER = ROOT / "weights" / "toy-sd"
 STEPS = 150
-# The last logged window's mean (steps 126-150) over the first's (steps 1-25), measured with torch 2.14.1 on the CPU:
-# output KD 0.040 / 0.239 = 0.17, feature KD 0.897 / 3.017 = 0.30. Bounds 2-2.4x above.
+# The last logged window's mean (steps 126-150) over the first's (steps 1-25), measured with torch 2.14.1 on
+# the CPU: output KD 0.040 / 0.239 = 0.17, feature KD 0.897 / 3.017 = 0.30. Bounds 2-2.4x above.
 MAX_RATIO = {"out": 0.4, "feat": 0.6}
 
 
 @pytest.mark.slow  # 150 KD steps from the toy teacher
 def test_short_kd_run_lowers_kd_losses(tmp_path):
     write_dataset(tmp_path / "toy", n=512, seed=1, heldout=0.0, workers=1)
-    assert train.main(["--variant", "tiny", "--teacher", str(TEACHER), "--data", str(tmp_path / "toy" / "train"),
-                       "--out", str(tmp_path / "run"), "--resolution", "64", "--no-flip", "--batch-size", "8",
-                       "--global-batch", "8", "--max-steps", str(STEPS), "--lr", "5e-4", "--caption-dropout", "0.1",
-                       "--num-workers", "0", "--log-steps", "25", "--save-steps", str(STEPS),
-                       "--valid-steps", "0"]) == 0
+    assert train.main(["--variant", "tiny", "--teacher", str(TEACHER), "--data",
+                       str(tmp_path / "toy" / "train"), "--out", str(tmp_path / "run"), "--resolution", "64",
+                       "--no-flip", "--batch-size", "8", "--global-batch", "8", "--max-steps", str(STEPS),
+                       "--lr", "5e-4", "--caption-dropout", "0.1", "--num-workers", "0", "--log-steps", "25",
+                       "--save-steps", str(STEPS), "--valid-steps", "0"]) == 0
     rows = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
     assert rows[-1]["step"] == STEPS
     for term, bound in MAX_RATIO.items():

@@ -1,7 +1,7 @@
-"""The toy world's offline quick start (docs/toy-world.md), at test size: write toy data, sample from the shipped
-teacher, distill a tiny student from it, and evaluate the student on held-out prompts (the toy metric, chosen by
-itself for toy prompts); then the ablation command end to end at a few steps. What each step writes is checked,
-and evaluate.py's toy scores must equal a recomputation by the metric over the same files."""
+"""The toy world's offline quick start (docs/toy-world.md), at test size: write toy data, sample from the
+shipped teacher, distill a tiny student from it, and evaluate the student on held-out prompts (the toy metric,
+chosen by itself for toy prompts); then the ablation command end to end at a few steps. What each step writes
+is checked, and evaluate.py's toy scores must equal a recomputation by the metric over the same files."""
 
 import json
 from pathlib import Path
@@ -31,14 +31,14 @@ def toy(tmp_path_factory):
 @pytest.mark.slow
 def test_quick_start(toy, tmp_path):
     out = tmp_path / "toy.png"
-    assert sample.main(["a red circle above a blue square", "--model", str(TEACHER), "--guidance", "4", "--steps", "5",
-                        "--num-images", "2", "--out", str(out), "--no-progress"]) == 0
+    assert sample.main(["a red circle above a blue square", "--model", str(TEACHER), "--guidance", "4",
+                        "--steps", "5", "--num-images", "2", "--out", str(out), "--no-progress"]) == 0
     assert Image.open(tmp_path / "toy-00.png").size == (64, 64) and (tmp_path / "toy-grid.png").is_file()
 
     assert train.main(["--variant", "tiny", "--teacher", str(TEACHER), "--data", str(toy / "train"),
-                       "--out", str(tmp_path / "toy-tiny"), "--resolution", "64", "--no-flip", "--batch-size", "4",
-                       "--global-batch", "4", "--max-steps", "3", "--lr", "5e-4", "--caption-dropout", "0.1",
-                       "--num-workers", "0", "--save-steps", "3", "--valid-steps", "0"]) == 0
+                       "--out", str(tmp_path / "toy-tiny"), "--resolution", "64", "--no-flip", "--batch-size",
+                       "4", "--global-batch", "4", "--max-steps", "3", "--lr", "5e-4", "--caption-dropout",
+                       "0.1", "--num-workers", "0", "--save-steps", "3", "--valid-steps", "0"]) == 0
     student = tmp_path / "toy-tiny" / "checkpoint-0000003"
 
     metadata = toy / "heldout" / "metadata.csv"
@@ -56,7 +56,8 @@ def test_quick_start(toy, tmp_path):
     assert scores["toy"]["caption_accuracy"] == expected["caption_accuracy"]
     assert scores["toy"]["toy_fid"] == pytest.approx(expected["toy_fid"], rel=1e-9)
     row = (results / "scores.md").read_text().splitlines()[-1]
-    assert row.startswith(f"| toy-tiny | {expected['caption_accuracy']:.1%} | {expected['toy_fid']:.3f} |"), row
+    assert row.startswith(f"| toy-tiny | {expected['caption_accuracy']:.1%} | {expected['toy_fid']:.3f} "
+                          "|"), row
 
 
 @pytest.mark.slow  # six train.py processes
@@ -69,7 +70,8 @@ def test_ablation_command(toy, tmp_path):
         assert log[-1]["step"] == 2, name
     by_name = {r["model"]: r for r in table}
     assert by_name["tiny"]["params"] < by_name["small"]["params"] < by_name["base"]["params"] < by_name["teacher"]["params"]
-    assert by_name["tiny-no-kd"]["out"] == 0 and by_name["tiny"]["out"] > 0  # --plain trains on the denoising loss alone
+    # --plain trains on the denoising loss alone
+    assert by_name["tiny-no-kd"]["out"] == 0 and by_name["tiny"]["out"] > 0
     assert all(r["images"] == 4 and "toy_fid" in r for r in table)
     lines = (tmp_path / "ablation" / "results.md").read_text().splitlines()
     assert sum(line.startswith("| ") for line in lines) == 1 + len(table)  # the header and a row per model

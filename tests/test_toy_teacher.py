@@ -1,7 +1,7 @@
-"""The shipped toy teacher (weights/toy-sd): small, fp16, loads in minisd and diffusers alike, and draws held-out
-captions right (all attributes at once, and each one) far more often than the same images match other captions;
-the toy metric scores real images perfectly and mismatched captions poorly; and train.py trains a text tower jointly
-with a U-Net from scratch (--plain --train-text-encoder), saving it in each checkpoint."""
+"""The shipped toy teacher (weights/toy-sd): small, fp16, loads in minisd and diffusers alike, and draws
+held-out captions right (all attributes at once, and each one) far more often than the same images match other
+captions; the toy metric scores real images perfectly and mismatched captions poorly; and train.py trains a
+text tower jointly with a U-Net from scratch (--plain --train-text-encoder), saving it in each checkpoint."""
 
 import json
 from pathlib import Path
@@ -22,17 +22,18 @@ from minisd.vae import AutoencoderKL, VAEConfig
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER = ROOT / "weights" / "toy-sd"
 PROMPTS = 48  # held-out captions the accuracy test draws
-# Measured on those 48 (25 PNDM steps, guidance TOY_GUIDANCE, seed b for the batch from prompt b, torch 2.14.1 CPU):
-# caption accuracy 33.3% (16 of 48; 39.0% on 200 prompts), colour 89.6%, shape 45.8%, size 72.9%, count 93.8%,
-# position 18 of 21; against the next prompt's caption: caption 0%, colour 14.6%, shape 4.2%, size 8.3%. The bounds
-# sit 2-3 standard errors (at 48 prompts) below the measured values.
+# Measured on those 48 (25 PNDM steps, guidance TOY_GUIDANCE, seed b for the batch from prompt b, torch 2.14.1
+# CPU): caption accuracy 33.3% (16 of 48; 39.0% on 200 prompts), colour 89.6%, shape 45.8%, size 72.9%, count
+# 93.8%, position 18 of 21; against the next prompt's caption: caption 0%, colour 14.6%, shape 4.2%, size
+# 8.3%. The bounds sit 2-3 standard errors (at 48 prompts) below the measured values.
 MIN_CAPTION, MIN_CAPTION_GAP = 0.20, 0.15
 MIN_COLOUR, MIN_COLOUR_GAP = 0.75, 0.60
 MIN_SHAPE, MIN_SIZE, MIN_COUNT, MIN_POSITION = 0.30, 0.55, 0.80, 0.60
 
 
 def heldout_prompts(count: int) -> list[str]:
-    """Captions of the held-out split of `python -m minisd.toy data --seed 0 --heldout 0.1`, without writing it."""
+    """Captions of the held-out split of `python -m minisd.toy data --seed 0 --heldout 0.1`, without writing
+    it."""
     pairs = heldout_pairs(0, 0.1)
     return [example(0, "heldout", i, pairs)[1] for i in range(count)]
 
@@ -52,7 +53,8 @@ def test_teacher_loads_in_minisd_and_diffusers():
     reference = UNet2DConditionModel.from_pretrained(TEACHER / "unet", torch_dtype=torch.float32).eval()
     x, context = torch.randn(2, 4, 16, 16), torch.randn(2, 77, 64)
     with torch.no_grad():
-        ours, theirs = pipe.unet(x, torch.tensor([10, 900]), context), reference(x, torch.tensor([10, 900]), context).sample
+        ours, theirs = pipe.unet(x, torch.tensor([10, 900]),
+                                 context), reference(x, torch.tensor([10, 900]), context).sample
     assert torch.allclose(ours, theirs, atol=1e-4)
 
 
@@ -62,12 +64,14 @@ def test_teacher_draws_heldout_captions(tmp_path):
     prompts = heldout_prompts(PROMPTS)
     images = []
     for b in range(0, PROMPTS, 16):
-        images += pipe(prompts[b:b + 16], steps=25, guidance=TOY_GUIDANCE, seed=b, seed_mode="per_image", progress=False)
+        images += pipe(prompts[b:b + 16], steps=25, guidance=TOY_GUIDANCE, seed=b, seed_mode="per_image",
+                       progress=False)
     rows = [(f"{i:03d}.png", text) for i, text in enumerate(prompts)]
     for (name, _), image in zip(rows, images):
         image.save(tmp_path / name)
     scores = evaluate_folder(tmp_path, rows, workers=1)
-    mismatched = evaluate_folder(tmp_path, [(name, rows[(i + 1) % PROMPTS][1]) for i, (name, _) in enumerate(rows)],
+    mismatched = evaluate_folder(tmp_path,
+                                 [(name, rows[(i + 1) % PROMPTS][1]) for i, (name, _) in enumerate(rows)],
                                  workers=1)
     assert scores["caption_accuracy"] >= MIN_CAPTION, scores
     assert scores["caption_accuracy"] - mismatched["caption_accuracy"] >= MIN_CAPTION_GAP, (scores, mismatched)
@@ -81,8 +85,8 @@ def test_teacher_draws_heldout_captions(tmp_path):
 
 
 def test_metric_scores_real_images(tmp_path):
-    """Real held-out images score 100% against their own captions (FID ~0 against themselves), and poorly against
-    another image's caption."""
+    """Real held-out images score 100% against their own captions (FID ~0 against themselves), and poorly
+    against another image's caption."""
     write_dataset(tmp_path, n=40, seed=0, heldout=0.5, workers=1)
     folder = tmp_path / "heldout"
     lines = [json.loads(line) for line in open(folder / "scenes.jsonl")]
@@ -96,20 +100,21 @@ def test_metric_scores_real_images(tmp_path):
 
 @pytest.mark.slow
 def test_train_text_encoder_jointly(tmp_path):
-    """train.py --plain --train-text-encoder on a random toy pipeline: the text tower changes and is saved in the
-    checkpoint (not linked), and a resumed run starts from it."""
+    """train.py --plain --train-text-encoder on a random toy pipeline: the text tower changes and is saved in
+    the checkpoint (not linked), and a resumed run starts from it."""
     import train
 
-    vae = AutoencoderKL(VAEConfig(block_channels=(8, 8, 8), layers_per_block=1, norm_groups=4, sample_size=64))
+    vae = AutoencoderKL(VAEConfig(block_channels=(8, 8, 8), layers_per_block=1, norm_groups=4,
+                                  sample_size=64))
     from minisd.checkpoints.diffusers import save_vae
 
     save_vae(vae, tmp_path / "vae")
     initial_pipeline(tmp_path / "vae", tmp_path / "init")
     write_dataset(tmp_path / "toy", n=16, seed=0, heldout=0.0, workers=1)
     args = ["--plain", "--variant", "sd", "--teacher", str(tmp_path / "init"), "--train-text-encoder",
-            "--caption-dropout", "0.5", "--data", str(tmp_path / "toy" / "train"), "--resolution", "64", "--no-flip",
-            "--batch-size", "4", "--global-batch", "4", "--lr", "1e-3", "--num-workers", "0", "--log-steps", "1",
-            "--save-steps", "2", "--valid-steps", "0", "--out", str(tmp_path / "run")]
+            "--caption-dropout", "0.5", "--data", str(tmp_path / "toy" / "train"), "--resolution", "64",
+            "--no-flip", "--batch-size", "4", "--global-batch", "4", "--lr", "1e-3", "--num-workers", "0",
+            "--log-steps", "1", "--save-steps", "2", "--valid-steps", "0", "--out", str(tmp_path / "run")]
     assert train.main(args + ["--max-steps", "2"]) == 0
     first = tmp_path / "run" / "checkpoint-0000002"
     assert (first / "text_encoder").is_dir() and not (first / "text_encoder").is_symlink()

@@ -89,8 +89,8 @@ def distilled(teacher, data, tmp_path_factory) -> Path:
     train.py itself (--variant sd, denoising loss only) and loaded from its checkpoint folder.
     """
     root = tmp_path_factory.mktemp("distilled")
-    assert train.main(flags(teacher, data, root / "teacher", variant="sd", max_steps=30, log_steps=10, lr=1e-3,
-                            lambda_out=0, lambda_feat=0)) == 0
+    assert train.main(flags(teacher, data, root / "teacher", variant="sd", max_steps=30, log_steps=10,
+                            lr=1e-3, lambda_out=0, lambda_feat=0)) == 0
     denoiser = root / "teacher" / "checkpoint-0000030"
     rows = log_rows(root / "teacher")
     assert rows[-1]["sd"] < 0.5 * rows[0]["sd"]  # it did learn to denoise
@@ -139,7 +139,8 @@ def test_resume_is_exact(teacher, data, tmp_path):
         a, b = unet_weights(end_once, folder), unet_weights(end_twice, folder)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), folder
     state_once, state_twice = load_checkpoint(end_once, "cpu")[2], load_checkpoint(end_twice, "cpu")[2]
-    assert (state_once["epoch"], state_once["position"]) == (state_twice["epoch"], state_twice["position"]) == (2, 4)
+    assert (state_once["epoch"],
+            state_once["position"]) == (state_twice["epoch"], state_twice["position"]) == (2, 4)
     # --resume takes a checkpoint from another run folder
     middle = tmp_path / "twice" / "checkpoint-0000003"
     assert train.main(flags(teacher, data, tmp_path / "branch", max_steps=5, resume=middle, **options)) == 0
@@ -155,7 +156,8 @@ def test_signal_saves_and_resumes(teacher, data, tmp_path, sig):
     """Ctrl-C (or a scheduler's SIGTERM) reaches the whole process group, DataLoader workers included:
     the run finishes its step, saves it and exits cleanly; a re-run goes on from there."""
     out = tmp_path / "run"
-    command = [sys.executable, str(ROOT / "train.py"), *flags(teacher, data, out, max_steps=100_000, num_workers=2)]
+    command = [sys.executable, str(ROOT / "train.py"),
+               *flags(teacher, data, out, max_steps=100_000, num_workers=2)]
     with open(tmp_path / "stderr.txt", "w") as stderr:
         proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True,
                                 start_new_session=True)
@@ -183,8 +185,8 @@ def test_signal_saves_and_resumes(teacher, data, tmp_path, sig):
 
 
 def test_signal_handlers_are_given_back(teacher, data, tmp_path):
-    """train.main installs its stop handlers for the run only: a program that calls it (pytest here) gets its own
-    SIGINT and SIGTERM handlers back when it returns."""
+    """train.main installs its stop handlers for the run only: a program that calls it (pytest here) gets its
+    own SIGINT and SIGTERM handlers back when it returns."""
     handlers = [signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)]
     assert train.main(flags(teacher, data, tmp_path / "run", max_steps=1)) == 0
     assert [signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)] == handlers
@@ -223,7 +225,8 @@ def test_bad_images_are_skipped_and_counted(teacher, tmp_path):
     write_metadata(folder, names + ["cut.jpg", "noise.jpg", "missing.png"])
 
     out = tmp_path / "run"
-    assert train.main(flags(teacher, folder, out, batch_size=10, global_batch=10, max_steps=2, num_workers=2)) == 0
+    assert train.main(flags(teacher, folder, out, batch_size=10, global_batch=10, max_steps=2,
+                            num_workers=2)) == 0
     rows = log_rows(out)
     assert [r["skipped"] for r in rows] == [4, 8]
     assert all(np.isfinite(r[key]) and r[key] > 0 for r in rows for key in ("sd", "feat"))
@@ -245,7 +248,8 @@ def test_nan_loss_stops_at_the_last_good_checkpoint(teacher, data, tmp_path, mon
     handlers = [signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)]
     with pytest.raises(SystemExit) as stop:
         train.main(flags(teacher, data, out, max_steps=10, log_steps=3, save_steps=2))
-    assert [signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)] == handlers  # given back on exit too
+    # given back on exit too
+    assert [signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)] == handlers
     message = str(stop.value.code)
     assert "loss became nan by step 4" in message and str(out / "checkpoint-0000002") in message
     assert checkpoints(out) == [out / "checkpoint-0000002"]
@@ -341,13 +345,14 @@ def test_argument_errors(capsys, tmp_path):
     err = capsys.readouterr().err
     assert "--data is required" in err and "metadata.csv" in err and "tar shards" in err
     with pytest.raises(SystemExit) as exit_:
-        train.main(["--data", str(tmp_path), "--out", str(tmp_path), "--batch-size", "4", "--global-batch", "6"])
+        train.main(["--data", str(tmp_path), "--out", str(tmp_path), "--batch-size", "4", "--global-batch",
+                    "6"])
     assert "--global-batch 6 is not a multiple of --batch-size x processes (4 x 1)" in str(exit_.value.code)
 
 
 def test_min_snr_weighting_scales_only_the_denoising_loss(teacher, data, tmp_path, capsys):
-    """--snr-gamma: step 1 (before any update) sees the same batch, timesteps and noise; the weights are at most 1
-    for an epsilon target, so its task loss can only fall, and the KD terms do not change."""
+    """--snr-gamma: step 1 (before any update) sees the same batch, timesteps and noise; the weights are at
+    most 1 for an epsilon target, so its task loss can only fall, and the KD terms do not change."""
     plain, weighted = tmp_path / "plain", tmp_path / "weighted"
     assert train.main(flags(teacher, data, plain, max_steps=1)) == 0
     assert train.main(flags(teacher, data, weighted, max_steps=1, snr_gamma=0.5)) == 0
@@ -387,8 +392,9 @@ def test_plain_training_from_scratch(teacher, data, tmp_path):
 
 
 def test_loss_plot_leaves_out_terms_that_are_zero_throughout(tmp_path):
-    """A --plain run logs out = feat = 0: on the log-scale plot they would squash the denoising loss into a flat
-    line at the top, so only the terms with a value are drawn (their colours are in the image, the others not)."""
+    """A --plain run logs out = feat = 0: on the log-scale plot they would squash the denoising loss into a
+    flat line at the top, so only the terms with a value are drawn (their colours are in the image, the others
+    not)."""
     def colours(rows):
         plot_losses(rows, tmp_path / "losses.png")
         pixels = np.asarray(Image.open(tmp_path / "losses.png").convert("RGB")).reshape(-1, 3)

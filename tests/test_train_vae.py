@@ -33,4 +33,5 @@ def test_vae_learns_toy_scenes(tmp_path):
     assert reference.config.scaling_factor == vae.scaling_factor
     x = torch.rand(1, 3, 32, 32) * 2 - 1
     with torch.no_grad():
-        assert torch.allclose(reference.decode(vae.encode(x).mean).sample, vae.decode(vae.encode(x).mean), atol=1e-5)
+        assert torch.allclose(reference.decode(vae.encode(x).mean).sample, vae.decode(vae.encode(x).mean),
+                              atol=1e-5)

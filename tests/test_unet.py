@@ -13,8 +13,9 @@ from minisd.table import SD_V1, SD_V2, TEACHERS, VARIANTS, variant
 from minisd.unet import count_params, describe
 
 PARAMS = {  # diffusers' parameter counts for these configs (docs/bksdm.md)
-    ("v1", "sd"): 859_520_964, ("v1", "base"): 579_384_964, ("v1", "small"): 482_346_884, ("v1", "tiny"): 323_384_964,
-    ("v2", "sd"): 865_910_724, ("v2", "base"): 583_480_964, ("v2", "small"): 485_787_524, ("v2", "tiny"): 326_825_604,
+    ("v1", "sd"): 859_520_964, ("v1", "base"): 579_384_964, ("v1", "small"): 482_346_884,
+    ("v1", "tiny"): 323_384_964, ("v2", "sd"): 865_910_724, ("v2", "base"): 583_480_964,
+    ("v2", "small"): 485_787_524, ("v2", "tiny"): 326_825_604,
 }
 
 
