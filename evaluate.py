@@ -3,9 +3,12 @@
     python evaluate.py --model nota-ai/bk-sdm-small --prompts data/mscoco_val2014_30k/metadata.csv \
         --out results/bk-small --fid-stats real_im256.npz
     python evaluate.py --model weights/my-run/checkpoint-0050000 --prompts ... --out results/mine --num 1000
-    torchrun --nproc_per_node=8 evaluate.py --model ... --prompts ... --out results/bk-small --fid-stats real_im256.npz
-    python evaluate.py --fid-stats-from data/mscoco_val2014 --save-stats real_im256.npz      # real-image statistics
-    python evaluate.py --model weights/toy-sd --prompts data/toy/heldout/metadata.csv --out results/toy-sd   # toy world
+    torchrun --nproc_per_node=8 evaluate.py --model ... --prompts ... --out results/bk-small --fid-stats
+    real_im256.npz
+    python evaluate.py --fid-stats-from data/mscoco_val2014 --save-stats real_im256.npz
+        # real-image statistics
+    python evaluate.py --model weights/toy-sd --prompts data/toy/heldout/metadata.csv --out results/toy-sd
+        # toy world
 
 One 512 px image per prompt (PNDM, 25 steps, guidance 7.5), saved as results/NAME/im512/FILE_NAME,
 and its 256 px copy, resized as the protocol does (PIL bicubic, squashed, not cropped), as
@@ -45,35 +48,43 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="hub id, diffusers folder, single file, or a train.py checkpoint")
     p.add_argument("--prompts", type=Path, help="metadata.csv with file_name,text (or metadata.jsonl)")
-    p.add_argument("--out", type=Path, help="results folder: im512/, im256/, scores.json, scores.md, grid.png")
+    p.add_argument("--out", type=Path,
+                   help="results folder: im512/, im256/, scores.json, scores.md, grid.png")
     p.add_argument("--num", type=positive_int, default=None, help="only the first N prompts")
     p.add_argument("--steps", type=positive_int, default=25)
     p.add_argument("--guidance", type=finite_float, default=7.5)
     p.add_argument("--scheduler", choices=SAMPLERS, default=None, help="default: the model's (PNDM for SD)")
     p.add_argument("--size", type=positive_int, default=None,
                    help="generated size, a multiple of 8 (default: the model's, 512 for SD-v1)")
-    p.add_argument("--eval-size", type=positive_int, default=None, help="size of the copies the scores read (256; the toy "
+    p.add_argument("--eval-size", type=positive_int, default=None,
+                   help="size of the copies the scores read (256; the toy "
                                                                 "world: its 64)")
     p.add_argument("--batch-size", type=positive_int, default=1)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--seed-mode", choices=["per_prompt", "single"], default="per_prompt",
-                   help="per_prompt: prompt i uses seed+i, so images do not depend on batch size or GPU count; "
-                        "single: one generator for the whole run, as BK-SDM's script (use --batch-size 1, no resume)")
+                   help="per_prompt: prompt i uses seed+i, so images do not depend on batch size or GPU "
+                        "count; single: one generator for the whole run, as BK-SDM's script (use "
+                        "--batch-size 1, no resume)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on CUDA, fp32 on CPU")
     scoring = p.add_argument_group("scores")
     scoring.add_argument("--metrics", default=None, help=f"comma-separated, of {','.join(METRICS)}, or none "
                          "(default: is,clip, plus fid with --fid-stats; toy for toy-world prompts)")
-    scoring.add_argument("--fid-stats", type=Path, help="real-image statistics (.npz with mu, sigma), e.g. BK-SDM's "
+    scoring.add_argument("--fid-stats", type=Path,
+                         help="real-image statistics (.npz with mu, sigma), e.g. BK-SDM's "
                                                         "real_im256.npz")
     scoring.add_argument("--inception-weights", type=Path, help="pt_inception-2015-12-05-6726825d.pth "
-                                                                "(default: weights/metrics/, downloaded when online)")
-    scoring.add_argument("--clip-model", default="ViT-g-14", help="open_clip model name, or a local weight file/folder")
+                                                                "(default: weights/metrics/, downloaded when "
+                                                                "online)")
+    scoring.add_argument("--clip-model", default="ViT-g-14",
+                         help="open_clip model name, or a local weight file/folder")
     scoring.add_argument("--clip-pretrained", default="laion2b_s34b_b88k", help="open_clip pretrained tag")
     scoring.add_argument("--score-batch-size", type=positive_int, default=50)
-    scoring.add_argument("--name", default=None, help="the model's name in the table row (default: --out's name)")
+    scoring.add_argument("--name", default=None,
+                         help="the model's name in the table row (default: --out's name)")
     stats = p.add_argument_group("real-image statistics")
-    stats.add_argument("--fid-stats-from", type=Path, help="a folder of real images: resize each to --eval-size "
+    stats.add_argument("--fid-stats-from", type=Path,
+                       help="a folder of real images: resize each to --eval-size "
                                                            "(bicubic, squashed) and write FID statistics")
     stats.add_argument("--save-stats", type=Path, help="where --fid-stats-from writes (.npz)")
     p.add_argument("--no-progress", action="store_true")
@@ -93,8 +104,8 @@ def read_prompts(path: Path, num: int | None = None) -> list[tuple[str, str]]:
     if not path.is_file():
         raise FileNotFoundError(f"prompts file not found: {path} "
                                 "(BK-SDM's is data/mscoco_val2014_30k/metadata.csv)")
-    not_text = UsageError(f"--prompts {path} is not a UTF-8 text file: it takes a metadata.csv (a header with "
-                          "file_name,text) or a metadata.jsonl")
+    not_text = UsageError(f"--prompts {path} is not a UTF-8 text file: it takes a metadata.csv (a header "
+                          "with file_name,text) or a metadata.jsonl")
     with open(path, "rb") as f:
         if b"\0" in f.read(1 << 16):  # a binary file, as git tells them: NUL bytes near the start
             raise not_text
@@ -112,7 +123,8 @@ def read_prompts(path: Path, num: int | None = None) -> list[tuple[str, str]]:
 def choose_metrics(args) -> set[str]:
     """--metrics as given, else the protocol's scores that can run: FID only with a statistics file."""
     if args.metrics is not None:
-        chosen = set() if args.metrics == "none" else {m.strip() for m in args.metrics.split(",") if m.strip()}
+        chosen = set() if args.metrics == "none" else {m.strip() for m in args.metrics.split(",")
+                                                       if m.strip()}
         unknown = chosen - set(METRICS)
         if unknown:
             raise ValueError(f"unknown metric(s) {sorted(unknown)}; choose from {','.join(METRICS)} or none")
@@ -121,11 +133,12 @@ def choose_metrics(args) -> set[str]:
     else:
         chosen = {"is", "clip"} | ({"fid"} if args.fid_stats else set())
     if "fid" in chosen and not args.fid_stats:
-        raise ValueError("FID needs real-image statistics: pass --fid-stats real_im256.npz (BK-SDM's, or build one "
-                         "with --fid-stats-from DIR --save-stats FILE.npz)")
+        raise ValueError("FID needs real-image statistics: pass --fid-stats real_im256.npz (BK-SDM's, or "
+                         "build one with --fid-stats-from DIR --save-stats FILE.npz)")
     if args.fid_stats and not args.fid_stats.is_file():
-        raise FileNotFoundError(f"FID statistics file not found: {args.fid_stats}. Build it from a folder of real "
-                                "images with `python evaluate.py --fid-stats-from DIR --save-stats FILE.npz`")
+        raise FileNotFoundError(f"FID statistics file not found: {args.fid_stats}. Build it from a folder of "
+                                "real images with `python evaluate.py --fid-stats-from DIR --save-stats "
+                                "FILE.npz`")
     return chosen
 
 
@@ -133,11 +146,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     try:  # every input, and the metric networks' weights, are checked before the first image is made
-        device = check_device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if args.device == "cuda" else args.device)
+        device = check_device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if args.device == "cuda"
+                              else args.device)
         if args.fid_stats_from:
             check_writable_folder(args.save_stats.parent, "--save-stats")
             path = evaluation.real_stats(args.fid_stats_from, args.save_stats, args.eval_size or 256,
-                                         args.inception_weights, args.score_batch_size, device, not args.no_progress)
+                                         args.inception_weights, args.score_batch_size, device,
+                                         not args.no_progress)
             print(f"wrote FID statistics of {args.fid_stats_from} to {path}")
             return 0
         rows = read_prompts(args.prompts, args.num)
@@ -170,11 +185,13 @@ def main(argv=None) -> int:
         if rank != 0:
             return 0
 
-    scores = {"model": str(args.model), "num_images": len(rows), "steps": args.steps, "guidance": args.guidance,
-              "scheduler": args.scheduler or pipe.scheduler.__class__.__name__, "seed": args.seed,
-              "seed_mode": args.seed_mode, "size": size, "eval_size": eval_size, "dtype": args.dtype or
+    scores = {"model": str(args.model), "num_images": len(rows), "steps": args.steps,
+              "guidance": args.guidance, "scheduler": args.scheduler or pipe.scheduler.__class__.__name__,
+              "seed": args.seed, "seed_mode": args.seed_mode, "size": size, "eval_size": eval_size,
+              "dtype": args.dtype or
               {v: k for k, v in DTYPES.items()}[dtype], **evaluation.parameter_counts(pipe),
-              "generation": evaluation.generation_record(args.out, made, seconds, args.batch_size, world, device)}
+              "generation": evaluation.generation_record(args.out, made, seconds, args.batch_size, world,
+                                                         device)}
     del pipe  # the metric networks need the memory more
     try:
         # the toy world's prompts are scored by its pixel checker, against the real images beside them

@@ -1,13 +1,18 @@
 """Distill a BK-SDM student from a Stable Diffusion teacher (Kim et al., arXiv 2305.15798).
 
     python train.py --variant tiny --data data/laion_aes/preprocessed_212k
-    python train.py --variant small --teacher stabilityai/stable-diffusion-2-1-base --data data/laion.tar --global-batch 128
+    python train.py --variant small --teacher stabilityai/stable-diffusion-2-1-base --data data/laion.tar
+    --global-batch 128
     torchrun --nproc_per_node=8 train.py --variant base --data "data/shards/{00000..00999}.tar"
-    python train.py --variant tiny --data ... --out weights/my-run            # re-run: resumes from its last checkpoint
+    python train.py --variant tiny --data ... --out weights/my-run
+        # re-run: resumes from its last checkpoint
     python train.py --variant tiny --data ... --resume weights/my-run/checkpoint-0005000 --out weights/branch
-    python train.py --plain --unet-config unet.json --teacher weights/toy-sd --data data/toy/train   # from scratch
-    python train.py --plain --variant sd --teacher data/toy-init --train-text-encoder --caption-dropout 0.1 --data ...
-    python train.py --variant small --data data/laion_aes/preprocessed_212k --cache-latents data/cache/laion-512
+    python train.py --plain --unet-config unet.json --teacher weights/toy-sd --data data/toy/train
+        # from scratch
+    python train.py --plain --variant sd --teacher data/toy-init --train-text-encoder --caption-dropout 0.1
+    --data ...
+    python train.py --variant small --data data/laion_aes/preprocessed_212k --cache-latents
+    data/cache/laion-512
 
 The student starts from the teacher's weights (minisd/distill.py) and learns from three losses:
 the denoising task, the teacher's output, and the teacher's features. The teacher, its VAE and
@@ -63,19 +68,24 @@ VALID_PROMPTS = ["a black vase holding a bouquet of roses", "a golden retriever 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variant", choices=sorted(VARIANTS), default="tiny", help="student: BK-SDM base/small/tiny, or sd")
-    p.add_argument("--teacher", default="CompVis/stable-diffusion-v1-4", help="any source load_pipeline accepts")
+    p.add_argument("--variant", choices=sorted(VARIANTS), default="tiny",
+                   help="student: BK-SDM base/small/tiny, or sd")
+    p.add_argument("--teacher", default="CompVis/stable-diffusion-v1-4",
+                   help="any source load_pipeline accepts")
     p.add_argument("--data", help="image folder with metadata.csv/jsonl, or tar shards")
     p.add_argument("--out", type=Path, help="output folder (default weights/bk-<variant>-<teacher>)")
-    p.add_argument("--resume", type=Path, help="checkpoint folder to go on from (default: the last one in --out, if any)")
+    p.add_argument("--resume", type=Path,
+                   help="checkpoint folder to go on from (default: the last one in --out, if any)")
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--random-crop", action="store_true", help="random instead of center crop")
     p.add_argument("--no-flip", action="store_true", help="no random horizontal flip")
     p.add_argument("--cache-latents", type=Path, metavar="DIR",
-                   help="compute the VAE posteriors and text states of an image folder once, into DIR (resumable), "
-                        "and train from them; the images are then center-cropped and never flipped")
+                   help="compute the VAE posteriors and text states of an image folder once, into DIR "
+                        "(resumable), and train from them; the images are then center-cropped and never "
+                        "flipped")
     p.add_argument("--batch-size", type=int, default=64, help="per GPU (per process)")
-    p.add_argument("--global-batch", type=int, default=256, help="kept whatever the GPU count: batch x GPUs x accumulation")
+    p.add_argument("--global-batch", type=int, default=256,
+                   help="kept whatever the GPU count: batch x GPUs x accumulation")
     p.add_argument("--max-steps", type=int, default=50_000)
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant")
@@ -86,19 +96,22 @@ def parse_args(argv=None):
     p.add_argument("--lambda-out", type=float, default=1.0, help="weight of output-level KD")
     p.add_argument("--lambda-feat", type=float, default=1.0, help="weight of feature-level KD")
     p.add_argument("--snr-gamma", type=float, default=None,
-                   help="Min-SNR-gamma weighting of the denoising loss (e.g. 5.0), as diffusers' --snr_gamma; "
-                        "BK-SDM uses none (default)")
+                   help="Min-SNR-gamma weighting of the denoising loss (e.g. 5.0), as diffusers' "
+                        "--snr_gamma; BK-SDM uses none (default)")
     p.add_argument("--plain", action="store_true",
-                   help="no distillation: train the U-Net on the denoising loss alone (the teacher gives only its VAE, "
-                        "text encoder and schedule)")
+                   help="no distillation: train the U-Net on the denoising loss alone (the teacher gives "
+                        "only its VAE, text encoder and schedule)")
     p.add_argument("--unet-config", type=Path,
-                   help="with --plain: a diffusers U-Net config.json for a U-Net trained from scratch (random init)")
+                   help="with --plain: a diffusers U-Net config.json for a U-Net trained from scratch "
+                        "(random init)")
     p.add_argument("--train-text-encoder", action="store_true",
-                   help="with --plain: train the teacher's text encoder jointly with the U-Net, as LDM trains its "
-                        "text-to-image models from scratch; checkpoints then hold it in text_encoder/")
+                   help="with --plain: train the teacher's text encoder jointly with the U-Net, as LDM "
+                        "trains its text-to-image models from scratch; checkpoints then hold it in "
+                        "text_encoder/")
     p.add_argument("--caption-dropout", type=float, default=0.0,
-                   help="share of captions replaced by the empty prompt, so that classifier-free guidance has an "
-                        "unconditional model to extrapolate from (SD: 0.1); 0 for distillation, whose teacher has one")
+                   help="share of captions replaced by the empty prompt, so that classifier-free guidance "
+                        "has an unconditional model to extrapolate from (SD: 0.1); 0 for distillation, whose "
+                        "teacher has one")
     p.add_argument("--ema-decay", type=float, default=None, help="keep an EMA of the student (e.g. 0.9999)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--no-compile", action="store_true", help="no torch.compile (it is on by default on CUDA)")
@@ -108,7 +121,8 @@ def parse_args(argv=None):
                    help="log (and check for NaN, and for a stop signal) every N steps, and at each save")
     p.add_argument("--save-steps", type=int, default=2500)
     p.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
-    p.add_argument("--valid-steps", type=int, default=2500, help="sample grid of fixed prompts every N steps (0: never)")
+    p.add_argument("--valid-steps", type=int, default=2500,
+                   help="sample grid of fixed prompts every N steps (0: never)")
     p.add_argument("--report-to", choices=["none", "tensorboard", "wandb"], default="none")
     args = p.parse_args(argv)
     if not args.data:
@@ -122,8 +136,8 @@ def parse_args(argv=None):
         p.error("--train-text-encoder trains the text encoder from the denoising loss: it needs --plain (in "
                 "distillation the teacher's text encoder stays frozen)")
     if args.cache_latents and args.train_text_encoder:
-        p.error("--cache-latents stores the frozen text encoder's outputs, so the text encoder cannot train: drop "
-                "--cache-latents or --train-text-encoder")
+        p.error("--cache-latents stores the frozen text encoder's outputs, so the text encoder cannot train: "
+                "drop --cache-latents or --train-text-encoder")
     if args.cache_latents and args.random_crop:
         p.error("--cache-latents fixes each image's crop when caching (center crop): drop --random-crop")
     if args.cache_latents:
@@ -140,12 +154,12 @@ def main(argv=None) -> int:
     cuda = device.type == "cuda"
     accum, rest = divmod(args.global_batch, args.batch_size * world)
     if rest or not accum:
-        sys.exit(f"train.py: --global-batch {args.global_batch} is not a multiple of --batch-size x processes "
-                 f"({args.batch_size} x {world})")
+        sys.exit(f"train.py: --global-batch {args.global_batch} is not a multiple of --batch-size x "
+                 f"processes ({args.batch_size} x {world})")
     torch.manual_seed(args.seed)
 
-    # Models: the teacher (frozen; bf16 on CUDA) and the student, in fp32 (master weights), initialised from the
-    # teacher's blocks, or from random weights with --unet-config
+    # Models: the teacher (frozen; bf16 on CUDA) and the student, in fp32 (master weights), initialised from
+    # the teacher's blocks, or from random weights with --unet-config
     teacher = load_pipeline(args.teacher, device=device)
     student = new_unet(args, teacher, device) if args.unet_config else \
         student_from_teacher(teacher.unet, variant(teacher.unet.config, args.variant)).train()
@@ -158,9 +172,11 @@ def main(argv=None) -> int:
     schedule = NoiseSchedule.from_config(teacher.scheduler_config)
     # --train-text-encoder: the text encoder learns with the student, in fp32 like it
     text_encoder = teacher.text_encoder.float().train().requires_grad_(True) if args.train_text_encoder else None
-    trained = list(student.parameters()) + (list(text_encoder.parameters()) if text_encoder is not None else [])
+    trained = list(student.parameters()) + (list(text_encoder.parameters()) if text_encoder is not None
+                                            else [])
     optimizer = torch.optim.AdamW(trained, lr=args.lr, weight_decay=args.weight_decay, fused=cuda)
-    state = TrainState(student, optimizer, EMA(student, args.ema_decay) if args.ema_decay else None, text_encoder)
+    state = TrainState(student, optimizer, EMA(student, args.ema_decay) if args.ema_decay else None,
+                       text_encoder)
     resume(args, state, device)
 
     # Data: this rank's share, from where the run stands
@@ -208,8 +224,8 @@ def main(argv=None) -> int:
                 means, rate = meter.read()
                 if not all(math.isfinite(v) for v in means.values()):
                     last = checkpoints(args.out)[-1] if checkpoints(args.out) else "none (none saved yet)"
-                    sys.exit(f"train.py: the loss became {means['loss']} by step {state.step}; stopped. The last "
-                             f"good checkpoint is {last}. Try a lower --lr, or --max-grad-norm.")
+                    sys.exit(f"train.py: the loss became {means['loss']} by step {state.step}; stopped. The "
+                             f"last good checkpoint is {last}. Try a lower --lr, or --max-grad-norm.")
                 row = dict(step=state.step, **means, lr=optimizer.param_groups[0]["lr"], samples_per_s=rate,
                            epoch=state.epoch, skipped=loader.dataset.skipped)
                 if cuda:
@@ -233,8 +249,8 @@ def main(argv=None) -> int:
 
 
 def new_unet(args, teacher: Pipeline, device) -> UNet:
-    """--unet-config: a new U-Net architecture from random weights, trained from scratch (--plain; the toy teacher
-    was made so). It reads the teacher's text states, so it must take their width."""
+    """--unet-config: a new U-Net architecture from random weights, trained from scratch (--plain; the toy
+    teacher was made so). It reads the teacher's text states, so it must take their width."""
     unet = UNet(unet_table_from_config(read_json(args.unet_config))).to(device).train()
     if unet.config.context_dim != teacher.unet.config.context_dim:
         sys.exit(f"train.py: --unet-config has cross_attention_dim {unet.config.context_dim}, but the text "
@@ -243,11 +259,13 @@ def new_unet(args, teacher: Pipeline, device) -> UNet:
 
 
 def resume(args, state: TrainState, device) -> None:
-    """state as the checkpoint left it: the one --resume names, or else the last in --out (a re-run goes on)."""
+    """state as the checkpoint left it: the one --resume names, or else the last in --out (a re-run goes
+    on)."""
     found = checkpoints(args.out)
     if args.resume:
         if not (args.resume / "training_state.pt").is_file():
-            sys.exit(f"train.py: --resume {args.resume} is not a checkpoint folder (no training_state.pt in it)")
+            sys.exit(f"train.py: --resume {args.resume} is not a checkpoint folder (no training_state.pt in "
+                     "it)")
         found = [args.resume]
     if not found:
         return
@@ -259,11 +277,11 @@ def resume(args, state: TrainState, device) -> None:
 
 
 def open_loader(args, teacher: Pipeline, rank: int, world: int, pin_memory: bool):
-    """This rank's share of the data: images and captions, or with --cache-latents the cached VAE posteriors and
-    text states (the cache is built first where it is not complete)."""
+    """This rank's share of the data: images and captions, or with --cache-latents the cached VAE posteriors
+    and text states (the cache is built first where it is not complete)."""
     if args.cache_latents:
-        latent_cache.build(teacher, args.data, args.cache_latents, args.resolution, args.batch_size, args.num_workers,
-                           rank, world, args.teacher)
+        latent_cache.build(teacher, args.data, args.cache_latents, args.resolution, args.batch_size,
+                           args.num_workers, rank, world, args.teacher)
         data = latent_cache.CachedDataset(args.cache_latents, args.data, seed=args.seed)
         collate_fn = latent_cache.collate
     else:
@@ -287,7 +305,8 @@ def save(args, rank: int, state: TrainState, teacher: Pipeline) -> None:
 @torch.no_grad()
 def sample_grid(args, teacher: Pipeline, student, step: int) -> None:
     """Fixed prompts and seeds through the student with sample.py's pipeline, saved as one PNG row."""
-    pipe = Pipeline(teacher.tokenizer, teacher.text_encoder, student.eval(), teacher.vae, teacher.scheduler_config)
+    pipe = Pipeline(teacher.tokenizer, teacher.text_encoder, student.eval(), teacher.vae,
+                    teacher.scheduler_config)
     images = pipe(VALID_PROMPTS, steps=25, seed=0, seed_mode="per_image", height=args.resolution,
                   width=args.resolution, progress=False)
     student.train()
@@ -310,7 +329,8 @@ def reporter(args, rank: int):
         wandb.init(project="minisd", config=vars(args), dir=str(args.out))
         return lambda row: wandb.log(row, step=row["step"])
     except ImportError as e:
-        sys.exit(f"train.py: --report-to {args.report_to} needs its package: pip install {args.report_to} ({e})")
+        sys.exit(f"train.py: --report-to {args.report_to} needs its package: pip install {args.report_to} "
+                 f"({e})")
 
 
 if __name__ == "__main__":

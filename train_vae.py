@@ -33,7 +33,8 @@ def parse_args(argv=None):
     p.add_argument("--data", required=True, help="image folder with metadata.csv/jsonl, or tar shards")
     p.add_argument("--out", type=Path, required=True, help="output folder (diffusers AutoencoderKL layout)")
     start = p.add_mutually_exclusive_group(required=True)
-    start.add_argument("--config", type=Path, help="a diffusers AutoencoderKL config.json: train from random weights")
+    start.add_argument("--config", type=Path,
+                       help="a diffusers AutoencoderKL config.json: train from random weights")
     start.add_argument("--init", type=Path, help="a VAE folder to go on training")
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=32)
@@ -41,8 +42,9 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=4.5e-6 * 32, help="LDM: 4.5e-6 per image of the batch")
     p.add_argument("--kl-weight", type=float, default=KL_WEIGHT)
     p.add_argument("--l2-weight", type=float, default=0.0,
-                   help="adds this times the squared error: it weighs the few large errors (a small shape's wrong "
-                        "colour) above the many small ones that L1 spends its gradient on (a texture's noise)")
+                   help="adds this times the squared error: it weighs the few large errors (a small shape's "
+                        "wrong colour) above the many small ones that L1 spends its gradient on (a texture's "
+                        "noise)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--log-steps", type=int, default=50)
