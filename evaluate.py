@@ -3,8 +3,8 @@
     python evaluate.py --model nota-ai/bk-sdm-small --prompts data/mscoco_val2014_30k/metadata.csv \
         --out results/bk-small --fid-stats real_im256.npz
     python evaluate.py --model weights/my-run/checkpoint-0050000 --prompts ... --out results/mine --num 1000
-    torchrun --nproc_per_node=8 evaluate.py --model ... --prompts ... --out results/bk-small --fid-stats
-    real_im256.npz
+    torchrun --nproc_per_node=8 evaluate.py --model ... --prompts ... --out results/bk-small
+        --fid-stats real_im256.npz
     python evaluate.py --fid-stats-from data/mscoco_val2014 --save-stats real_im256.npz
         # real-image statistics
     python evaluate.py --model weights/toy-sd --prompts data/toy/heldout/metadata.csv --out results/toy-sd

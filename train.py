@@ -171,7 +171,8 @@ def main(argv=None) -> int:
     pairs = [] if args.plain else feature_pairs(student.config, teacher.unet.config)
     schedule = NoiseSchedule.from_config(teacher.scheduler_config)
     # --train-text-encoder: the text encoder learns with the student, in fp32 like it
-    text_encoder = teacher.text_encoder.float().train().requires_grad_(True) if args.train_text_encoder else None
+    text_encoder = (teacher.text_encoder.float().train().requires_grad_(True) if args.train_text_encoder
+                    else None)
     trained = list(student.parameters()) + (list(text_encoder.parameters()) if text_encoder is not None
                                             else [])
     optimizer = torch.optim.AdamW(trained, lr=args.lr, weight_decay=args.weight_decay, fused=cuda)
@@ -220,7 +221,8 @@ def main(argv=None) -> int:
             log.bar.update(1)
 
             # a save step is checked (and logged) too, so that no checkpoint holds weights a NaN has reached
-            if state.step % args.log_steps == 0 or state.step % args.save_steps == 0 or state.step == args.max_steps:
+            if (state.step % args.log_steps == 0 or state.step % args.save_steps == 0
+                    or state.step == args.max_steps):
                 means, rate = meter.read()
                 if not all(math.isfinite(v) for v in means.values()):
                     last = checkpoints(args.out)[-1] if checkpoints(args.out) else "none (none saved yet)"

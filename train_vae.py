@@ -59,7 +59,8 @@ def with_scaling_factor(vae: AutoencoderKL, loader, device, batches: int = 8) ->
     with torch.no_grad():
         for i, batch in zip(range(batches), loader):
             if batch is not None:
-                latents.append(vae.encode(batch["pixels"].to(device)).sample(torch.Generator().manual_seed(i)))
+                latents.append(vae.encode(batch["pixels"].to(device))
+                               .sample(torch.Generator().manual_seed(i)))
     config = dataclasses.replace(vae.config, scaling_factor=1.0 / torch.cat(latents).std().item())
     scaled = AutoencoderKL(config).to(device)
     scaled.load_state_dict(vae.state_dict())

@@ -50,7 +50,8 @@ def generate(pipe, rows: list[tuple[str, str]], indices: list[int], folders: dic
         batch = todo[b:b + batch_size]
         # per_prompt seeds need consecutive prompts in a batch (seed + first index, then +1 each): else one by
         # one
-        groups = [batch] if generator or batch == list(range(batch[0], batch[0] + len(batch))) else [[i] for i in batch]
+        groups = ([batch] if generator or batch == list(range(batch[0], batch[0] + len(batch)))
+                  else [[i] for i in batch])
         for group in groups:
             images = pipe([rows[i][1] for i in group], steps=steps, guidance=guidance,
                           seed=generator or seed + group[0], seed_mode="per_image", height=size, width=size,
@@ -81,7 +82,8 @@ def check_rows(path: Path, rows: list[tuple[str, str]]) -> None:
         elif Path(name).suffix.lower() not in IMAGE_SUFFIXES:
             problem = f"file_name {name!r} is not a .png or .jpg name"
         elif inside in seen:
-            problem = f"file_name {name!r} is also on line {row_lines(path)[seen[inside]]}; each row needs its own"
+            problem = (f"file_name {name!r} is also on line {row_lines(path)[seen[inside]]}; "
+                       "each row needs its own")
         elif not text.strip():
             problem = "the prompt is blank; write one or remove the row"
         if problem:

@@ -196,8 +196,8 @@ def main(argv=None):
         print(f"{part:>8} {without[part] / 1e9:>12.1f} {with_attn[part] / 1e9:>14.1f}")
     print(f"U-Net forward: {2 * with_attn['total'] / 1e12:.3f} TFLOP")
     sample = sampling_flops(table, size=size, steps=args.steps)
-    print(f"one image, {args.steps} steps with CFG: " + ", ".join(f"{k} "
-                                                                  f"{v / 1e12:.2f}" for k, v in sample.items())
+    print(f"one image, {args.steps} steps with CFG: "
+          + ", ".join(f"{k} {v / 1e12:.2f}" for k, v in sample.items())
           + " TFLOP")
     for cached in (False, True):
         kd = kd_step_flops(table, teacher, size=size, latents_cached=cached)

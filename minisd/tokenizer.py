@@ -38,8 +38,8 @@ def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible map from the 256 byte values to printable characters (openai/gpt-2
     encoder.py): printable bytes map to themselves, the others to chr(256), chr(257), ...
     Its order is the order of the first 256 vocabulary ids."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"),
-                                                          ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+          + list(range(ord("®"), ord("ÿ") + 1)))
     cs = bs[:]
     others = [b for b in range(256) if b not in bs]
     return dict(zip(bs + others, map(chr, cs + [256 + n for n in range(len(others))])))

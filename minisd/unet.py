@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from minisd.blocks import Attention, Downsample, ResBlock, SpatialTransformer, Upsample, group_norm, timestep_embedding
+from minisd.blocks import (Attention, Downsample, ResBlock, SpatialTransformer, Upsample, group_norm,
+                           timestep_embedding)
 from minisd.table import TEACHERS, VARIANTS, Stage, UNetTable, variant
 
 

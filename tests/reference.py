@@ -33,7 +33,8 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def hub_folder(folder: Path, pad: str) -> Path:
     """A tokenizer/ folder as the SD hub repos have it, from open-clip's merge list."""
-    path = Path(importlib.util.find_spec("open_clip").submodule_search_locations[0]) / "bpe_simple_vocab_16e6.txt.gz"
+    path = (Path(importlib.util.find_spec("open_clip").submodule_search_locations[0])
+            / "bpe_simple_vocab_16e6.txt.gz")
     merges = gzip.open(path, "rt", encoding="utf-8").read().split("\n")[1:48895]
     chars = list(bytes_to_unicode().values())
     tokens = chars + [c + "</w>" for c in chars] + [m.replace(" ", "")

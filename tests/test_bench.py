@@ -41,7 +41,8 @@ def test_sample_smoke(tmp_path):
         assert r["images_per_s"] == pytest.approx(1 / r["s_per_image"])
         assert r["config"] == "v1-tiny-reduced" and r["size"] == 32 and not r["compiled"]
     md = stem.with_suffix(".md").read_text()
-    assert "| U-Net it/s |" in md and "images/s, minisd / diffusers" in md and "- command: `python -m minisd.bench" in md
+    assert ("| U-Net it/s |" in md and "images/s, minisd / diffusers" in md
+            and "- command: `python -m minisd.bench" in md)
     assert Image.open(stem.with_suffix(".png")).size == (900, 520)
 
 
@@ -58,7 +59,8 @@ def test_train_smoke(tmp_path):
     # the cached step does less work per sample: no VAE encode, no text encoder
     assert rows[1]["tflops"] / rows[1]["samples_per_s"] < rows[0]["tflops"] / rows[0]["samples_per_s"]
     md = stem.with_suffix(".md").read_text()
-    assert "samples/s, minisd / BK-SDM reference" in md and "samples/s, minisd (cached) / BK-SDM reference" in md
+    assert ("samples/s, minisd / BK-SDM reference" in md
+            and "samples/s, minisd (cached) / BK-SDM reference" in md)
 
 
 def test_bad_arguments(capsys):

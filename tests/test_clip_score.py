@@ -230,7 +230,8 @@ def test_missing_and_unexpected_keys_are_named(references, tmp_path):
     with pytest.raises(CheckpointError) as err:
         load_clip(str(bad), config=SMALL)
     message = str(err.value)
-    assert "visual.ln_post.bias" in message and "text_projection" in message and "visual.attn_pool.query" in message
+    assert ("visual.ln_post.bias" in message and "text_projection" in message
+            and "visual.attn_pool.query" in message)
 
 
 def test_unsupported_configs_are_refused(tmp_path):

@@ -109,7 +109,8 @@ def test_student_blocks_start_as_teacher_blocks(name, tmp_path):
     prefixes = init_map(student.config, teacher.config)
     temb, context = torch.randn(2, teacher.config.temb_dim), torch.randn(2, 77, 96)
     for s_prefix, t_prefix in prefixes.items():
-        s_mod, t_mod = student.get_submodule(s_prefix.rstrip(".")), teacher.get_submodule(t_prefix.rstrip("."))
+        s_mod, t_mod = (student.get_submodule(s_prefix.rstrip(".")),
+                        teacher.get_submodule(t_prefix.rstrip(".")))
         if s_prefix.count(".") != 4:  # whole blocks only: down.{s}.blocks.{b}. / up.{s}.blocks.{b}.
             assert all(torch.equal(a, b) for a,
                        b in zip(s_mod.state_dict().values(), t_mod.state_dict().values()))

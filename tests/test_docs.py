@@ -78,7 +78,8 @@ def test_docs_pages_are_reachable_from_the_readme():
 
 def test_readme_is_a_map():
     size = (ROOT / "README.md").stat().st_size
-    assert size < README_LIMIT, f"README.md is {size:,} bytes; move details into docs/ (limit {README_LIMIT:,})"
+    assert size < README_LIMIT, (f"README.md is {size:,} bytes; move details into docs/ "
+                                 f"(limit {README_LIMIT:,})")
 
 
 def test_nothing_cites_files_outside_the_repository():

@@ -80,7 +80,8 @@ def test_writes_scores_row_and_grid(model, tmp_path, capsys):
     assert scores["num_images"] == 2 and scores["unet_params"] == unet
     assert scores["total_params"] == unet + sum(p.numel() for m in (pipe.vae, pipe.text_encoder)
                                                 for p in m.parameters())
-    assert scores["steps"] == 2 and scores["seed_mode"] == "per_prompt" and scores["generation"]["images"] == 2
+    assert (scores["steps"] == 2 and scores["seed_mode"] == "per_prompt"
+            and scores["generation"]["images"] == 2)
     row = f"| tiny | - | - | - | {unet / 1e6:.2f}M | {scores['total_params'] / 1e6:.2f}M |"
     assert billions(859_520_964) == "0.86B" and billions(1_040_000_000) == "1.04B"
     assert (tmp_path / "r"
@@ -106,8 +107,8 @@ def test_score_errors(model, tmp_path, capsys):
     assert "FID needs real-image statistics: pass --fid-stats" in error("--metrics", "fid")
     assert "FID statistics file not found" in error("--fid-stats", str(tmp_path / "nope.npz"))
     np.savez(tmp_path / "s256.npz", mu=np.zeros(3), sigma=np.eye(3), size=256)
-    assert "holds statistics of 256 px images but the scores read 16 px" in error("--metrics", "fid", "--fid-stats",
-                                                                                   str(tmp_path / "s256.npz"))
+    assert "holds statistics of 256 px images but the scores read 16 px" in error(
+        "--metrics", "fid", "--fid-stats", str(tmp_path / "s256.npz"))
     Image.new("RGB", (16, 16)).save(tmp_path / "r" / "im256" / "stray.png")
     assert "holds 3 images but the prompts ask for 2" in error("--metrics", "is")
     (tmp_path / "r" / "im256" / "stray.png").unlink()

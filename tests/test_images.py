@@ -32,7 +32,8 @@ def test_16_bit_grayscale_png_by_its_range():
         assert np.asarray(image.convert("RGB"))[0, 1:].min() == 255  # PIL alone clips: all but black is white
         assert rgb(image) == [(v, v, v) for v in (0, 64, 128, 255)]
     # the training data reader too
-    assert np.asarray(decode(png_bytes(Image.fromarray(levels)))).reshape(-1, 3)[:, 0].tolist() == [0, 64, 128, 255]
+    assert (np.asarray(decode(png_bytes(Image.fromarray(levels)))).reshape(-1, 3)[:, 0].tolist()
+            == [0, 64, 128, 255])
 
 
 @pytest.mark.parametrize("mode, pixels, expected", [

@@ -143,7 +143,8 @@ def test_reference_libraries_stay_out(path):
     if module_name(path) == REFERENCE_SIDE:
         return
     found = sorted({n.split(".")[0] for n in imported_names(path)} & set(REFERENCE_LIBRARIES))
-    assert not found, f"{path.relative_to(ROOT)} imports {found}, test-only libraries (only {REFERENCE_SIDE} may)"
+    assert not found, (f"{path.relative_to(ROOT)} imports {found}, test-only libraries "
+                       f"(only {REFERENCE_SIDE} may)")
 
 
 CHECK_IMPORTS = """

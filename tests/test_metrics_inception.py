@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from PIL import Image
-from pytorch_fid.fid_score import calculate_activation_statistics, calculate_frechet_distance, compute_statistics_of_path
+from pytorch_fid.fid_score import (calculate_activation_statistics, calculate_frechet_distance,
+                                   compute_statistics_of_path)
 from torch_fidelity import calculate_metrics
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
@@ -25,7 +26,8 @@ from torch_fidelity.metric_isc import isc_features_to_metric
 
 import minisd.metrics.inception_weights as ckpt
 from minisd.checkpoints.remap import CheckpointError
-from minisd.metrics import feature_stats, folder_features, folder_stats, frechet_distance, inception_score, load_stats, save_stats
+from minisd.metrics import (feature_stats, folder_features, folder_stats, frechet_distance, inception_score,
+                            load_stats, save_stats)
 from minisd.metrics.inception import prepare, resize_tf1_bilinear
 
 

@@ -69,7 +69,8 @@ def test_ablation_command(toy, tmp_path):
         log = [json.loads(line) for line in open(tmp_path / "ablation" / name / "log.jsonl")]
         assert log[-1]["step"] == 2, name
     by_name = {r["model"]: r for r in table}
-    assert by_name["tiny"]["params"] < by_name["small"]["params"] < by_name["base"]["params"] < by_name["teacher"]["params"]
+    assert (by_name["tiny"]["params"] < by_name["small"]["params"] < by_name["base"]["params"]
+            < by_name["teacher"]["params"])
     # --plain trains on the denoising loss alone
     assert by_name["tiny-no-kd"]["out"] == 0 and by_name["tiny"]["out"] > 0
     assert all(r["images"] == 4 and "toy_fid" in r for r in table)

@@ -74,7 +74,8 @@ def test_teacher_draws_heldout_captions(tmp_path):
                                  [(name, rows[(i + 1) % PROMPTS][1]) for i, (name, _) in enumerate(rows)],
                                  workers=1)
     assert scores["caption_accuracy"] >= MIN_CAPTION, scores
-    assert scores["caption_accuracy"] - mismatched["caption_accuracy"] >= MIN_CAPTION_GAP, (scores, mismatched)
+    assert (scores["caption_accuracy"] - mismatched["caption_accuracy"]
+            >= MIN_CAPTION_GAP), (scores, mismatched)
     accuracy = scores["accuracy"]
     assert accuracy["colour"] - mismatched["accuracy"]["colour"] >= MIN_COLOUR_GAP, (scores, mismatched)
     for name, bound in dict(colour=MIN_COLOUR, shape=MIN_SHAPE, size=MIN_SIZE, count=MIN_COUNT,

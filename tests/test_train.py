@@ -310,7 +310,8 @@ def test_checkpoint_loads_in_sample_py_and_diffusers(distilled, tmp_path):
     assert Image.open(png).size == (32, 32)
 
     ours = load_unet(checkpoint / "unet")
-    assert not ours.config.mid and len(ours.config.stages) == 3 and all(len(st.down) == 1 for st in ours.config.stages)
+    assert (not ours.config.mid and len(ours.config.stages) == 3
+            and all(len(st.down) == 1 for st in ours.config.stages))
     theirs = UNet2DConditionModel.from_pretrained(checkpoint / "unet").eval()
     pipe = StableDiffusionPipeline.from_pretrained(checkpoint, safety_checker=None)
     gen = torch.Generator().manual_seed(0)
@@ -360,7 +361,8 @@ def test_min_snr_weighting_scales_only_the_denoising_loss(teacher, data, tmp_pat
     assert b["sd"] < a["sd"] and b["out"] == a["out"] and b["feat"] == a["feat"]
     with pytest.raises(SystemExit) as exit_:
         train.main(flags(teacher, data, tmp_path / "x", snr_gamma=0))
-    assert exit_.value.code == 2 and "--snr-gamma 0.0: the SNR cap must be positive" in capsys.readouterr().err
+    assert (exit_.value.code == 2
+            and "--snr-gamma 0.0: the SNR cap must be positive" in capsys.readouterr().err)
 
 
 @pytest.mark.slow  # needs `distilled`

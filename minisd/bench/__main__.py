@@ -100,7 +100,8 @@ def run(args, argv: list[str]) -> int:
         print(f"minisd.bench: error: the reference side needs diffusers and transformers "
               f"(pip install -r requirements-test.txt): {e}", file=sys.stderr)
         return 2
-    tag = args.tag or f"{device.type}-{args.family}-{'-'.join(args.config)}" + ("-reduced" if args.small else "")
+    tag = args.tag or (f"{device.type}-{args.family}-{'-'.join(args.config)}"
+                       + ("-reduced" if args.small else ""))
     kind = "probe" if args.command == "train" and args.memory_probe else args.command
     paths = report.write(kind, rows, environment(device, argv), peak, args.out, tag)
     print(paths[1].read_text())

@@ -20,7 +20,8 @@ from minisd.checkpoints.files import read_state_dict
 from minisd.checkpoints.remap import Rule, load_into
 from minisd.metrics.inception import InceptionV3
 
-URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
+URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+       "pt_inception-2015-12-05-6726825d.pth")
 # pytorch-fid, torch-fidelity
 FILENAMES = ("pt_inception-2015-12-05-6726825d.pth", "weights-inception-2015-12-05-6726825d.pth")
 HASH_PREFIX = "6726825d"  # the first hex digits of the file's sha256, as torch.hub names files

@@ -23,7 +23,8 @@ class DDIM(Sampler):
         # diffusers' DDIM defaults: the step past t = 0 lands on clean data (alpha_bar = 1), and x0 is
         # clipped to [-1, 1] (pixel-space DDPM habits). SD's configs turn both off.
         alphas_cumprod = self.schedule.alphas_cumprod
-        self.final_alpha_cumprod = torch.tensor(1.0) if config.get("set_alpha_to_one", True) else alphas_cumprod[0]
+        self.final_alpha_cumprod = (torch.tensor(1.0) if config.get("set_alpha_to_one", True)
+                                    else alphas_cumprod[0])
         self.clip_x0 = config.get("clip_sample_range", 1.0) if config.get("clip_sample", True) else None
         self.stride = None
         self.timestep_values: list[int] = []  # `timesteps` as Python ints

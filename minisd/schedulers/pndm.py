@@ -39,7 +39,8 @@ class PNDM(Sampler):
         # Stepping past t = 0 lands on alpha_bar_0 (set_alpha_to_one False, SD's configs and
         # diffusers' PNDM default), not on clean data (alpha_bar = 1).
         alphas_cumprod = self.schedule.alphas_cumprod
-        self.final_alpha_cumprod = torch.tensor(1.0) if config.get("set_alpha_to_one", False) else alphas_cumprod[0]
+        self.final_alpha_cumprod = (torch.tensor(1.0) if config.get("set_alpha_to_one", False)
+                                    else alphas_cumprod[0])
         self.stride = None
         self.timestep_values: list[int] = []  # `timesteps` as Python ints
         self.eps_history: list[torch.Tensor] = []  # raw model outputs of this run, oldest first (at most 4)

@@ -173,8 +173,8 @@ def background(scene: Scene) -> np.ndarray:
     if scene.texture == "noise":
         offset = rng.normal(0.0, NOISE_STD, (SIZE, SIZE))
     elif scene.texture == "stripes":
-        period, angle, phase = rng.uniform(6.0,
-                                           12.0), rng.choice([0.0, 45.0, 90.0, 135.0]), rng.uniform(0, 2 * math.pi)
+        period, angle, phase = (rng.uniform(6.0, 12.0), rng.choice([0.0, 45.0, 90.0, 135.0]),
+                                rng.uniform(0, 2 * math.pi))
         y, x = np.mgrid[0:SIZE, 0:SIZE]
         along = x * math.cos(math.radians(angle)) + y * math.sin(math.radians(angle))
         offset = STRIPE_AMPLITUDE * np.sin(2 * math.pi * along / period + phase)
