@@ -31,7 +31,8 @@ BPE_FILE = Path(__file__).with_name("bpe_simple_vocab_16e6.txt.gz")
 NUM_MERGES = 49152 - 256 - 2  # as simple_tokenizer.py: a 49,152-entry vocab less bytes and specials
 
 # openai/CLIP simple_tokenizer.py's pattern, as transformers writes it for `tokenizers`
-CLIP_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+CLIP_PATTERN = (r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|"""
+                r"""[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""")
 
 
 def bytes_to_unicode() -> dict[int, str]:

@@ -27,7 +27,8 @@ from minisd.data import (
 )
 
 R = 32  # the test resolution
-CAPTIONS = ['a red fox, "jumping" over a fence', "café ☕ 東京, naïve 'quotes'", "two lines,\nwith a comma",
+CAPTIONS = ['a red fox, "jumping" over a fence', "café ☕ 東京, naïve 'quotes'",
+            "two lines,\nwith a comma",
             '"fully quoted"', "emoji 🦊, commas, and more, commas", "plain caption"]
 # (w, h): landscape, portrait, square, extremes
 SIZES = [(64, 48), (48, 80), (90, 90), (33, 97), (120, 40), (40, 41)]
