@@ -54,8 +54,8 @@ def check_manifest(cache: Path, manifest: dict) -> None:
     if path.is_file():
         found = read_json(path)
         if found != manifest:
-            diff = ", ".join(f"{k}: {found.get(k)!r} there, {v!r} now" for k,
-                             v in manifest.items() if found.get(k) != v)
+            diff = ", ".join(f"{k}: {found.get(k)!r} there, {v!r} now"
+                             for k, v in manifest.items() if found.get(k) != v)
             raise ValueError(f"--cache-latents {cache} holds another cache ({diff}); give another folder, or "
                              "delete it")
     else:

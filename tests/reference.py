@@ -122,8 +122,8 @@ def save_hub_layout(parts: dict, family: str, folder, prediction_type="epsilon")
                                    requires_safety_checker=False)
     pipe.save_pretrained(folder / "pipe")
     weights = folder / "pipe" / "text_encoder" / "model.safetensors"
-    save_file({k if k.startswith("text_model.") else "text_model." + k: v for k,
-               v in load_file(weights).items()},
+    save_file({k if k.startswith("text_model.") else "text_model." + k: v
+               for k, v in load_file(weights).items()},
               weights)
     for f in (folder / "pipe" / "tokenizer").iterdir():
         f.unlink()

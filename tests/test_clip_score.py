@@ -187,8 +187,8 @@ def test_file_layouts_load_alike(references, tmp_path):
     open_clip_config.json gives the architecture, load the same weights as the safetensors file."""
     reference, path = references["small"]
     wrapped = tmp_path / "epoch_32.pt"
-    ddp = {"module." + k: v.reshape(1) if k == "logit_scale" else v for k,
-           v in reference.state_dict().items()}
+    ddp = {"module." + k: v.reshape(1) if k == "logit_scale" else v
+           for k, v in reference.state_dict().items()}
     torch.save({"epoch": 32, "state_dict": ddp}, wrapped)  # logit_scale as [1], as some checkpoints have it
     folder = tmp_path / "hub"
     folder.mkdir()

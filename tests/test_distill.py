@@ -112,8 +112,8 @@ def test_student_blocks_start_as_teacher_blocks(name, tmp_path):
         s_mod, t_mod = (student.get_submodule(s_prefix.rstrip(".")),
                         teacher.get_submodule(t_prefix.rstrip(".")))
         if s_prefix.count(".") != 4:  # whole blocks only: down.{s}.blocks.{b}. / up.{s}.blocks.{b}.
-            assert all(torch.equal(a, b) for a,
-                       b in zip(s_mod.state_dict().values(), t_mod.state_dict().values()))
+            assert all(torch.equal(a, b)
+                       for a, b in zip(s_mod.state_dict().values(), t_mod.state_dict().values()))
             continue
         channels = s_mod.res.norm1.num_channels
         x = torch.randn(2, channels, 8, 8)

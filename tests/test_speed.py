@@ -28,8 +28,8 @@ def test_fused_qkv_gives_the_same_outputs_and_checkpoints(pipe, tmp_path):
     plain = pipe.unet
     fused = copy.deepcopy(plain).fuse_qkv()
     self_attentions = [name for name, _ in fused.named_modules() if name.endswith("attn1")]
-    assert [name for name,
-            m in fused.named_modules() if getattr(m, "to_qkv", None) is not None] == self_attentions
+    assert [name for name, m in fused.named_modules()
+            if getattr(m, "to_qkv", None) is not None] == self_attentions
     assert len(self_attentions) == 9  # BK-small: 3 down + 6 up blocks with attention
     gen = torch.Generator().manual_seed(0)
     x, context, t = torch.randn(2, 4, 16, 16,

@@ -38,8 +38,8 @@ def make_batches(teacher, batch: int, size: int, seed: int = 0) -> tuple[dict, d
     cached = {"mean": posterior.mean.cpu(), "std": posterior.std.cpu(), "context": context.cpu(),
               "text": texts, "seed": images["seed"]}
     if teacher.device.type == "cuda":
-        images, cached = ({k: v.pin_memory() if torch.is_tensor(v) else v for k,
-                           v in b.items()} for b in (images, cached))
+        images, cached = ({k: v.pin_memory() if torch.is_tensor(v) else v for k, v in b.items()}
+                          for b in (images, cached))
     return images, cached
 
 
@@ -76,8 +76,8 @@ def run_one(args, name: str, b: int, device: torch.device, dtype: torch.dtype) -
     for fn in steps.values():
         for _ in range(args.warmup):
             fn()
-    seconds, peaks = alternate({lib: lambda fn=fn: [fn() for _ in range(args.steps)] for lib,
-                                fn in steps.items()},
+    seconds, peaks = alternate({lib: lambda fn=fn: [fn() for _ in range(args.steps)]
+                                for lib, fn in steps.items()},
                                args.repeats, device)
     rows = []
     for lib, fn in steps.items():

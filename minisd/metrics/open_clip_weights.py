@@ -69,8 +69,8 @@ def config_from_open_clip(cfg: dict, mean=OPENAI_MEAN, std=OPENAI_STD) -> CLIPCo
     unsupported = [f"{k}={cfg[k]!r}" for k in ("custom_text", "multimodal_cfg",
                                                "init_logit_bias") if cfg.get(k)]
     for part, plain in PLAIN.items():
-        unsupported += [f"{part}.{k}={v!r}" for k,
-                        v in cfg.get(part, {}).items() if k in plain and v != plain[k]]
+        unsupported += [f"{part}.{k}={v!r}"
+                        for k, v in cfg.get(part, {}).items() if k in plain and v != plain[k]]
     if isinstance(vision.get("layers"), (list, tuple)):
         unsupported.append("vision_cfg.layers (a ResNet image tower)")
     if unsupported:
