@@ -48,8 +48,8 @@ def generate(pipe, rows: list[tuple[str, str]], indices: list[int], folders: dic
     start = time.perf_counter()
     for b in range(0, len(todo), batch_size):
         batch = todo[b:b + batch_size]
-        # per_prompt seeds need consecutive prompts in a batch (seed + first index, then +1 each): else one by
-        # one
+        # per_prompt seeds need consecutive prompts in a batch (seed + first index, then +1 each):
+        # else one by one
         groups = ([batch] if generator or batch == list(range(batch[0], batch[0] + len(batch)))
                   else [[i] for i in batch])
         for group in groups:

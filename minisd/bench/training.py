@@ -62,8 +62,8 @@ def run_one(args, name: str, b: int, device: torch.device, dtype: torch.dtype) -
     common = dict(config=f"{args.family}-{name}" + ("-reduced" if args.small else ""), size=size, batch=b,
                   compiled=compile, checkpointing=args.gradient_checkpointing)
     flops = {cached: kd_step_flops(variant(teacher.unet.config, name), teacher.unet.config, size, cached,
-                                   teacher.vae.config,
-                                   teacher.text_encoder.config)["total"] for cached in (False, True)}
+                                   teacher.vae.config, teacher.text_encoder.config)["total"]
+             for cached in (False, True)}
     images, cached = make_batches(teacher, b, size)
     ours = MinisdKD(teacher, name, compile=compile, checkpointing=args.gradient_checkpointing)
     if args.memory_probe:

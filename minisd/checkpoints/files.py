@@ -43,8 +43,7 @@ def read_checkpoint(path: str | Path) -> dict:
                          ".safetensors.") from None
     except Exception as e:
         raise ValueError(f"cannot read {path} as a PyTorch checkpoint ({type(e).__name__}: "
-                         f"{first_sentence(e)}): "
-                         "the file is truncated or not a checkpoint.") from None
+                         f"{first_sentence(e)}): the file is truncated or not a checkpoint.") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path} holds a {type(data).__name__}, not a dict of tensors")
     return data
