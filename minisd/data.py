@@ -32,9 +32,11 @@ from minisd.images import to_rgb
 log = logging.getLogger(__name__)
 
 LAYOUTS = """Expected one of:
-  - an image folder with metadata.csv (header `file_name,text`) or metadata.jsonl (one {"file_name": ..., "text": ...}
+  - an image folder with metadata.csv (header `file_name,text`) or metadata.jsonl \
+(one {"file_name": ..., "text": ...}
     object per line); file_name is relative to the folder;
-  - tar shards as img2dataset writes them (00000.jpg + 00000.txt per sample): a folder of *.tar files, one .tar file,
+  - tar shards as img2dataset writes them (00000.jpg + 00000.txt per sample): a folder of *.tar files, \
+one .tar file,
     or a pattern such as data/{00000..00099}.tar or data/*.tar."""
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 # webdataset: the key ends at the file name's first dot
