@@ -2,7 +2,7 @@
 
     python train.py --variant tiny --data data/laion_aes/preprocessed_212k
     python train.py --variant small --teacher stabilityai/stable-diffusion-2-1-base --data data/laion.tar
-    --global-batch 128
+        --global-batch 128
     torchrun --nproc_per_node=8 train.py --variant base --data "data/shards/{00000..00999}.tar"
     python train.py --variant tiny --data ... --out weights/my-run
         # re-run: resumes from its last checkpoint
@@ -10,9 +10,9 @@
     python train.py --plain --unet-config unet.json --teacher weights/toy-sd --data data/toy/train
         # from scratch
     python train.py --plain --variant sd --teacher data/toy-init --train-text-encoder --caption-dropout 0.1
-    --data ...
-    python train.py --variant small --data data/laion_aes/preprocessed_212k --cache-latents
-    data/cache/laion-512
+        --data ...
+    python train.py --variant small --data data/laion_aes/preprocessed_212k
+        --cache-latents data/cache/laion-512
 
 The student starts from the teacher's weights (minisd/distill.py) and learns from three losses:
 the denoising task, the teacher's output, and the teacher's features. The teacher, its VAE and
