@@ -8,7 +8,7 @@ import torch
 
 from minisd.bench import report, sampling, training
 from minisd.bench.measure import device_peak, environment
-from minisd.pipeline import DTYPES
+from minisd.pipeline import DTYPES, default_dtype
 from minisd.table import VARIANTS
 
 
@@ -89,9 +89,9 @@ def run(args, argv: list[str]) -> int:
         print("minisd.bench: error: --device cuda, but torch sees no GPU; use --device cpu", file=sys.stderr)
         return 2
     if args.command == "sample":
-        dtype = DTYPES[args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
+        dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)
     else:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # the student's autocast dtype
+        dtype = default_dtype(device, training=True)  # the student's autocast dtype
     peak = device_peak(device, dtype, args.peak_tflops)
     args.peak_tflops = peak[0]  # measured once (on the CPU a matmul), then used by every row
     try:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from minisd.distill import feature_pairs, student_from_teacher
 from minisd.kd_step import KDRecipe, kd_step
-from minisd.pipeline import Pipeline
+from minisd.pipeline import Pipeline, default_dtype
 from minisd.schedulers import NoiseSchedule
 from minisd.table import variant
 
@@ -42,7 +42,7 @@ class MinisdKD:
         cuda = self.device.type == "cuda"
         self.student = student_from_teacher(teacher.unet, variant(teacher.unet.config, name)).train()
         self.student.gradient_checkpointing = checkpointing
-        teacher.to(dtype=torch.bfloat16 if cuda else torch.float32)
+        teacher.to(dtype=default_dtype(self.device, training=True))
         self.pairs = feature_pairs(self.student.config, teacher.unet.config)
         self.schedule = NoiseSchedule.from_config(teacher.scheduler_config)
         self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=lr, weight_decay=1e-2, fused=cuda)
