@@ -22,7 +22,6 @@ text encoder are frozen. Checkpoints are whole pipeline folders that sample.py a
 import argparse
 import contextlib
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -32,7 +31,9 @@ import torch.distributed as dist
 from minisd import latent_cache
 from minisd.checkpoints.diffusers import unet_table_from_config
 from minisd.checkpoints.files import read_json
-from minisd.data import collate, make_loader, open_dataset
+from minisd.cli import UsageError, bad_input_exits, finite_float, nonnegative_float, nonnegative_int, \
+    positive_float, positive_int
+from minisd.data import collate, make_loader, open_dataset, read_metadata
 from minisd.distill import feature_pairs, student_from_teacher
 from minisd.images import grid
 from minisd.kd_step import KDRecipe, kd_step
@@ -41,15 +42,20 @@ from minisd.schedulers import NoiseSchedule
 from minisd.table import VARIANTS, variant
 from minisd.training import (
     EMA,
+    SHARED,
+    Checkpoints,
     LossMeter,
     RunLog,
+    TrainingError,
     TrainState,
     any_rank,
     batches,
+    check_finite,
+    check_one_batch,
     checkpoints,
-    load_checkpoint,
     lr_at,
-    save_checkpoint,
+    open_run,
+    read_training_state,
     setup_distributed,
     stop_signals,
     write_shared,
@@ -65,9 +71,12 @@ DATA_HELP = """--data is required: the image-caption pairs to distill on, in one
 VALID_PROMPTS = ["a black vase holding a bouquet of roses", "a golden retriever on a beach at sunset",
                  "an astronaut riding a horse, oil painting", "a bowl of ramen, studio photo"]
 
+PROG = "train.py"  # argparse would name __main__.py under torchrun or python -m
+
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variant", choices=sorted(VARIANTS), default="tiny",
                    help="student: BK-SDM base/small/tiny, or sd")
     p.add_argument("--teacher", default="CompVis/stable-diffusion-v1-4",
@@ -76,26 +85,26 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, help="output folder (default weights/bk-<variant>-<teacher>)")
     p.add_argument("--resume", type=Path,
                    help="checkpoint folder to go on from (default: the last one in --out, if any)")
-    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--resolution", type=positive_int, default=512, help="a multiple of 8")
     p.add_argument("--random-crop", action="store_true", help="random instead of center crop")
     p.add_argument("--no-flip", action="store_true", help="no random horizontal flip")
     p.add_argument("--cache-latents", type=Path, metavar="DIR",
                    help="compute the VAE posteriors and text states of an image folder once, into DIR "
                         "(resumable), and train from them; the images are then center-cropped and never "
                         "flipped")
-    p.add_argument("--batch-size", type=int, default=64, help="per GPU (per process)")
-    p.add_argument("--global-batch", type=int, default=256,
+    p.add_argument("--batch-size", type=positive_int, default=64, help="per GPU (per process)")
+    p.add_argument("--global-batch", type=positive_int, default=256,
                    help="kept whatever the GPU count: batch x GPUs x accumulation")
-    p.add_argument("--max-steps", type=int, default=50_000)
-    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--max-steps", type=positive_int, default=50_000)
+    p.add_argument("--lr", type=positive_float, default=5e-5)
     p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant")
-    p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument("--weight-decay", type=float, default=1e-2)
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--lambda-sd", type=float, default=1.0, help="weight of the denoising loss")
-    p.add_argument("--lambda-out", type=float, default=1.0, help="weight of output-level KD")
-    p.add_argument("--lambda-feat", type=float, default=1.0, help="weight of feature-level KD")
-    p.add_argument("--snr-gamma", type=float, default=None,
+    p.add_argument("--warmup-steps", type=nonnegative_int, default=0)
+    p.add_argument("--weight-decay", type=nonnegative_float, default=1e-2)
+    p.add_argument("--max-grad-norm", type=positive_float, default=1.0)
+    p.add_argument("--lambda-sd", type=nonnegative_float, default=1.0, help="weight of the denoising loss")
+    p.add_argument("--lambda-out", type=nonnegative_float, default=1.0, help="weight of output-level KD")
+    p.add_argument("--lambda-feat", type=nonnegative_float, default=1.0, help="weight of feature-level KD")
+    p.add_argument("--snr-gamma", type=positive_float, default=None,
                    help="Min-SNR-gamma weighting of the denoising loss (e.g. 5.0), as diffusers' "
                         "--snr_gamma; BK-SDM uses none (default)")
     p.add_argument("--plain", action="store_true",
@@ -108,27 +117,33 @@ def parse_args(argv=None):
                    help="with --plain: train the teacher's text encoder jointly with the U-Net, as LDM "
                         "trains its text-to-image models from scratch; checkpoints then hold it in "
                         "text_encoder/")
-    p.add_argument("--caption-dropout", type=float, default=0.0,
+    p.add_argument("--caption-dropout", type=finite_float, default=0.0,
                    help="share of captions replaced by the empty prompt, so that classifier-free guidance "
                         "has an unconditional model to extrapolate from (SD: 0.1); 0 for distillation, whose "
                         "teacher has one")
-    p.add_argument("--ema-decay", type=float, default=None, help="keep an EMA of the student (e.g. 0.9999)")
+    p.add_argument("--ema-decay", type=finite_float, default=None,
+                   help="keep an EMA of the student (e.g. 0.9999)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--no-compile", action="store_true", help="no torch.compile (it is on by default on CUDA)")
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--num-workers", type=int, default=4)
-    p.add_argument("--log-steps", type=int, default=10,
+    p.add_argument("--num-workers", type=nonnegative_int, default=4)
+    p.add_argument("--log-steps", type=positive_int, default=10,
                    help="log (and check for NaN, and for a stop signal) every N steps, and at each save")
-    p.add_argument("--save-steps", type=int, default=2500)
-    p.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
-    p.add_argument("--valid-steps", type=int, default=2500,
+    p.add_argument("--save-steps", type=positive_int, default=2500)
+    p.add_argument("--keep", type=positive_int, default=3, help="checkpoints to keep")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start --out afresh when it holds another run (its checkpoints, log and shared parts "
+                        "are removed); without it such an --out is refused")
+    p.add_argument("--valid-steps", type=nonnegative_int, default=2500,
                    help="sample grid of fixed prompts every N steps (0: never)")
     p.add_argument("--report-to", choices=["none", "tensorboard", "wandb"], default="none")
     args = p.parse_args(argv)
     if not args.data:
         p.error(DATA_HELP)
-    if args.snr_gamma is not None and args.snr_gamma <= 0:
-        p.error(f"--snr-gamma {args.snr_gamma}: the SNR cap must be positive (Min-SNR's paper uses 5.0)")
+    if args.resolution % 8:
+        p.error(f"--resolution {args.resolution}: the VAE halves the size 3 times; give a multiple of 8")
+    if args.ema_decay is not None and not 0 < args.ema_decay < 1:
+        p.error(f"--ema-decay {args.ema_decay}: give a number in (0, 1), e.g. 0.9999")
     if args.unet_config and not args.plain:
         p.error("--unet-config trains a new U-Net from random weights: it needs --plain (there is no teacher "
                 "block to distill it from)")
@@ -152,36 +167,41 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     rank, world, device = setup_distributed()
     cuda = device.type == "cuda"
-    accum, rest = divmod(args.global_batch, args.batch_size * world)
-    if rest or not accum:
-        sys.exit(f"train.py: --global-batch {args.global_batch} is not a multiple of --batch-size x "
-                 f"processes ({args.batch_size} x {world})")
     torch.manual_seed(args.seed)
 
-    # Models: the teacher (frozen; bf16 on CUDA) and the student, in fp32 (master weights), initialised from
-    # the teacher's blocks, or from random weights with --unet-config
-    teacher = load_pipeline(args.teacher, device=device)
-    student = new_unet(args, teacher, device) if args.unet_config else \
-        student_from_teacher(teacher.unet, variant(teacher.unet.config, args.variant)).train()
-    if rank == 0:  # the checkpoints link to the teacher's other components, saved once as loaded
-        write_shared(teacher, args.out)
-    teacher.to(dtype=default_dtype(device, training=True))
+    # Everything a user can get wrong is checked, and every model loaded, before the first step: a bad input
+    # costs one line (exit code 2), not a traceback after hours of training
+    with bad_input_exits("train.py"):
+        accum, rest = divmod(args.global_batch, args.batch_size * world)
+        if rest or not accum:
+            raise UsageError(f"--global-batch {args.global_batch} is not a multiple of --batch-size x "
+                             f"processes ({args.batch_size} x {world})")
+        open_run(args.out, run_config(args), args.overwrite, RUN_OUTPUTS, write=rank == 0)
+        data = open_data(args, rank, world)
+        # Models: the teacher (frozen; bf16 on CUDA) and the student, in fp32 (master weights), initialised
+        # from the teacher's blocks, or from random weights with --unet-config
+        teacher = load_pipeline(args.teacher, device=device)
+        student = new_unet(args, teacher, device) if args.unet_config else \
+            student_from_teacher(teacher.unet, variant(teacher.unet.config, args.variant)).train()
+        if rank == 0:  # the checkpoints link to the teacher's other components, saved once as loaded
+            write_shared(teacher, args.out)
+        teacher.to(dtype=default_dtype(device, training=True))
+        # --train-text-encoder: the text encoder learns with the student, in fp32 like it
+        text_encoder = (teacher.text_encoder.float().train().requires_grad_(True) if args.train_text_encoder
+                        else None)
+        models = {"unet": student} | ({"text_encoder": text_encoder} if text_encoder is not None else {})
+        trained = [p for model in models.values() for p in model.parameters()]
+        optimizer = torch.optim.AdamW(trained, lr=args.lr, weight_decay=args.weight_decay, fused=cuda)
+        state = TrainState(models, optimizer, EMA(student, args.ema_decay) if args.ema_decay else None)
+        resume(args, state)
+        # Data: this rank's share, from where the run stands
+        loader = open_loader(args, data, teacher, rank, world, pin_memory=cuda)
+        report = reporter(args, rank)
+
     # --plain: no teacher U-Net runs and no features are matched; the denoising loss alone
     teacher_unet = None if args.plain else teacher.unet
     pairs = [] if args.plain else feature_pairs(student.config, teacher.unet.config)
     schedule = NoiseSchedule.from_config(teacher.scheduler_config)
-    # --train-text-encoder: the text encoder learns with the student, in fp32 like it
-    text_encoder = (teacher.text_encoder.float().train().requires_grad_(True) if args.train_text_encoder
-                    else None)
-    trained = list(student.parameters()) + (list(text_encoder.parameters()) if text_encoder is not None
-                                            else [])
-    optimizer = torch.optim.AdamW(trained, lr=args.lr, weight_decay=args.weight_decay, fused=cuda)
-    state = TrainState(student, optimizer, EMA(student, args.ema_decay) if args.ema_decay else None,
-                       text_encoder)
-    resume(args, state, device)
-
-    # Data: this rank's share, from where the run stands
-    loader = open_loader(args, teacher, rank, world, pin_memory=cuda)
 
     # The step as it runs: DDP across processes, compiled on CUDA
     if args.gradient_checkpointing:
@@ -192,54 +212,61 @@ def main(argv=None) -> int:
         model = torch.compile(model)
         teacher_unet = torch.compile(teacher_unet) if teacher_unet is not None else None
     recipe = KDRecipe(args.lambda_sd, args.lambda_out, args.lambda_feat, args.snr_gamma, args.caption_dropout)
+    run = dict(variant=args.variant, teacher=args.teacher, args=json.dumps(vars(args), default=str))
+    saves = Checkpoints(args.out, args.keep, run, "train.py",
+                        teacher.scheduler_config.get("_class_name", "PNDMScheduler"))
 
     # The loop: accumulate micro-batches, step, log (and check) every --log-steps, save every --save-steps
-    log = RunLog(args.out, rank, args.max_steps, state.step, f"distilling {student.config.name}",
-                 reporter(args, rank))
+    log = RunLog(args.out, rank, args.max_steps, state.step, f"distilling {student.config.name}", report)
     meter = LossMeter(device, world)
-    with stop_signals() as stop:  # Ctrl-C or SIGTERM: finish the step, save, and exit
-        stream = batches(loader, state)
-        while state.step < args.max_steps:
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(state.step, args.lr, args.lr_schedule, args.warmup_steps, args.max_steps)
-            for micro in range(accum):
-                batch = next(stream)
-                # DDP averages gradients across ranks only on the last micro-batch of a step
-                sync = micro == accum - 1 or world == 1
-                with contextlib.nullcontext() if sync else model.no_sync():
-                    losses = kd_step(batch, teacher, teacher_unet, model, schedule, pairs, recipe,
-                                     train_text_encoder=args.train_text_encoder)
-                    (losses["loss"] / accum).backward()
-                meter.add(losses, accum, len(batch["seed"]) * world)
-            torch.nn.utils.clip_grad_norm_(trained, args.max_grad_norm, foreach=True)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if state.ema is not None:
-                state.ema.update(student)
-            state.step += 1
-            meter.steps += 1
-            log.bar.update(1)
+    try:
+        with stop_signals() as stop:  # Ctrl-C or SIGTERM: finish the step, save, and exit
+            stream = batches(loader, state)
+            while state.step < args.max_steps:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(state.step, args.lr, args.lr_schedule, args.warmup_steps,
+                                        args.max_steps)
+                for micro in range(accum):
+                    batch = next(stream)
+                    # DDP averages gradients across ranks only on the last micro-batch of a step
+                    sync = micro == accum - 1 or world == 1
+                    with contextlib.nullcontext() if sync else model.no_sync():
+                        losses = kd_step(batch, teacher, teacher_unet, model, schedule, pairs, recipe,
+                                         train_text_encoder=args.train_text_encoder)
+                        (losses["loss"] / accum).backward()
+                    meter.add(losses, accum, len(batch["seed"]) * world)
+                torch.nn.utils.clip_grad_norm_(trained, args.max_grad_norm, foreach=True)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if state.ema is not None:
+                    state.ema.update(student)
+                state.step += 1
+                meter.steps += 1
+                log.bar.update(1)
 
-            # a save step is checked (and logged) too, so that no checkpoint holds weights a NaN has reached
-            if (state.step % args.log_steps == 0 or state.step % args.save_steps == 0
-                    or state.step == args.max_steps):
-                means, rate = meter.read()
-                if not all(math.isfinite(v) for v in means.values()):
-                    last = checkpoints(args.out)[-1] if checkpoints(args.out) else "none (none saved yet)"
-                    sys.exit(f"train.py: the loss became {means['loss']} by step {state.step}; stopped. The "
-                             f"last good checkpoint is {last}. Try a lower --lr, or --max-grad-norm.")
-                row = dict(step=state.step, **means, lr=optimizer.param_groups[0]["lr"], samples_per_s=rate,
-                           epoch=state.epoch, skipped=loader.dataset.skipped)
-                if cuda:
-                    row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-                log.write(row)
-                if any_rank(bool(stop), device, world):
-                    break
-            if state.step % args.save_steps == 0:
-                save(args, rank, state, teacher)
-            if args.valid_steps and state.step % args.valid_steps == 0 and rank == 0:
-                sample_grid(args, teacher, state.ema.as_model(student) if state.ema else student, state.step)
-        save(args, rank, state, teacher)
+                # A save step is logged (and so its loss checked) too. One process sees a stop signal at once;
+                # several agree on it at log steps (it takes an all-reduce)
+                if (world == 1 and stop) or state.step % args.log_steps == 0 or \
+                        state.step % args.save_steps == 0 or state.step == args.max_steps:
+                    means, rate = meter.read()
+                    check_finite(means, state.step, saves)
+                    row = dict(step=state.step, **means, lr=optimizer.param_groups[0]["lr"],
+                               samples_per_s=rate, epoch=state.epoch, skipped=loader.dataset.skipped)
+                    if cuda:
+                        row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+                    log.write(row)
+                    if any_rank(bool(stop), device, world):
+                        break
+                if state.step % args.save_steps == 0:
+                    save(saves, rank, state, probe(args, teacher, student, text_encoder))
+                if args.valid_steps and state.step % args.valid_steps == 0 and rank == 0:
+                    sample_grid(args, teacher, state.ema.as_model(student) if state.ema else student,
+                                state.step)
+            save(saves, rank, state, probe(args, teacher, student, text_encoder), final=True)
+    except TrainingError as e:
+        log.close()
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 1
 
     log.close()
     if rank == 0:
@@ -250,58 +277,84 @@ def main(argv=None) -> int:
     return 0
 
 
+# what a run folder holds, and --overwrite removes
+RUN_OUTPUTS = ("checkpoint-*", ".tmp-checkpoint-*", *SHARED, "log.jsonl", "losses.png", "samples",
+               "tensorboard", "run.json")
+
+
+def run_config(args) -> dict:
+    """What defines a run: a re-run in the same --out must match it (training.open_run)."""
+    return dict(teacher=args.teacher, variant=args.variant, data=str(args.data), resolution=args.resolution,
+                plain=args.plain, unet_config=args.unet_config and str(args.unet_config),
+                train_text_encoder=args.train_text_encoder)
+
+
+def open_data(args, rank: int, world: int):
+    """The data set, opened (its metadata read) before any model loads; None with --cache-latents, whose
+    cache is built from the metadata once the teacher is there."""
+    if args.cache_latents:
+        read_metadata(args.data)
+        return None
+    data = open_dataset(args.data, args.resolution, center_crop=not args.random_crop,
+                        random_flip=not args.no_flip, seed=args.seed, rank=rank, world_size=world)
+    check_one_batch(data, args.data, args.batch_size, world)
+    return data
+
+
 def new_unet(args, teacher: Pipeline, device) -> UNet:
     """--unet-config: a new U-Net architecture from random weights, trained from scratch (--plain; the toy
     teacher was made so). It reads the teacher's text states, so it must take their width."""
     unet = UNet(unet_table_from_config(read_json(args.unet_config))).to(device).train()
     if unet.config.context_dim != teacher.unet.config.context_dim:
-        sys.exit(f"train.py: --unet-config has cross_attention_dim {unet.config.context_dim}, but the text "
-                 f"encoder of {args.teacher} gives {teacher.unet.config.context_dim}-wide states")
+        raise UsageError(f"--unet-config has cross_attention_dim {unet.config.context_dim}, but the text "
+                         f"encoder of {args.teacher} gives {teacher.unet.config.context_dim}-wide states")
     return unet
 
 
-def resume(args, state: TrainState, device) -> None:
+def resume(args, state: TrainState) -> None:
     """state as the checkpoint left it: the one --resume names, or else the last in --out (a re-run goes
     on)."""
-    found = checkpoints(args.out)
-    if args.resume:
-        if not (args.resume / "training_state.pt").is_file():
-            sys.exit(f"train.py: --resume {args.resume} is not a checkpoint folder (no training_state.pt in "
-                     "it)")
-        found = [args.resume]
+    found = [args.resume] if args.resume else checkpoints(args.out)
     if not found:
         return
-    weights, ema_weights, saved = load_checkpoint(found[-1], device)
+    saved = read_training_state(found[-1])
     if saved["variant"] != args.variant or saved["teacher"] != args.teacher:
-        sys.exit(f"train.py: {args.out} holds a run of --variant {saved['variant']} --teacher "
-                 f"{saved['teacher']}; use another --out for this one")
-    state.restore(found[-1], weights, ema_weights, saved)
+        raise UsageError(f"{found[-1]} is a checkpoint of --variant {saved['variant']} --teacher "
+                         f"{saved['teacher']}; give those, or another --out for this run")
+    state.restore(found[-1], saved)
 
 
-def open_loader(args, teacher: Pipeline, rank: int, world: int, pin_memory: bool):
+def open_loader(args, data, teacher: Pipeline, rank: int, world: int, pin_memory: bool):
     """This rank's share of the data: images and captions, or with --cache-latents the cached VAE posteriors
     and text states (the cache is built first where it is not complete)."""
+    collate_fn = collate
     if args.cache_latents:
         latent_cache.build(teacher, args.data, args.cache_latents, args.resolution, args.batch_size,
                            args.num_workers, rank, world, args.teacher)
         data = latent_cache.CachedDataset(args.cache_latents, args.data, seed=args.seed)
         collate_fn = latent_cache.collate
-    else:
-        data = open_dataset(args.data, args.resolution, center_crop=not args.random_crop,
-                            random_flip=not args.no_flip, seed=args.seed, rank=rank, world_size=world)
-        collate_fn = collate
     return make_loader(data, args.batch_size, args.num_workers, pin_memory=pin_memory, collate_fn=collate_fn,
                        rank=rank, world_size=world)
 
 
-def save(args, rank: int, state: TrainState, teacher: Pipeline) -> None:
-    """A checkpoint from rank 0 (the others wait), unless this step was saved already."""
-    if rank == 0 and not (args.out / f"checkpoint-{state.step:07d}").is_dir():
-        run = dict(variant=args.variant, teacher=args.teacher, args=json.dumps(vars(args), default=str))
-        scheduler_class = teacher.scheduler_config.get("_class_name", "PNDMScheduler")
-        save_checkpoint(args.out, state, args.keep, scheduler_class, run)
+def save(saves: Checkpoints, rank: int, state: TrainState, probe, final: bool = False) -> None:
+    """A checkpoint from rank 0 (the others wait)."""
+    if rank == 0:
+        saves.save(state, probe, final)
     if dist.is_initialized():
         dist.barrier()
+
+
+def probe(args, teacher: Pipeline, student: UNet, text_encoder):
+    """What Checkpoints.save checks the weights with before it saves them: the student's prediction for one
+    fixed noisy latent and the empty prompt, through the text encoder that learns, if one does."""
+    def run() -> torch.Tensor:
+        encoder = text_encoder if text_encoder is not None else teacher.text_encoder
+        context = encoder(teacher.tokenizer([""]).to(teacher.device)).float()
+        size = args.resolution // 8
+        x = torch.randn(1, student.config.in_channels, size, size, generator=torch.Generator().manual_seed(0))
+        return student(x.to(teacher.device), torch.tensor([500], device=teacher.device), context)
+    return run
 
 
 @torch.no_grad()
@@ -331,8 +384,8 @@ def reporter(args, rank: int):
         wandb.init(project="minisd", config=vars(args), dir=str(args.out))
         return lambda row: wandb.log(row, step=row["step"])
     except ImportError as e:
-        sys.exit(f"train.py: --report-to {args.report_to} needs its package: pip install {args.report_to} "
-                 f"({e})")
+        raise UsageError(f"--report-to {args.report_to} needs its package: pip install {args.report_to} "
+                         f"({e})") from None
 
 
 if __name__ == "__main__":

@@ -5,10 +5,13 @@ photographs; for small synthetic domains such as the toy world, reconstruction +
 
     python train_vae.py --data data/toy/train --config toy_vae.json --out weights/toy-vae --resolution 64
     python train_vae.py --data data/toy/train --init weights/toy-vae --out weights/toy-vae-2 --max-steps 2000
+        # re-run: resumes from its last checkpoint
 
 At the end the latents' scaling factor is set to 1 / their standard deviation on the data (LDM's
 `scale_by_std`), so that the U-Net sees latents of about unit variance, as SD's 0.18215 does for SD.
-The output folder is a diffusers AutoencoderKL folder (config.json + weights).
+The output folder is then a diffusers AutoencoderKL folder (config.json + weights); on the way it holds
+checkpoints (checkpoint-N/vae/ and the optimizer's state), log.jsonl and run.json, as train.py's run folders
+do, with the same atomic saves, resume and stops (minisd/training.py). The --init model is never written to.
 """
 
 import argparse
@@ -18,39 +21,75 @@ import sys
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from minisd.checkpoints.diffusers import load_vae, save_vae
 from minisd.checkpoints.files import read_json
+from minisd.cli import (
+    UsageError,
+    bad_input_exits,
+    check_device,
+    nonnegative_float,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+)
 from minisd.data import make_loader, open_dataset
+from minisd.training import (
+    Checkpoints,
+    LossMeter,
+    RunLog,
+    TrainingError,
+    TrainState,
+    batches,
+    check_finite,
+    check_one_batch,
+    checkpoints,
+    open_run,
+    read_training_state,
+    stop_signals,
+)
 from minisd.vae import AutoencoderKL, VAEConfig
 
 KL_WEIGHT = 1e-6  # LDM's kl-f8 autoencoder config (lossconfig.params.kl_weight)
+# what the output folder holds of a run, and --overwrite removes
+RUN_OUTPUTS = ("checkpoint-*", ".tmp-checkpoint-*", "log.jsonl", "losses.png", "run.json", "config.json",
+               "diffusion_pytorch_model.safetensors")
+
+PROG = "train_vae.py"  # argparse would name __main__.py under torchrun or python -m
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="image folder with metadata.csv/jsonl, or tar shards")
     p.add_argument("--out", type=Path, required=True, help="output folder (diffusers AutoencoderKL layout)")
     start = p.add_mutually_exclusive_group(required=True)
     start.add_argument("--config", type=Path,
                        help="a diffusers AutoencoderKL config.json: train from random weights")
-    start.add_argument("--init", type=Path, help="a VAE folder to go on training")
-    p.add_argument("--resolution", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-steps", type=int, default=5000)
-    p.add_argument("--lr", type=float, default=4.5e-6 * 32, help="LDM: 4.5e-6 per image of the batch")
-    p.add_argument("--kl-weight", type=float, default=KL_WEIGHT)
-    p.add_argument("--l2-weight", type=float, default=0.0,
+    start.add_argument("--init", type=Path, help="a VAE folder to go on training (it is never written to)")
+    p.add_argument("--resolution", type=positive_int, default=64, help="a multiple of 8")
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--max-steps", type=positive_int, default=5000)
+    p.add_argument("--lr", type=positive_float, default=4.5e-6 * 32,
+                   help="LDM: 4.5e-6 per image of the batch")
+    p.add_argument("--kl-weight", type=nonnegative_float, default=KL_WEIGHT)
+    p.add_argument("--l2-weight", type=nonnegative_float, default=0.0,
                    help="adds this times the squared error: it weighs the few large errors (a small shape's "
                         "wrong colour) above the many small ones that L1 spends its gradient on (a texture's "
                         "noise)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-workers", type=int, default=2)
-    p.add_argument("--log-steps", type=int, default=50)
-    p.add_argument("--save-steps", type=int, default=1000)
+    p.add_argument("--num-workers", type=nonnegative_int, default=2)
+    p.add_argument("--log-steps", type=positive_int, default=50,
+                   help="log (and check for NaN) every N steps, and at each save")
+    p.add_argument("--save-steps", type=positive_int, default=1000)
+    p.add_argument("--keep", type=positive_int, default=2, help="checkpoints to keep")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start --out afresh when it holds another run; without it such an --out is refused")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.resolution % 8:
+        p.error(f"--resolution {args.resolution}: the VAE halves the size 3 times; give a multiple of 8")
+    return args
 
 
 def with_scaling_factor(vae: AutoencoderKL, loader, device, batches: int = 8) -> AutoencoderKL:
@@ -70,57 +109,81 @@ def with_scaling_factor(vae: AutoencoderKL, loader, device, batches: int = 8) ->
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
-    device = torch.device(args.device)
-    if args.config:
-        vae = AutoencoderKL(VAEConfig.from_diffusers(read_json(args.config))).to(device)
-    else:
-        vae = load_vae(args.init, device=device)
-    vae.train().requires_grad_(True)
-    data = open_dataset(args.data, args.resolution, random_flip=False, seed=args.seed)
-    loader = make_loader(data, args.batch_size, args.num_workers, pin_memory=device.type == "cuda")
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=args.lr, betas=(0.5, 0.9))  # LDM's autoencoder betas
-    args.out.mkdir(parents=True, exist_ok=True)
-    log = open(args.out / "log.jsonl", "w")
-    sums, step, batches = torch.zeros(2, device=device), 0, iter(loader)
-    bar = tqdm(total=args.max_steps, desc="training the VAE")
+    with bad_input_exits("train_vae.py"):
+        device = check_device(args.device)
+        if args.init and args.init.resolve() == args.out.resolve():
+            raise UsageError(f"--out {args.out} is the --init model, which training would overwrite; give a "
+                             "new --out (the model it starts from is never written to)")
+        data = open_dataset(args.data, args.resolution, random_flip=False, seed=args.seed)
+        check_one_batch(data, args.data, args.batch_size)
+        config = dict(data=str(args.data), resolution=args.resolution,
+                      start=f"--config {args.config}" if args.config else f"--init {args.init}")
+        open_run(args.out, config, args.overwrite, RUN_OUTPUTS)
+        if args.config:
+            vae = AutoencoderKL(VAEConfig.from_diffusers(read_json(args.config))).to(device)
+        else:
+            vae = load_vae(args.init, device=device)
+        vae.train().requires_grad_(True)
+        optimizer = torch.optim.AdamW(vae.parameters(), lr=args.lr, betas=(0.5, 0.9))  # LDM's autoencoder's
+        state = TrainState({"vae": vae}, optimizer)
+        if found := checkpoints(args.out):  # a re-run goes on from the last checkpoint
+            state.restore(found[-1], read_training_state(found[-1]))
+        loader = make_loader(data, args.batch_size, args.num_workers, pin_memory=device.type == "cuda")
 
-    while step < args.max_steps:
-        batch = next(batches, StopIteration)
-        if batch is StopIteration:  # one pass is one epoch; the loader starts the next by itself
-            batches = iter(loader)
-            continue
-        if batch is None:  # a batch whose images all failed to load (counted by the data set)
-            continue
-        x = batch["pixels"].to(device)
-        posterior = vae.encode(x)
-        x_rec = vae.decode(posterior.sample())
-        # LDM sums over pixels and averages over the batch, so the KL weight means the same at any size
-        rec = (x - x_rec).abs().flatten(1).sum(1).mean()
-        kl = posterior.kl().mean()
-        loss = rec + args.kl_weight * kl + args.l2_weight * (x - x_rec).square().flatten(1).sum(1).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        sums += torch.stack([rec.detach(), kl.detach()])
-        step += 1
-        bar.update(1)
-        if step % args.log_steps == 0 or step == args.max_steps:
-            rec_mean, kl_mean = (sums / (step % args.log_steps or args.log_steps)).tolist()
-            if not torch.isfinite(sums).all():
-                sys.exit(f"train_vae.py: the loss became non-finite by step {step}; try a lower --lr")
-            row = dict(step=step, rec=rec_mean, rec_per_pixel=rec_mean / x[0].numel(), kl=kl_mean)
-            log.write(json.dumps(row) + "\n")
-            log.flush()
-            bar.set_postfix(rec_per_pixel=f"{row['rec_per_pixel']:.4f}", kl=f"{kl_mean:.1f}")
-            sums.zero_()
-        if step % args.save_steps == 0:
-            save_vae(vae, args.out)
+    saves = Checkpoints(args.out, args.keep, dict(args=json.dumps(vars(args), default=str)), "train_vae.py")
+    fixed = torch.rand(1, 3, args.resolution, args.resolution, generator=torch.Generator().manual_seed(0))
+
+    def probe() -> torch.Tensor:  # what a save checks the weights with: one fixed image through the VAE
+        return vae.decode(vae.encode(fixed.to(device) * 2 - 1).mean)
+
+    log = RunLog(args.out, 0, args.max_steps, state.step, "training the VAE", shown=("rec_per_pixel", "kl"),
+                 plotted=("rec", "kl"))
+    meter = LossMeter(device, 1, terms=("rec", "kl"))
+    try:
+        with stop_signals() as stop:  # Ctrl-C or SIGTERM: finish the step, save, and exit
+            stream = batches(loader, state)
+            while state.step < args.max_steps:
+                batch = next(stream)
+                x = batch["pixels"].to(device)
+                posterior = vae.encode(x)
+                # the posterior's draw comes from the batch's seeds, so a resumed run draws the same
+                x_rec = vae.decode(posterior.sample(torch.Generator().manual_seed(int(batch["seed"][0]))))
+                # LDM sums over pixels and averages over the batch: the KL weight means the same at any size
+                rec = (x - x_rec).abs().flatten(1).sum(1).mean()
+                kl = posterior.kl().mean()
+                l2 = (x - x_rec).square().flatten(1).sum(1).mean()
+                loss = rec + args.kl_weight * kl + args.l2_weight * l2
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                meter.add({"rec": rec, "kl": kl}, 1, len(x))
+                state.step += 1
+                meter.steps += 1
+                log.bar.update(1)
+                if (stop or state.step % args.log_steps == 0 or state.step % args.save_steps == 0
+                        or state.step == args.max_steps):
+                    means, rate = meter.read()
+                    check_finite(means, state.step, saves)
+                    log.write(dict(step=state.step, **means, rec_per_pixel=means["rec"] / x[0].numel(),
+                                   samples_per_s=rate, epoch=state.epoch, skipped=loader.dataset.skipped))
+                    if stop:
+                        break
+                if state.step % args.save_steps == 0:
+                    saves.save(state, probe)
+            saves.save(state, probe, final=True)
+    except TrainingError as e:
+        log.close()
+        print(f"train_vae.py: error: {e}", file=sys.stderr)
+        return 1
+    log.close()
+    if state.step < args.max_steps:
+        print(f"stopped at step {state.step}: {checkpoints(args.out)[-1]}; run the same command to go on")
+        return 0
 
     vae.eval()
     vae = with_scaling_factor(vae, loader, device)
     save_vae(vae, args.out)
-    log.close()
-    print(f"VAE after {step} steps: {args.out} (scaling_factor {vae.scaling_factor:.5f})")
+    print(f"VAE after {state.step} steps: {args.out} (scaling_factor {vae.scaling_factor:.5f})")
     return 0
 
 

@@ -8,8 +8,10 @@ check and act as guidance off: every float flag goes through `finite_float`.
 """
 
 import argparse
+import contextlib
 import math
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -20,6 +22,22 @@ from minisd.images import IMAGE_SUFFIXES
 
 class UsageError(ValueError):
     """A bad input the user can fix: the script prints its one-line message and exits with code 2."""
+
+
+# what loading a user's inputs raises when they are wrong: a missing or unreadable path, a broken config or
+# weight file, a refused pickle (minisd's CheckpointError is a ValueError), an unreachable hub
+BAD_INPUT = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, ConnectionError)
+
+
+@contextlib.contextmanager
+def bad_input_exits(program: str):
+    """Around a script's checks and loading: a BAD_INPUT error becomes one line `PROGRAM: error: ...` (the
+    message's first line; the rest, such as a list of keys, follows it) and exit code 2, not a traceback."""
+    try:
+        yield
+    except BAD_INPUT as e:
+        print(f"{program}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def finite_float(text: str) -> float:
@@ -40,6 +58,13 @@ def nonnegative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text} is not a whole number >= 0")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a number >= 0")
     return value
 
 

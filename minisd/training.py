@@ -1,23 +1,31 @@
-"""The parts of train.py's loop around the KD step (minisd/kd_step.py): distributed setup, the learning-rate
-schedule, EMA, the state a run goes on from, the batches and the data position, the loss log, stop signals,
-atomic checkpoints that resume exactly, and a loss plot.
+"""The parts of a training loop around its step, shared by train.py (around the KD step, minisd/kd_step.py)
+and train_vae.py: distributed setup, the learning-rate schedule, EMA, the run folder and the configuration it
+records, the state a run goes on from, the batches and the data position, the loss log, stop signals, atomic
+checkpoints that resume exactly and are only written from healthy weights, and a loss plot.
 
 A checkpoint is a folder `checkpoint-{step:07d}/` under the run's output folder:
     unet/                  the student, diffusers layout (diffusers and sample.py load it)
     ema_unet/              the EMA student, when --ema-decay is set
+    text_encoder/          when it learns too (train.py --train-text-encoder); else a link, as below
     vae/ text_encoder/ tokenizer/ scheduler/  links to the teacher's, written once in the output folder
     model_index.json       so the checkpoint folder is a whole pipeline
     training_state.pt      optimizer, step, data position, arguments
-It is written under a temporary name and renamed, so a kill during a save leaves the previous
-checkpoint as it was; only the last `keep` are kept.
+(train_vae.py's hold vae/ and training_state.pt.) It is written under a temporary name and renamed, so a kill
+during a save leaves the previous checkpoint as it was; only the last `keep` are kept.
+
+What goes wrong in a long run must not cost the work done: weights that are not finite are never saved (the
+run stops, naming the last good checkpoint), a failed save (a full disk) is retried once with the state kept
+in memory, and a data set that yields no batch stops the run instead of spinning.
 """
 
 import contextlib
+import errno
 import json
 import math
 import os
 import shutil
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +38,7 @@ from tqdm.auto import tqdm
 from minisd.checkpoints.diffusers import (
     load_text_encoder,
     load_unet,
+    load_vae,
     model_index,
     save_text_encoder,
     save_tokenizer,
@@ -37,11 +46,20 @@ from minisd.checkpoints.diffusers import (
     save_vae,
     write_json,
 )
-from minisd.checkpoints.files import write_checkpoint
+from minisd.checkpoints.files import read_checkpoint, read_json, write_checkpoint
+from minisd.cli import UsageError, check_writable_folder
 from minisd.data import ResumableSampler
 from minisd.unet import UNet
 
 SHARED = ("vae", "text_encoder", "tokenizer", "scheduler")
+# how each model that learns is saved in, and read from, its checkpoint folder
+SAVE = {"unet": save_unet, "text_encoder": save_text_encoder, "vae": save_vae}
+LOAD = {"unet": load_unet, "text_encoder": load_text_encoder, "vae": load_vae}
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (a non-finite loss, a save that failed twice, data that yields no batch): the
+    script prints the message on a line of its own, naming the last good checkpoint, and exits with code 1."""
 
 
 def setup_distributed() -> tuple[int, int, torch.device]:
@@ -95,6 +113,32 @@ class EMA:
         return model.eval()
 
 
+def open_run(out: Path, config: dict, overwrite: bool, outputs: tuple[str, ...], write: bool = True) -> None:
+    """The run folder `out`, checked before any work: writable, and holding this run or none.
+
+    `config` is what defines the run (teacher, variant, data, resolution...), recorded in out/run.json. A
+    re-run with the same one goes on from the last checkpoint; a different one is refused with the difference
+    named, as its checkpoints, shared parts and log would mix with the other run's, unless `overwrite`, which
+    first removes the old run's `outputs` (glob patterns; nothing else in the folder is touched). `write`:
+    False on all ranks but rank 0, which alone writes."""
+    if write:
+        check_writable_folder(out)
+    recorded = out / "run.json"
+    if overwrite and write:
+        for pattern in outputs:
+            for path in out.glob(pattern):
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    elif recorded.is_file() and not overwrite:
+        before = read_json(recorded)
+        differ = [f"{key} {before.get(key)!r} there, {value!r} here" for key, value in config.items()
+                  if before.get(key) != value]
+        if differ:
+            raise UsageError(f"--out {out} holds another run ({'; '.join(differ)}): give another --out, or "
+                             f"--overwrite to start {out} afresh")
+    if write:
+        write_json(recorded, config)
+
+
 def write_shared(teacher, out: Path) -> None:
     """The teacher's VAE, text encoder, tokenizer and scheduler, once, beside the checkpoints."""
     if all((out / name).is_dir() for name in SHARED):
@@ -107,54 +151,110 @@ def write_shared(teacher, out: Path) -> None:
 
 @dataclass
 class TrainState:
-    """What a run goes on from, and what a checkpoint saves: the weights that learn, the optimizer, the step,
+    """What a run goes on from, and what a checkpoint saves: the models that learn, the optimizer, the step,
     and the data position (the epoch, and the samples this rank took in it), so that a resumed run takes the
     batch that the run it resumes would have taken next."""
-    student: UNet
+    # the models that learn, by the checkpoint folder each is saved in (a key of SAVE): train.py's "unet"
+    # (and "text_encoder" with --train-text-encoder), train_vae.py's "vae"
+    models: dict[str, torch.nn.Module]
     optimizer: torch.optim.Optimizer
-    ema: EMA | None = None
-    # one that learns with the U-Net (train.py --train-text-encoder)
-    text_encoder: torch.nn.Module | None = None
+    ema: EMA | None = None  # of models["unet"]
     step: int = 0
     epoch: int = 0
     position: int = 0
 
-    def restore(self, path: Path, weights: UNet, ema_weights: dict | None, saved: dict) -> None:
-        """Go on from the checkpoint at `path`, whose parts load_checkpoint(path) has read."""
-        self.student.load_state_dict(weights.state_dict())
-        if self.text_encoder is not None:
-            trained = load_text_encoder(path / "text_encoder",
-                                        device=next(self.text_encoder.parameters()).device)
-            self.text_encoder.load_state_dict(trained.state_dict())
+    def restore(self, path: Path, saved: dict) -> None:
+        """Go on from the checkpoint at `path`, whose training_state.pt is `saved`."""
+        for name, model in self.models.items():
+            device = next(model.parameters()).device
+            model.load_state_dict(LOAD[name](path / name, device=device).state_dict())
+        if self.ema is not None and (path / "ema_unet").is_dir():
+            self.ema.shadow = {k: v.float() for k, v in load_unet(path / "ema_unet").state_dict().items()}
         self.optimizer.load_state_dict(saved["optimizer"])
-        if self.ema is not None and ema_weights is not None:
-            self.ema.shadow = {k: v.float() for k, v in ema_weights.items()}
         self.step, self.epoch, self.position = saved["step"], saved["epoch"], saved["position"]
 
+    def weights_are_finite(self) -> bool:
+        params = [p.detach() for model in self.models.values() for p in model.parameters()]
+        return bool(torch.stack([p.isfinite().all() for p in params]).all())
 
-def save_checkpoint(out: Path, state: TrainState, keep: int, scheduler_class: str, run: dict) -> Path:
+
+def save_checkpoint(out: Path, state: TrainState, keep: int, run: dict, scheduler_class: str | None = None
+                    ) -> Path:
     """state as checkpoint-{step}/ under `out`; `run` (what was trained, and how) goes into
-    training_state.pt."""
+    training_state.pt. With `scheduler_class` the checkpoint is a whole pipeline: the parts that did not learn
+    are links to the ones write_shared wrote. A failed write leaves no temporary folder behind."""
     final = out / f"checkpoint-{state.step:07d}"
     tmp = out / f".tmp-checkpoint-{state.step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_unet(state.student, tmp / "unet")
-    if state.ema is not None:
-        save_unet(state.ema.as_model(state.student), tmp / "ema_unet")
-    if state.text_encoder is not None:  # trained, so saved in the checkpoint, not linked
-        save_text_encoder(state.text_encoder, tmp / "text_encoder")
-    for name in SHARED:
-        if not (tmp / name).exists():
-            os.symlink(Path("..") / name, tmp / name, target_is_directory=True)
-    write_json(tmp / "model_index.json", model_index(scheduler_class))
-    saved = dict(step=state.step, epoch=state.epoch, position=state.position,
-                 optimizer=state.optimizer.state_dict(), **run)
-    write_checkpoint(tmp / "training_state.pt", saved)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)  # the checkpoint appears whole, or not at all
+    try:
+        for name, model in state.models.items():
+            SAVE[name](model, tmp / name)
+        if state.ema is not None:
+            save_unet(state.ema.as_model(state.models["unet"]), tmp / "ema_unet")
+        if scheduler_class is not None:
+            for name in SHARED:
+                if not (tmp / name).exists():
+                    os.symlink(Path("..") / name, tmp / name, target_is_directory=True)
+            write_json(tmp / "model_index.json", model_index(scheduler_class))
+        saved = dict(step=state.step, epoch=state.epoch, position=state.position,
+                     optimizer=state.optimizer.state_dict(), **run)
+        write_checkpoint(tmp / "training_state.pt", saved)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)  # the checkpoint appears whole, or not at all
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     for old in checkpoints(out)[:-keep]:
         shutil.rmtree(old)
     return final
+
+
+class Checkpoints:
+    """A run's saves: only from healthy weights, and a failed one is retried once before the run gives up.
+
+    Healthy: every weight finite, and `probe()` (the model's output on a fixed input) finite too, as an
+    overflowing learning rate leaves weights of ~1e30 that are finite yet draw nothing. The loss that the log
+    checks was computed before the step's update, so it cannot vouch for the weights the step left.
+
+    A save that fails (a full disk, a folder made read-only) loses nothing yet: the state is still in memory.
+    The run says so and goes on; the next save is the retry (at once, if it was the last one). A second
+    failure in a row stops the run, naming the last good checkpoint."""
+
+    def __init__(self, out: Path, keep: int, run: dict, program: str, scheduler_class: str | None = None):
+        self.out, self.keep, self.run, self.program = out, keep, run, program
+        self.scheduler_class, self.failed = scheduler_class, False
+
+    def last(self) -> str:
+        found = checkpoints(self.out)
+        return str(found[-1]) if found else "none (none saved yet)"
+
+    def save(self, state: TrainState, probe=None, final: bool = False) -> None:
+        """Save `state` unless its step is saved already; raises TrainingError for unhealthy weights or a
+        second failed save."""
+        if (self.out / f"checkpoint-{state.step:07d}").is_dir():
+            return
+        with torch.no_grad():
+            healthy = state.weights_are_finite() and (probe is None or bool(probe().isfinite().all()))
+        if not healthy:
+            raise TrainingError(f"the weights after step {state.step} are not finite, or give a non-finite "
+                                f"output: not saved. The last good checkpoint is {self.last()}. Try a lower "
+                                "--lr, or --max-grad-norm.")
+        try:
+            save_checkpoint(self.out, state, self.keep, self.run, self.scheduler_class)
+        except OSError as e:
+            where = f"checkpoint-{state.step:07d} in {self.out}: {e.strerror or e} ({e.filename or self.out})"
+            if e.errno == errno.ENOSPC:
+                where += "; free some space there"
+            if self.failed:
+                raise TrainingError(f"could not save {where}, again: stopped. The last good checkpoint is "
+                                    f"{self.last()}.") from None
+            self.failed = True
+            retry = "retrying now." if final else "the next save retries."
+            tqdm.write(f"{self.program}: warning: could not save {where}. The training state is kept in "
+                       f"memory; {retry}", file=sys.stderr)
+            if final:
+                self.save(state, probe, final)
+            return
+        self.failed = False
 
 
 def checkpoints(out: Path) -> list[Path]:
@@ -162,47 +262,63 @@ def checkpoints(out: Path) -> list[Path]:
     return sorted(p for p in out.glob("checkpoint-*") if (p / "training_state.pt").is_file())
 
 
-def load_checkpoint(path: Path, device) -> tuple:
-    """(student U-Net, EMA weights or None, training state) of a checkpoint folder."""
-    student = load_unet(path / "unet", device=device)
-    ema = load_unet(path / "ema_unet", device=device).state_dict() if (path / "ema_unet").is_dir() else None
-    state = torch.load(path / "training_state.pt", map_location=device, weights_only=True)
-    return student, ema, state
+def read_training_state(path: Path) -> dict:
+    """A checkpoint's training_state.pt (on the CPU: the optimizer's load_state_dict moves its state to the
+    weights' device), read as weights only, so a planted file cannot run code."""
+    if not (path / "training_state.pt").is_file():
+        raise UsageError(f"--resume {path} is not a checkpoint folder (no training_state.pt in it)")
+    return read_checkpoint(path / "training_state.pt")
+
+
+def check_one_batch(data, path, batch_size: int, world: int = 1) -> None:
+    """An image folder must hold one batch per process at least, or no epoch would yield one. (A stream of
+    tar shards has no length: batches() notices an epoch without a batch instead.)"""
+    if hasattr(data, "__len__") and len(data) < batch_size * world:
+        raise UsageError(f"--data {path} holds {len(data)} images, fewer than one batch (--batch-size "
+                         f"{batch_size} x {world} processes): add images or lower --batch-size")
 
 
 def batches(loader, state: TrainState):
     """The loader's batches, epoch after epoch, from where `state` is (a resumed run's next batch) without
     end. state.epoch and state.position follow them: the samples this rank took in the epoch, whole batches,
     as the loader draws ahead of the loop. A batch whose images all failed to load (None) is counted and
-    passed over."""
+    passed over; a whole epoch without one stops the run (TrainingError) rather than spin forever."""
     if isinstance(loader.sampler, ResumableSampler):
         loader.sampler.set_state(state.epoch, state.position)
     else:  # a stream of tar shards skips what this rank already took
         loader.dataset.set_state(state.epoch, state.position, loader.batch_size)
-    stream = iter(loader)
+    stream, whole, usable = iter(loader), state.position == 0, 0
     while True:
         try:
             batch = next(stream)
         except StopIteration:  # one pass is one epoch; the loader starts the next by itself
+            if whole and not usable:
+                skipped = getattr(loader.dataset, "skipped", 0)
+                raise TrainingError(f"a whole pass over the data gave no batch of {loader.batch_size} usable "
+                                    f"images ({skipped} could not be read so far): check the images, or "
+                                    "lower --batch-size") from None
             state.epoch, state.position, stream = state.epoch + 1, 0, iter(loader)
+            whole, usable = True, 0
             continue
         state.position += loader.batch_size
         if batch is not None:
+            usable += 1
             yield batch
 
 
 class LossMeter:
     """The loss terms summed on the device over the steps since the last log row, so that no step waits for
     the GPU; read() gives their means, over all ranks, and the samples per second since the last read."""
-    TERMS = ("loss", "sd", "out", "feat")
+    TERMS = ("loss", "sd", "out", "feat")  # kd_step's
 
-    def __init__(self, device: torch.device, world: int):
-        self.sums, self.world = torch.zeros(len(self.TERMS), device=device), world
+    def __init__(self, device: torch.device, world: int, terms: tuple[str, ...] = TERMS):
+        self.terms, self.world = terms, world
+        self.sums = torch.zeros(len(terms), device=device)
         self.steps, self.samples, self.start = 0, 0, time.time()
 
     def add(self, losses: dict[str, torch.Tensor], accum: int, samples: int) -> None:
-        """One micro-batch's terms (kd_step's), each 1/accum of its step's; `samples` over all ranks."""
-        self.sums += torch.stack([losses[k].detach() for k in self.TERMS]) / accum
+        """One micro-batch's terms, each 1/accum of its step's; `samples` over all ranks."""
+        self.sums += torch.stack([losses[k].detach() for k in self.terms]) / accum
         self.samples += samples
 
     def read(self) -> tuple[dict[str, float], float]:
@@ -211,7 +327,7 @@ class LossMeter:
         if self.world > 1:
             dist.all_reduce(self.sums)
             self.sums /= self.world
-        means = dict(zip(self.TERMS, (self.sums / self.steps).tolist()))
+        means = dict(zip(self.terms, (self.sums / self.steps).tolist()))
         now = time.time()
         rate = self.samples / (now - self.start)
         self.sums.zero_()
@@ -219,15 +335,27 @@ class LossMeter:
         return means, rate
 
 
-class RunLog:
-    """Rank 0's record of a run: rows appended to log.jsonl (a resumed run goes on in the same file), the
-    progress bar and its figures, and `report` (TensorBoard or wandb) if given; on other ranks it writes
-    nothing."""
-    SHOWN = ("sd", "out", "feat", "samples_per_s", "peak_mem_gb")
+def check_finite(means: dict[str, float], step: int, saves: Checkpoints) -> None:
+    """A log row's losses must be finite; else the run stops (the weights it would save are lost already)."""
+    if not all(math.isfinite(v) for v in means.values()):
+        bad = next(f"{k} {v}" for k, v in means.items() if not math.isfinite(v))
+        raise TrainingError(f"the loss became non-finite ({bad}) by step {step}; stopped. The last good "
+                            f"checkpoint is {saves.last()}. Try a lower --lr, or --max-grad-norm.")
 
-    def __init__(self, out: Path, rank: int, total: int, initial: int, desc: str, report=None):
-        self.out, self.report = out, report
-        self.file = open(out / "log.jsonl", "a") if rank == 0 else None
+
+class RunLog:
+    """Rank 0's record of a run: rows appended to log.jsonl (a resumed run goes on in the same file, from its
+    checkpoint's step: rows of steps it redoes are dropped), the progress bar and its figures, and `report`
+    (TensorBoard or wandb) if given; on other ranks it writes nothing."""
+
+    def __init__(self, out: Path, rank: int, total: int, initial: int, desc: str, report=None,
+                 shown: tuple[str, ...] = ("sd", "out", "feat", "samples_per_s", "peak_mem_gb"),
+                 plotted: tuple[str, ...] = LossMeter.TERMS):
+        self.out, self.report, self.shown, self.plotted = out, report, shown, plotted
+        self.file = None
+        if rank == 0:
+            keep_rows_to(out / "log.jsonl", initial)
+            self.file = open(out / "log.jsonl", "a")
         self.bar = tqdm(total=total, initial=initial, disable=rank != 0, desc=desc)
 
     def write(self, row: dict) -> None:
@@ -235,17 +363,35 @@ class RunLog:
             return
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
-        self.bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in self.SHOWN})
+        self.bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in self.shown})
         if self.report is not None:
             self.report(row)
 
-    def close(self) -> None:
-        """Closes the file and draws the whole run's losses (resumed parts too) into losses.png."""
+    def close(self, plot: bool = True) -> None:
+        """Closes the bar (so that what is printed next starts a line of its own) and the file, and draws the
+        whole run's losses (resumed parts too) into losses.png."""
+        self.bar.close()
         if self.file is None:
             return
-        self.bar.close()
         self.file.close()
-        plot_losses([json.loads(line) for line in open(self.out / "log.jsonl")], self.out / "losses.png")
+        if plot:
+            plot_losses([json.loads(line) for line in open(self.out / "log.jsonl")], self.out / "losses.png",
+                        self.plotted)
+
+
+def keep_rows_to(path: Path, step: int) -> None:
+    """log.jsonl without the rows after `step` (and a line a kill cut short): a run that resumes from
+    checkpoint `step` logs the later steps again."""
+    if not path.is_file():
+        return
+    rows = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            if json.loads(line).get("step", 0) <= step:
+                rows.append(line + "\n")
+    tmp = path.with_name(".log.jsonl.tmp")
+    tmp.write_text("".join(rows))
+    os.replace(tmp, path)
 
 
 @contextlib.contextmanager
@@ -276,14 +422,16 @@ def any_rank(flag: bool, device: torch.device, world: int) -> bool:
 def plot_losses(rows: list[dict], path: Path, keys=("loss", "sd", "out", "feat")) -> None:
     """A PNG line plot of the logged loss terms against the step (log scale), drawn with PIL. A term that is 0
     throughout (out and feat of a --plain run) is left out: on a log scale it would squash the others flat."""
+    if len(rows) < 2:
+        return
     w, h, pad = 800, 480, 50
     image = Image.new("RGB", (w, h), "white")
     draw = ImageDraw.Draw(image)
-    colours = {"loss": "black", "sd": "blue", "out": "orange", "feat": "green"}
+    colours = {"loss": "black", "sd": "blue", "out": "orange", "feat": "green", "rec": "blue", "kl": "orange"}
     steps = [r["step"] for r in rows]
     keys = [k for k in keys if k in rows[0] and any(r.get(k, 0) > 0 for r in rows)]
     values = [math.log10(max(r[k], 1e-12)) for r in rows for k in keys]
-    if len(steps) < 2 or not values:
+    if not values:
         return
     lo, hi, s0, s1 = min(values), max(values), steps[0], steps[-1]
 

@@ -1,8 +1,8 @@
 """Bad inputs, one table per script: each row is (id, command-line arguments, exit code, words the error must
 contain). Every row must fail with one line `SCRIPT: error: ...` that holds the words, no traceback, and
-before any image is generated. The scripts run in-process (their `main(argv)`), on the toy model
-weights/toy-sd and on broken copies of it. In the arguments, {model} is weights/toy-sd and {tmp} the folder
-`inputs` fills."""
+before any image is generated or any training step taken. The scripts run in-process (their `main(argv)`), on
+the toy model weights/toy-sd and on broken copies of it. In the arguments, {model} is weights/toy-sd and {tmp}
+the folder `inputs` fills."""
 
 import os
 import shutil
@@ -15,7 +15,11 @@ import torch
 import evaluate
 import minisd.convert
 import sample
+import train
+import train_vae
 from minisd.pipeline import Pipeline
+from minisd.toy.dataset import write_dataset
+from minisd.training import TrainState
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = ROOT / "weights" / "toy-sd"
@@ -82,6 +86,68 @@ EVALUATE = [
     ("config-truncated", ["--model", "{tmp}/truncated"], 2, ["truncated/unet/config.json", "not valid JSON"]),
 ]
 
+# T: train.py with a small valid run (weights/toy-sd as the teacher, 4 toy images at 32 px)
+TRAIN = [
+    ("data-missing", ["--data", "{tmp}/nothing"], 2, ["nothing does not exist"]),
+    ("data-no-metadata", ["--data", "{tmp}/folder.png"], 2, ["neither metadata.csv"]),
+    ("data-bad-header", ["--data", "{tmp}/data-header"], 2, ["metadata.csv", "expected file_name and text"]),
+    ("data-header-only", ["--data", "{tmp}/data-empty"], 2, ["lists no images"]),
+    ("data-fewer-than-a-batch", ["--batch-size", "8", "--global-batch", "8"], 2,
+     ["holds 4 images, fewer than one batch", "--batch-size"]),
+    ("teacher-missing", ["--teacher", "{tmp}/nothing"], 2, ["nothing", "not a file, a folder or a hub id"]),
+    ("teacher-config-truncated", ["--teacher", "{tmp}/truncated"], 2,
+     ["truncated/unet/config.json", "not valid JSON"]),
+    ("batch-size-0", ["--batch-size", "0"], 2, ["--batch-size", ">= 1"]),
+    ("batch-size-negative", ["--batch-size", "-2"], 2, ["--batch-size", ">= 1"]),
+    ("global-batch-not-a-multiple", ["--global-batch", "3"], 2, ["--global-batch 3 is not a multiple"]),
+    ("max-steps-0", ["--max-steps", "0"], 2, ["--max-steps", ">= 1"]),
+    ("save-steps-0", ["--save-steps", "0"], 2, ["--save-steps", ">= 1"]),
+    ("log-steps-0", ["--log-steps", "0"], 2, ["--log-steps", ">= 1"]),
+    ("resolution-0", ["--resolution", "0"], 2, ["--resolution", ">= 1"]),
+    ("resolution-not-multiple-of-8", ["--resolution", "30"], 2, ["--resolution 30", "multiple of 8"]),
+    ("lr-nan", ["--lr", "nan"], 2, ["--lr", "not a finite number"]),
+    ("lr-inf", ["--lr", "inf"], 2, ["--lr", "not a finite number"]),
+    ("lr-0", ["--lr", "0"], 2, ["--lr", "> 0"]),
+    ("max-grad-norm-nan", ["--max-grad-norm", "nan"], 2, ["--max-grad-norm", "not a finite number"]),
+    ("lambda-nan", ["--lambda-feat", "nan"], 2, ["--lambda-feat", "not a finite number"]),
+    ("snr-gamma-inf", ["--snr-gamma", "inf"], 2, ["--snr-gamma", "not a finite number"]),
+    ("caption-dropout-nan", ["--caption-dropout", "nan"], 2, ["--caption-dropout", "not a finite number"]),
+    ("ema-decay-above-1", ["--ema-decay", "1.5"], 2, ["--ema-decay 1.5", "(0, 1)"]),
+    ("out-unwritable", ["--out", "/proc/minisd/run"], 2, ["--out", "cannot create the folder"]),
+    ("out-holds-another-run", ["--out", "{tmp}/other-run"], 2, ["holds another run", "teacher", "--overwrite"]),
+    ("resume-not-a-checkpoint", ["--resume", "{tmp}/folder.png"], 2, ["not a checkpoint folder"]),
+    ("resume-pickle-refused", ["--resume", "{tmp}/evil-checkpoint"], 2,
+     ["evil-checkpoint/training_state.pt", "refused to unpickle", "posix.system"]),
+    ("resume-truncated", ["--resume", "{tmp}/cut-checkpoint"], 2, ["cut-checkpoint/training_state.pt",
+                                                                   "truncated"]),
+    ("unet-config-truncated", ["--plain", "--unet-config", "{tmp}/truncated/unet/config.json"], 2,
+     ["truncated/unet/config.json", "not valid JSON"]),
+]
+
+# train_vae.py: --init weights/toy-sd/vae, unless the row gives --config
+TRAIN_VAE = [
+    ("out-is-init", ["--out", "{model}/vae"], 2, ["is the --init model", "new --out"]),
+    ("init-missing", ["--init", "{tmp}/nothing"], 2, ["nothing/config.json"]),
+    ("config-binary", ["--config", "{tmp}/binary-config/vae/config.json"], 2,
+     ["binary-config/vae/config.json", "not a text file"]),
+    ("data-missing", ["--data", "{tmp}/nothing"], 2, ["nothing does not exist"]),
+    ("data-header-only", ["--data", "{tmp}/data-empty"], 2, ["lists no images"]),
+    ("data-fewer-than-a-batch", ["--batch-size", "8"], 2, ["holds 4 images, fewer than one batch"]),
+    ("device-unknown", ["--device", "tpu7"], 2, ["unknown device 'tpu7'"]),
+    ("device-missing-gpu", ["--device", "cuda:99"], 2, ["--device cuda:99"]),
+    ("lr-nan", ["--lr", "nan"], 2, ["--lr", "not a finite number"]),
+    ("lr-inf", ["--lr", "inf"], 2, ["--lr", "not a finite number"]),
+    ("kl-weight-nan", ["--kl-weight", "nan"], 2, ["--kl-weight", "not a finite number"]),
+    ("l2-weight-negative", ["--l2-weight", "-1"], 2, ["--l2-weight", ">= 0"]),
+    ("batch-size-0", ["--batch-size", "0"], 2, ["--batch-size", ">= 1"]),
+    ("max-steps-0", ["--max-steps", "0"], 2, ["--max-steps", ">= 1"]),
+    ("save-steps-0", ["--save-steps", "0"], 2, ["--save-steps", ">= 1"]),
+    ("log-steps-0", ["--log-steps", "0"], 2, ["--log-steps", ">= 1"]),
+    ("resolution-not-multiple-of-8", ["--resolution", "30"], 2, ["--resolution 30", "multiple of 8"]),
+    ("out-unwritable", ["--out", "/proc/minisd/vae"], 2, ["--out", "cannot create the folder"]),
+    ("out-holds-another-run", ["--out", "{tmp}/other-vae"], 2, ["holds another run", "start", "--overwrite"]),
+]
+
 CONVERT = [
     ("dest-inside-source", ["{model}", "{model}/copy"], 2, ["inside it"]),
     ("source-missing", ["{tmp}/nothing", "{tmp}/out"], 2, ["not a file, a folder or a hub id"]),
@@ -113,6 +179,20 @@ def inputs(tmp_path_factory):
     (tmp / "nul.csv").write_bytes(b"file_name,text\na.png,a\0b\n")
     (tmp / "header.csv").write_text("image,caption\na.png,a\n")
     np.savez(tmp / "s256.npz", mu=np.zeros(3), sigma=np.eye(3), size=256)
+    write_dataset(tmp / "toy", n=4, seed=0, heldout=0.0, workers=1)
+    for name, metadata in (("data-header", "image,caption\n0.png,a\n"), ("data-empty", "file_name,text\n")):
+        (tmp / name).mkdir()
+        (tmp / name / "metadata.csv").write_text(metadata)
+    # run folders that another run made (train.py's and train_vae.py's run.json)
+    (tmp / "other-run").mkdir()
+    (tmp / "other-run" / "run.json").write_text('{"teacher": "CompVis/stable-diffusion-v1-4"}')
+    (tmp / "other-vae").mkdir()
+    (tmp / "other-vae" / "run.json").write_text('{"start": "--config x.json"}')
+    for name, state in (("evil-checkpoint", {"step": Evil()}), ("cut-checkpoint", {"step": torch.zeros(100)})):
+        (tmp / name).mkdir()
+        torch.save(state, tmp / name / "training_state.pt")
+    whole = (tmp / "cut-checkpoint" / "training_state.pt").read_bytes()
+    (tmp / "cut-checkpoint" / "training_state.pt").write_bytes(whole[:200])
 
     for name in ("truncated", "binary-config", "mismatch", "bad-vocab"):
         shutil.copytree(TOY, tmp / name)
@@ -138,10 +218,13 @@ def inputs(tmp_path_factory):
 
 @pytest.fixture
 def no_generation(monkeypatch):
-    """Every row must fail before the first image: generating is a test failure."""
-    def generate(*args, **kwargs):
-        raise AssertionError("an image was generated although the input is bad")
-    monkeypatch.setattr(Pipeline, "__call__", generate)
+    """Every row must fail before the first image or training step: either is a test failure."""
+    def work(*args, **kwargs):
+        raise AssertionError("work was done although the input is bad")
+    monkeypatch.setattr(Pipeline, "__call__", work)
+    monkeypatch.setattr(train, "kd_step", work)
+    monkeypatch.setattr(TrainState, "restore", work)  # a resumed state must be checked first
+    monkeypatch.setattr(train_vae, "batches", work)
 
 
 def run(main, argv: list[str], capsys) -> tuple[int, str]:
@@ -185,6 +268,30 @@ def test_evaluate_bad_input(inputs, no_generation, capsys, argv, code, words):
             "--size", "32", "--eval-size", "16", "--metrics", "none", *FAST]
     got, err = run(evaluate.main, [*base, *fill(argv, inputs)], capsys)
     check("evaluate.py", got, err, code, words, inputs)
+
+
+# ---- train.py and train_vae.py
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, code, words", [row[1:] for row in TRAIN], ids=[row[0] for row in TRAIN])
+def test_train_bad_input(inputs, no_generation, capsys, argv, code, words, request):
+    base = ["--teacher", str(TOY), "--data", str(inputs / "toy" / "train"), "--variant", "tiny",
+            "--resolution", "32", "--batch-size", "2", "--global-batch", "2", "--num-workers", "0",
+            "--valid-steps", "0", "--no-compile", "--log-steps", "1", "--max-steps", "1",
+            "--out", str(inputs / "runs" / request.node.callspec.id)]
+    got, err = run(train.main, [*base, *fill(argv, inputs)], capsys)
+    check("train.py", got, err, code, words, inputs)
+
+
+@pytest.mark.parametrize("argv, code, words", [row[1:] for row in TRAIN_VAE],
+                         ids=[row[0] for row in TRAIN_VAE])
+def test_train_vae_bad_input(inputs, no_generation, capsys, argv, code, words, request):
+    base = ["--data", str(inputs / "toy" / "train"), "--resolution", "32", "--batch-size", "2",
+            "--num-workers", "0", "--max-steps", "1", "--out", str(inputs / "vaes" / request.node.callspec.id)]
+    start = [] if "--config" in argv else ["--init", str(TOY / "vae")]
+    got, err = run(train_vae.main, [*base, *start, *fill(argv, inputs)], capsys)
+    check("train_vae.py", got, err, code, words, inputs)
+    assert not (TOY / "vae" / "log.jsonl").exists()
 
 
 # ---- python -m minisd.convert
