@@ -114,7 +114,8 @@ TRAIN = [
     ("caption-dropout-nan", ["--caption-dropout", "nan"], 2, ["--caption-dropout", "not a finite number"]),
     ("ema-decay-above-1", ["--ema-decay", "1.5"], 2, ["--ema-decay 1.5", "(0, 1)"]),
     ("out-unwritable", ["--out", "/proc/minisd/run"], 2, ["--out", "cannot create the folder"]),
-    ("out-holds-another-run", ["--out", "{tmp}/other-run"], 2, ["holds another run", "teacher", "--overwrite"]),
+    ("out-holds-another-run", ["--out", "{tmp}/other-run"], 2,
+     ["holds another run", "teacher", "--overwrite"]),
     ("resume-not-a-checkpoint", ["--resume", "{tmp}/folder.png"], 2, ["not a checkpoint folder"]),
     ("resume-pickle-refused", ["--resume", "{tmp}/evil-checkpoint"], 2,
      ["evil-checkpoint/training_state.pt", "refused to unpickle", "posix.system"]),
@@ -188,9 +189,9 @@ def inputs(tmp_path_factory):
     (tmp / "other-run" / "run.json").write_text('{"teacher": "CompVis/stable-diffusion-v1-4"}')
     (tmp / "other-vae").mkdir()
     (tmp / "other-vae" / "run.json").write_text('{"start": "--config x.json"}')
-    for name, state in (("evil-checkpoint", {"step": Evil()}), ("cut-checkpoint", {"step": torch.zeros(100)})):
+    for name, step in (("evil-checkpoint", Evil()), ("cut-checkpoint", torch.zeros(100))):
         (tmp / name).mkdir()
-        torch.save(state, tmp / name / "training_state.pt")
+        torch.save({"step": step}, tmp / name / "training_state.pt")
     whole = (tmp / "cut-checkpoint" / "training_state.pt").read_bytes()
     (tmp / "cut-checkpoint" / "training_state.pt").write_bytes(whole[:200])
 
@@ -287,7 +288,8 @@ def test_train_bad_input(inputs, no_generation, capsys, argv, code, words, reque
                          ids=[row[0] for row in TRAIN_VAE])
 def test_train_vae_bad_input(inputs, no_generation, capsys, argv, code, words, request):
     base = ["--data", str(inputs / "toy" / "train"), "--resolution", "32", "--batch-size", "2",
-            "--num-workers", "0", "--max-steps", "1", "--out", str(inputs / "vaes" / request.node.callspec.id)]
+            "--num-workers", "0", "--max-steps", "1",
+            "--out", str(inputs / "vaes" / request.node.callspec.id)]
     start = [] if "--config" in argv else ["--init", str(TOY / "vae")]
     got, err = run(train_vae.main, [*base, *start, *fill(argv, inputs)], capsys)
     check("train_vae.py", got, err, code, words, inputs)

@@ -3,6 +3,7 @@ generated image-caption pairs, on the CPU: the losses fall, a run resumes exactl
 or a kill during a save), bad images are skipped, a NaN stops the run, two gloo processes train as one,
 and a checkpoint is a pipeline that sample.py and diffusers load."""
 
+import errno
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ from reference import VAE_SMALL, reduced_config, reference_parts, rel_diff, save
 from safetensors.torch import load_file
 
 import train
+from minisd import training
 from minisd.checkpoints.diffusers import load_unet
 from minisd.distill import student_from_teacher, total_loss
 from minisd.pipeline import load_pipeline
@@ -412,3 +414,92 @@ def test_loss_plot_leaves_out_terms_that_are_zero_throughout(tmp_path):
     assert blue in found and orange not in found and green not in found
     kd = [dict(row, out=0.5 / row["step"], feat=2 / row["step"]) for row in plain]
     assert {blue, orange, green} <= colours(kd)
+
+
+# ---- faults that must not lose work (the data set's images, a full disk, another run in the same --out)
+
+
+def test_huge_lr_saves_nothing_and_names_no_good_checkpoint(teacher, data, tmp_path, capsys):
+    """--lr 1e30: the loss of step 1 is computed before its update, so it is finite, but the weights it leaves
+    are not healthy: no checkpoint is written from them, and none is called good."""
+    out = tmp_path / "run"
+    assert train.main(flags(teacher, data, out, lr=1e30, save_steps=1, max_steps=3)) == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train.py: error:")]
+    assert len(lines) == 1 and "not saved" in lines[0] and "none (none saved yet)" in lines[0], lines
+    assert checkpoints(out) == [] and not list(out.glob(".tmp-checkpoint-*"))
+
+
+def no_space_left(times: int, real):
+    """A stand-in for save_unet that fails with a full disk `times` times, then saves."""
+    calls = []
+
+    def save(model, folder):
+        calls.append(folder)
+        if len(calls) <= times:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder))
+        real(model, folder)
+    return save
+
+
+def test_a_failed_save_is_retried_at_the_next(teacher, data, tmp_path, capsys, monkeypatch):
+    """The disk is full at step 1's save: the run says so, keeps its state in memory, and step 2's save is
+    the retry that works. No temporary folder is left behind."""
+    monkeypatch.setitem(training.SAVE, "unet", no_space_left(1, training.SAVE["unet"]))
+    out = tmp_path / "run"
+    assert train.main(flags(teacher, data, out, save_steps=1, max_steps=2)) == 0
+    err = capsys.readouterr().err
+    assert "could not save checkpoint-0000001" in err and "No space left on device" in err
+    assert "kept in memory" in err
+    assert checkpoints(out) == [out / "checkpoint-0000002"] and not list(out.glob(".tmp-checkpoint-*"))
+
+
+def test_a_second_failed_save_stops_the_run(teacher, data, tmp_path, capsys, monkeypatch):
+    """Step 1 is saved; then the disk is full for good: step 2's save fails, its retry at the end fails too,
+    and the run stops naming checkpoint 1."""
+    out = tmp_path / "run"
+    assert train.main(flags(teacher, data, out, save_steps=1, max_steps=1)) == 0
+    monkeypatch.setitem(training.SAVE, "unet", no_space_left(99, training.SAVE["unet"]))
+    assert train.main(flags(teacher, data, out, save_steps=1, max_steps=2)) == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train.py: error:")]
+    assert len(lines) == 1 and "No space left on device" in lines[0] and "again" in lines[0], lines
+    assert str(out / "checkpoint-0000001") in lines[0]
+    assert checkpoints(out) == [out / "checkpoint-0000001"] and not list(out.glob(".tmp-checkpoint-*"))
+
+
+def test_out_holding_another_run_is_refused_unless_overwrite(teacher, data, tmp_path, capsys):
+    """A first run that stopped before its first checkpoint still left its shared parts and log: a different
+    run in the same --out is refused, naming the difference; --overwrite starts it afresh."""
+    out = tmp_path / "run"
+    assert train.main(flags(teacher, data, out, max_steps=1, resolution=32)) == 0
+    with pytest.raises(SystemExit) as exit_:
+        train.main(flags(teacher, data, out, max_steps=2, resolution=64))
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "resolution 32 there, 64 here" in err and "--overwrite" in err
+    assert train.main(flags(teacher, data, out, max_steps=1, resolution=64) + ["--overwrite"]) == 0
+    assert [r["step"] for r in log_rows(out)] == [1]  # the old run's rows are gone with it
+    assert json.loads((out / "run.json").read_text())["resolution"] == 64
+
+
+def test_resumed_run_logs_each_step_once(teacher, data, tmp_path):
+    """A kill after step 3 was logged but before it was saved: the re-run goes on from checkpoint 2, and the
+    log keeps one row per step."""
+    out = tmp_path / "run"
+    assert train.main(flags(teacher, data, out, max_steps=3, save_steps=2)) == 0
+    shutil.rmtree(out / "checkpoint-0000003")
+    assert train.main(flags(teacher, data, out, max_steps=3, save_steps=2)) == 0
+    assert [r["step"] for r in log_rows(out)] == [1, 2, 3]
+
+
+def test_no_usable_image_stops_instead_of_spinning(teacher, tmp_path):
+    """Every image unreadable: a whole epoch gives no batch, and the run stops with a message (it used to
+    spin forever, deaf to Ctrl-C). Run as a process, so that a regression fails by timeout, not a hang."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for i in range(4):
+        (folder / f"{i}.png").write_bytes(b"not an image")
+    write_metadata(folder, [f"{i}.png" for i in range(4)])
+    command = [sys.executable, str(ROOT / "train.py"), *flags(teacher, folder, tmp_path / "run", batch_size=2,
+                                                              global_batch=2)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "train.py: error: a whole pass over the data gave no batch of 2 usable images" in done.stderr
