@@ -33,8 +33,15 @@ from pathlib import Path
 import torch
 
 from minisd import evaluation
-from minisd.checkpoints.remap import CheckpointError
-from minisd.cli import UsageError, check_device, check_writable_folder, finite_float, positive_int
+from minisd.cli import (
+    BAD_INPUT,
+    UsageError,
+    check_device,
+    check_writable_folder,
+    finite_float,
+    positive_int,
+    write_error,
+)
 from minisd.data import read_metadata
 from minisd.pipeline import DTYPES, default_dtype, load_pipeline
 from minisd.schedulers import SAMPLERS
@@ -166,17 +173,22 @@ def main(argv=None) -> int:
         eval_size = args.eval_size or min(256, size)
         if "fid" in metrics:
             evaluation.check_stats(args.fid_stats, eval_size)
-    except (ValueError, FileNotFoundError, NotADirectoryError, ConnectionError, CheckpointError) as e:
+    except BAD_INPUT as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2
 
     per_rank = -(-len(rows) // world)  # ceil
     mine = list(range(rank * per_rank, min(len(rows), (rank + 1) * per_rank)))
     folders = {args.out / "im512": None, args.out / evaluation.SCORE_FOLDER: eval_size}
-    made, seconds = evaluation.generate(pipe, rows, mine, folders, steps=args.steps, guidance=args.guidance,
-                                        seed=args.seed, seed_mode=args.seed_mode, size=size,
-                                        batch_size=args.batch_size, scheduler=args.scheduler,
-                                        progress=rank == 0 and not args.no_progress)
+    try:
+        made, seconds = evaluation.generate(pipe, rows, mine, folders, steps=args.steps,
+                                            guidance=args.guidance, seed=args.seed, seed_mode=args.seed_mode,
+                                            size=size, batch_size=args.batch_size, scheduler=args.scheduler,
+                                            progress=rank == 0 and not args.no_progress)
+    except OSError as e:  # a full disk: the images written so far stay, and a re-run makes only the rest
+        print(f"\nevaluate.py: error: {write_error(e, args.out)}; a re-run goes on from the images made",
+              file=sys.stderr)
+        return 1
     print(f"rank {rank}: {len(mine)} images in {args.out / evaluation.SCORE_FOLDER} ({made} generated now)")
     if world > 1:  # the first process scores the whole set once every slice is on disk
         torch.distributed.init_process_group("gloo", timeout=timedelta(days=1))
@@ -201,7 +213,7 @@ def main(argv=None) -> int:
             inception_weights=inception_weights, clip_model=args.clip_model,
             clip_pretrained=args.clip_pretrained, batch_size=args.score_batch_size, others={"toy": toy},
             progress=not args.no_progress))
-    except (ValueError, FileNotFoundError, NotADirectoryError, ConnectionError, CheckpointError) as e:
+    except BAD_INPUT as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2
     row = evaluation.write_scores(args.out, args.name or args.out.name, scores)

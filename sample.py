@@ -20,8 +20,15 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from minisd.checkpoints.remap import CheckpointError
-from minisd.cli import UsageError, check_device, check_image_path, finite_float, positive_int
+from minisd.cli import (
+    BAD_INPUT,
+    UsageError,
+    check_device,
+    check_image_path,
+    finite_float,
+    positive_int,
+    write_error,
+)
 from minisd.clip import TEXT_ENCODERS
 from minisd.images import grid, save_with_settings, to_rgb
 from minisd.pipeline import DTYPES, default_dtype, load_pipeline
@@ -101,11 +108,20 @@ def main(argv=None) -> int:
                       height=args.height, width=args.width, negative_prompt=args.negative_prompt,
                       num_images=args.num_images, scheduler=args.scheduler, seed_mode=args.seed_mode,
                       init_image=init, strength=args.strength, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError, ConnectionError, CheckpointError) as e:
+    except BAD_INPUT as e:
         print(f"sample.py: error: {e}", file=sys.stderr)
         return 2
 
-    scheduler = args.scheduler or type(pipe.scheduler).__name__
+    try:  # a full disk costs a one-line message, not a traceback
+        write_images(args, images, args.scheduler or type(pipe.scheduler).__name__)
+    except OSError as e:
+        print(f"sample.py: error: {write_error(e, args.out)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def write_images(args, images, scheduler: str) -> None:
+    """Each image with the settings that made it (PNG text, or EXIF for JPEG and WebP), and a grid of them."""
     paths = [args.out] if len(images) == 1 else [
         args.out.with_name(f"{args.out.stem}-{i:02d}{args.out.suffix}") for i in range(len(images))]
     for i, (image, path) in enumerate(zip(images, paths)):
@@ -121,7 +137,6 @@ def main(argv=None) -> int:
         sheet = args.out.with_name(f"{args.out.stem}-grid{args.out.suffix}")
         grid(images).save(sheet)
         print(sheet)
-    return 0
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ check and act as guidance off: every float flag goes through `finite_float`.
 
 import argparse
 import contextlib
+import errno
 import math
 import os
 import sys
@@ -38,6 +39,12 @@ def bad_input_exits(program: str):
     except BAD_INPUT as e:
         print(f"{program}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def write_error(e: OSError, where) -> str:
+    """What a failed write (a full disk, a folder made read-only) says: what failed, where, and what to do."""
+    fix = "; free some space there" if e.errno == errno.ENOSPC else ""
+    return f"could not write {e.filename or where}: {e.strerror or e}{fix}"
 
 
 def finite_float(text: str) -> float:

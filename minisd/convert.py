@@ -16,8 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from minisd.checkpoints.remap import CheckpointError
-from minisd.cli import check_writable_folder
+from minisd.cli import BAD_INPUT, check_writable_folder
 from minisd.clip import TEXT_ENCODERS
 from minisd.pipeline import DTYPES, load_pipeline
 from minisd.table import VARIANTS
@@ -52,7 +51,7 @@ def main(argv=None) -> int:
             pipe.save_single_file(dest)
         else:
             pipe.save(dest)
-    except (FileNotFoundError, ValueError, CheckpointError, ConnectionError) as e:
+    except BAD_INPUT as e:
         print(f"minisd.convert: error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {dest} ({pipe.unet.config.name}, "

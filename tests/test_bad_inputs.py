@@ -4,6 +4,7 @@ before any image is generated or any training step taken. The scripts run in-pro
 the toy model weights/toy-sd and on broken copies of it. In the arguments, {model} is weights/toy-sd and {tmp}
 the folder `inputs` fills."""
 
+import errno
 import os
 import shutil
 from pathlib import Path
@@ -258,6 +259,16 @@ def test_sample_bad_input(inputs, no_generation, capsys, argv, code, words):
     base = ["--model", str(TOY), "--out", str(inputs / "s.png"), *FAST]
     got, err = run(sample.main, [*base, *fill(argv, inputs)], capsys)
     check("sample.py", got, err, code, words, inputs)
+
+
+def test_sample_full_disk(inputs, capsys, monkeypatch):
+    """A disk that fills up while the images are written: one line that says so and where, exit code 1."""
+    def full(image, path, settings):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    monkeypatch.setattr(sample, "save_with_settings", full)
+    got, err = run(sample.main, ["a", "--model", str(TOY), "--out", str(inputs / "full.png"), *FAST], capsys)
+    check("sample.py", got, err, 1, ["could not write {tmp}/full.png", "No space left on device",
+                                     "free some space"], inputs)
 
 
 # ---- evaluate.py
