@@ -35,7 +35,6 @@ from minisd.cli import UsageError, bad_input_exits, finite_float, nonnegative_fl
     positive_float, positive_int
 from minisd.data import collate, make_loader, open_dataset, read_metadata
 from minisd.distill import feature_pairs, student_from_teacher
-from minisd.images import grid
 from minisd.kd_step import KDRecipe, kd_step
 from minisd.pipeline import Pipeline, default_dtype, load_pipeline
 from minisd.schedulers import NoiseSchedule
@@ -44,20 +43,21 @@ from minisd.training import (
     EMA,
     SHARED,
     Checkpoints,
+    Every,
     LossMeter,
     RunLog,
     TrainingError,
     TrainState,
-    any_rank,
     batches,
-    check_finite,
     check_one_batch,
     checkpoints,
+    loop,
     lr_at,
     open_run,
+    probe,
     read_training_state,
+    sample_grid,
     setup_distributed,
-    stop_signals,
     write_shared,
 )
 from minisd.unet import UNet
@@ -216,53 +216,45 @@ def main(argv=None) -> int:
     saves = Checkpoints(args.out, args.keep, run, "train.py",
                         teacher.scheduler_config.get("_class_name", "PNDMScheduler"))
 
-    # The loop: accumulate micro-batches, step, log (and check) every --log-steps, save every --save-steps
+    # One step: accumulate micro-batches, then update; training.loop logs, checks, saves and stops around it
+    stream = batches(loader, state)
+
+    def step() -> None:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(state.step, args.lr, args.lr_schedule, args.warmup_steps, args.max_steps)
+        for micro in range(accum):
+            batch = next(stream)
+            # DDP averages gradients across ranks only on the last micro-batch of a step
+            sync = micro == accum - 1 or world == 1
+            with contextlib.nullcontext() if sync else model.no_sync():
+                losses = kd_step(batch, teacher, teacher_unet, model, schedule, pairs, recipe,
+                                 train_text_encoder=args.train_text_encoder)
+                (losses["loss"] / accum).backward()
+            meter.add(losses, accum, len(batch["seed"]) * world)
+        torch.nn.utils.clip_grad_norm_(trained, args.max_grad_norm, foreach=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if state.ema is not None:
+            state.ema.update(student)
+
+    def row(logged: dict) -> dict:
+        logged.update(lr=optimizer.param_groups[0]["lr"], skipped=loader.dataset.skipped)
+        if cuda:
+            logged["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        return logged
+
+    def validate(at: int) -> None:  # the EMA weights, where there are
+        unet = state.ema.as_model(student) if state.ema else student
+        shown = Pipeline(teacher.tokenizer, teacher.text_encoder, unet, teacher.vae, teacher.scheduler_config)
+        sample_grid(shown, VALID_PROMPTS, args.out / "samples" / f"step-{at:07d}.png", args.resolution)
+
     log = RunLog(args.out, rank, args.max_steps, state.step, f"distilling {student.config.name}", report)
     meter = LossMeter(device, world)
     try:
-        with stop_signals() as stop:  # Ctrl-C or SIGTERM: finish the step, save, and exit
-            stream = batches(loader, state)
-            while state.step < args.max_steps:
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(state.step, args.lr, args.lr_schedule, args.warmup_steps,
-                                        args.max_steps)
-                for micro in range(accum):
-                    batch = next(stream)
-                    # DDP averages gradients across ranks only on the last micro-batch of a step
-                    sync = micro == accum - 1 or world == 1
-                    with contextlib.nullcontext() if sync else model.no_sync():
-                        losses = kd_step(batch, teacher, teacher_unet, model, schedule, pairs, recipe,
-                                         train_text_encoder=args.train_text_encoder)
-                        (losses["loss"] / accum).backward()
-                    meter.add(losses, accum, len(batch["seed"]) * world)
-                torch.nn.utils.clip_grad_norm_(trained, args.max_grad_norm, foreach=True)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if state.ema is not None:
-                    state.ema.update(student)
-                state.step += 1
-                meter.steps += 1
-                log.bar.update(1)
-
-                # A save step is logged (and so its loss checked) too. One process sees a stop signal at once;
-                # several agree on it at log steps (it takes an all-reduce)
-                if (world == 1 and stop) or state.step % args.log_steps == 0 or \
-                        state.step % args.save_steps == 0 or state.step == args.max_steps:
-                    means, rate = meter.read()
-                    check_finite(means, state.step, saves)
-                    row = dict(step=state.step, **means, lr=optimizer.param_groups[0]["lr"],
-                               samples_per_s=rate, epoch=state.epoch, skipped=loader.dataset.skipped)
-                    if cuda:
-                        row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-                    log.write(row)
-                    if any_rank(bool(stop), device, world):
-                        break
-                if state.step % args.save_steps == 0:
-                    save(saves, rank, state, probe(args, teacher, student, text_encoder))
-                if args.valid_steps and state.step % args.valid_steps == 0 and rank == 0:
-                    sample_grid(args, teacher, state.ema.as_model(student) if state.ema else student,
-                                state.step)
-            save(saves, rank, state, probe(args, teacher, student, text_encoder), final=True)
+        every = Every(args.max_steps, args.log_steps, args.save_steps, args.valid_steps)
+        check = probe(Pipeline(teacher.tokenizer, teacher.text_encoder, student, teacher.vae,
+                               teacher.scheduler_config), args.resolution)
+        loop(state, step, every, saves, log, meter, row, check, validate, rank, world, device)
     except TrainingError as e:
         log.close()
         print(f"train.py: error: {e}", file=sys.stderr)
@@ -335,38 +327,6 @@ def open_loader(args, data, teacher: Pipeline, rank: int, world: int, pin_memory
         collate_fn = latent_cache.collate
     return make_loader(data, args.batch_size, args.num_workers, pin_memory=pin_memory, collate_fn=collate_fn,
                        rank=rank, world_size=world)
-
-
-def save(saves: Checkpoints, rank: int, state: TrainState, probe, final: bool = False) -> None:
-    """A checkpoint from rank 0 (the others wait)."""
-    if rank == 0:
-        saves.save(state, probe, final)
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def probe(args, teacher: Pipeline, student: UNet, text_encoder):
-    """What Checkpoints.save checks the weights with before it saves them: the student's prediction for one
-    fixed noisy latent and the empty prompt, through the text encoder that learns, if one does."""
-    def run() -> torch.Tensor:
-        encoder = text_encoder if text_encoder is not None else teacher.text_encoder
-        context = encoder(teacher.tokenizer([""]).to(teacher.device)).float()
-        size = args.resolution // 8
-        x = torch.randn(1, student.config.in_channels, size, size, generator=torch.Generator().manual_seed(0))
-        return student(x.to(teacher.device), torch.tensor([500], device=teacher.device), context)
-    return run
-
-
-@torch.no_grad()
-def sample_grid(args, teacher: Pipeline, student, step: int) -> None:
-    """Fixed prompts and seeds through the student with sample.py's pipeline, saved as one PNG row."""
-    pipe = Pipeline(teacher.tokenizer, teacher.text_encoder, student.eval(), teacher.vae,
-                    teacher.scheduler_config)
-    images = pipe(VALID_PROMPTS, steps=25, seed=0, seed_mode="per_image", height=args.resolution,
-                  width=args.resolution, progress=False)
-    student.train()
-    (args.out / "samples").mkdir(exist_ok=True)
-    grid(images, cols=len(images)).save(args.out / "samples" / f"step-{step:07d}.png")
 
 
 def reporter(args, rank: int):

@@ -36,17 +36,17 @@ from minisd.cli import (
 from minisd.data import make_loader, open_dataset
 from minisd.training import (
     Checkpoints,
+    Every,
     LossMeter,
     RunLog,
     TrainingError,
     TrainState,
     batches,
-    check_finite,
     check_one_batch,
     checkpoints,
+    loop,
     open_run,
     read_training_state,
-    stop_signals,
 )
 from minisd.vae import AutoencoderKL, VAEConfig
 
@@ -139,38 +139,31 @@ def main(argv=None) -> int:
     log = RunLog(args.out, 0, args.max_steps, state.step, "training the VAE", shown=("rec_per_pixel", "kl"),
                  plotted=("rec", "kl"))
     meter = LossMeter(device, 1, terms=("rec", "kl"))
+    stream = batches(loader, state)
+
+    def step() -> None:
+        batch = next(stream)
+        x = batch["pixels"].to(device)
+        posterior = vae.encode(x)
+        # the posterior's draw comes from the batch's seeds, so a resumed run draws the same
+        x_rec = vae.decode(posterior.sample(torch.Generator().manual_seed(int(batch["seed"][0]))))
+        # LDM sums over pixels and averages over the batch: the KL weight means the same at any size
+        rec = (x - x_rec).abs().flatten(1).sum(1).mean()
+        kl = posterior.kl().mean()
+        l2 = (x - x_rec).square().flatten(1).sum(1).mean()
+        loss = rec + args.kl_weight * kl + args.l2_weight * l2
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        meter.add({"rec": rec, "kl": kl}, 1, len(x))
+
+    def row(logged: dict) -> dict:
+        pixels = 3 * args.resolution**2
+        return logged | dict(rec_per_pixel=logged["rec"] / pixels, skipped=loader.dataset.skipped)
+
     try:
-        with stop_signals() as stop:  # Ctrl-C or SIGTERM: finish the step, save, and exit
-            stream = batches(loader, state)
-            while state.step < args.max_steps:
-                batch = next(stream)
-                x = batch["pixels"].to(device)
-                posterior = vae.encode(x)
-                # the posterior's draw comes from the batch's seeds, so a resumed run draws the same
-                x_rec = vae.decode(posterior.sample(torch.Generator().manual_seed(int(batch["seed"][0]))))
-                # LDM sums over pixels and averages over the batch: the KL weight means the same at any size
-                rec = (x - x_rec).abs().flatten(1).sum(1).mean()
-                kl = posterior.kl().mean()
-                l2 = (x - x_rec).square().flatten(1).sum(1).mean()
-                loss = rec + args.kl_weight * kl + args.l2_weight * l2
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                meter.add({"rec": rec, "kl": kl}, 1, len(x))
-                state.step += 1
-                meter.steps += 1
-                log.bar.update(1)
-                if (stop or state.step % args.log_steps == 0 or state.step % args.save_steps == 0
-                        or state.step == args.max_steps):
-                    means, rate = meter.read()
-                    check_finite(means, state.step, saves)
-                    log.write(dict(step=state.step, **means, rec_per_pixel=means["rec"] / x[0].numel(),
-                                   samples_per_s=rate, epoch=state.epoch, skipped=loader.dataset.skipped))
-                    if stop:
-                        break
-                if state.step % args.save_steps == 0:
-                    saves.save(state, probe)
-            saves.save(state, probe, final=True)
+        every = Every(args.max_steps, args.log_steps, args.save_steps)
+        loop(state, step, every, saves, log, meter, row, probe, device=device)
     except TrainingError as e:
         log.close()
         print(f"train_vae.py: error: {e}", file=sys.stderr)

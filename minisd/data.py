@@ -150,9 +150,11 @@ class ImageFolderDataset(Dataset):
     drops. Ranks split it through their samplers (`make_loader`'s rank and world_size), not here."""
 
     def __init__(self, root: str | Path, resolution: int = 512, center_crop: bool = True,
-                 random_flip: bool = True, seed: int = 1234):
+                 random_flip: bool = True, seed: int = 1234, rows: list[tuple[str, str]] | None = None):
+        """rows: (file_name, text) pairs to use instead of the folder's metadata (DreamBooth's folders of
+        photos, which all take one prompt)."""
         self.root = Path(root)
-        names, texts = zip(*read_metadata(self.root))
+        names, texts = zip(*(rows if rows is not None else read_metadata(self.root)))
         self.names, self.texts = Strings(names), Strings(texts)
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
         self.seed = seed

@@ -49,6 +49,8 @@ from minisd.checkpoints.diffusers import (
 from minisd.checkpoints.files import read_checkpoint, read_json, write_checkpoint
 from minisd.cli import UsageError, check_writable_folder
 from minisd.data import ResumableSampler
+from minisd.images import grid
+from minisd.pipeline import Pipeline
 from minisd.unet import UNet
 
 SHARED = ("vae", "text_encoder", "tokenizer", "scheduler")
@@ -418,6 +420,78 @@ def any_rank(flag: bool, device: torch.device, world: int) -> bool:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
 
+
+@dataclass(frozen=True)
+class Every:
+    """When a run stops, logs (and checks its loss), saves and draws its validation images, in steps."""
+    max_steps: int
+    log_steps: int
+    save_steps: int
+    valid_steps: int = 0  # 0: never
+
+
+def loop(state: TrainState, step, every: Every, saves: Checkpoints, log: RunLog, meter: LossMeter, row=None,
+         probe=None, validate=None, rank: int = 0, world: int = 1, device=torch.device("cpu")) -> None:
+    """The loop around a script's step, shared by train.py, train_vae.py and dreambooth.py.
+
+    step(): one optimizer step (its micro-batches, backward, clipping, update), adding its loss terms to
+    `meter`. Around it: the step count, a log row every `every.log_steps` (and at each save and the last
+    step) whose losses must be finite, `row(r)` adding the script's own figures to it; a checkpoint every
+    `every.save_steps` and at the end, from rank 0 (Checkpoints: healthy weights only, `probe` checks them);
+    `validate(step)` on rank 0 every `every.valid_steps`. Ctrl-C or SIGTERM finishes the step, logs, saves
+    and returns: one process sees it at once, several agree at the next log step (an all-reduce). Raises
+    TrainingError for a run that cannot go on."""
+    with stop_signals() as stop:
+        while state.step < every.max_steps:
+            step()
+            state.step += 1
+            meter.steps += 1
+            log.bar.update(1)
+            if ((world == 1 and stop) or state.step % every.log_steps == 0
+                    or state.step % every.save_steps == 0 or state.step == every.max_steps):
+                means, rate = meter.read()
+                check_finite(means, state.step, saves)
+                logged = dict(step=state.step, **means, samples_per_s=rate, epoch=state.epoch)
+                log.write(row(logged) if row is not None else logged)
+                if any_rank(bool(stop), device, world):
+                    break
+            if state.step % every.save_steps == 0:
+                save(saves, state, probe, rank)
+            if validate and every.valid_steps and state.step % every.valid_steps == 0 and rank == 0:
+                validate(state.step)
+        save(saves, state, probe, rank, final=True)
+
+
+def save(saves: Checkpoints, state: TrainState, probe, rank: int, final: bool = False) -> None:
+    """A checkpoint from rank 0; the others wait for it."""
+    if rank == 0:
+        saves.save(state, probe, final)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+
+def probe(pipe: Pipeline, size: int):
+    """For Checkpoints.save: a function giving the U-Net's prediction for one fixed noisy latent and the empty
+    prompt (through the pipeline's text encoder, which may be learning too), at `size` px."""
+    def run() -> torch.Tensor:
+        context = pipe.text_encoder(pipe.tokenizer([""]).to(pipe.device)).float()
+        x = torch.randn(1, pipe.unet.config.in_channels, size // 8, size // 8,
+                        generator=torch.Generator().manual_seed(0))
+        return pipe.unet(x.to(pipe.device), torch.tensor([500], device=pipe.device), context)
+    return run
+
+
+@torch.no_grad()
+def sample_grid(pipe: Pipeline, prompts: list[str], path: Path, size: int, steps: int = 25) -> None:
+    """Fixed prompts and seeds (image i from seed i) through sample.py's pipeline, one PNG row at `path`: how
+    a run's model draws as it learns."""
+    pipe.unet.eval()
+    images = pipe(prompts, steps=steps, seed=0, seed_mode="per_image", height=size, width=size,
+                  progress=False)
+    pipe.unet.train()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid(images, cols=len(images)).save(path)
 
 def plot_losses(rows: list[dict], path: Path, keys=("loss", "sd", "out", "feat")) -> None:
     """A PNG line plot of the logged loss terms against the step (log scale), drawn with PIL. A term that is 0

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import dreambooth
 import evaluate
 import minisd.convert
 import sample
@@ -150,6 +151,26 @@ TRAIN_VAE = [
     ("out-holds-another-run", ["--out", "{tmp}/other-vae"], 2, ["holds another run", "start", "--overwrite"]),
 ]
 
+# dreambooth.py: the toy model, 4 toy scenes as the subject, prior preservation with class prompt "a shape"
+DREAMBOOTH = [
+    ("instance-data-missing", ["--instance-data", "{tmp}/nothing"], 2, ["--instance-data", "not a folder"]),
+    ("instance-data-no-images", ["--instance-data", "{tmp}/data-empty"], 2, ["--instance-data", "no images"]),
+    ("class-prompt-missing", ["--class-prompt", ""], 2,
+     ["needs --class-prompt", "--no-with-prior-preservation"]),
+    ("model-missing", ["--model", "{tmp}/nothing"], 2, ["nothing", "not a file, a folder or a hub id"]),
+    ("class-model-missing", ["--class-model", "{tmp}/nothing"], 2, ["nothing", "not a file, a folder"]),
+    ("lr-nan", ["--lr", "nan"], 2, ["--lr", "not a finite number"]),
+    ("prior-loss-weight-inf", ["--prior-loss-weight", "inf"], 2,
+     ["--prior-loss-weight", "not a finite number"]),
+    ("class-guidance-nan", ["--class-guidance", "nan"], 2, ["--class-guidance", "not a finite number"]),
+    ("max-steps-0", ["--max-steps", "0"], 2, ["--max-steps", ">= 1"]),
+    ("batch-size-above-the-photos", ["--batch-size", "8"], 2, ["holds 4 images, fewer than one batch"]),
+    ("resolution-not-multiple-of-8", ["--resolution", "30"], 2, ["--resolution 30", "multiple of 8"]),
+    ("device-unknown", ["--device", "tpu7"], 2, ["unknown device 'tpu7'"]),
+    ("out-unwritable", ["--out", "/proc/minisd/db"], 2, ["--out", "cannot create the folder"]),
+    ("out-holds-another-run", ["--out", "{tmp}/other-run"], 2, ["holds another run", "--overwrite"]),
+]
+
 CONVERT = [
     ("dest-inside-source", ["{model}", "{model}/copy"], 2, ["inside it"]),
     ("source-missing", ["{tmp}/nothing", "{tmp}/out"], 2, ["not a file, a folder or a hub id"]),
@@ -227,6 +248,7 @@ def no_generation(monkeypatch):
     monkeypatch.setattr(train, "kd_step", work)
     monkeypatch.setattr(TrainState, "restore", work)  # a resumed state must be checked first
     monkeypatch.setattr(train_vae, "batches", work)
+    monkeypatch.setattr(dreambooth, "batches", work)
 
 
 def run(main, argv: list[str], capsys) -> tuple[int, str]:
@@ -305,6 +327,16 @@ def test_train_vae_bad_input(inputs, no_generation, capsys, argv, code, words, r
     got, err = run(train_vae.main, [*base, *start, *fill(argv, inputs)], capsys)
     check("train_vae.py", got, err, code, words, inputs)
     assert not (TOY / "vae" / "log.jsonl").exists()
+
+
+@pytest.mark.parametrize("argv, code, words", [row[1:] for row in DREAMBOOTH],
+                         ids=[row[0] for row in DREAMBOOTH])
+def test_dreambooth_bad_input(inputs, no_generation, capsys, argv, code, words, request):
+    base = ["--model", str(TOY), "--instance-data", str(inputs / "toy" / "train"), "--instance-prompt",
+            "a sks shape", "--class-prompt", "a shape", "--num-class-images", "2", "--class-steps", "1",
+            "--max-steps", "1", "--num-workers", "0", "--out", str(inputs / "db" / request.node.callspec.id)]
+    got, err = run(dreambooth.main, [*base, *fill(argv, inputs)], capsys)
+    check("dreambooth.py", got, err, code, words, inputs)
 
 
 # ---- python -m minisd.convert

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ("sample.py", "train.py", "evaluate.py", "train_vae.py")
+SCRIPTS = ("sample.py", "train.py", "evaluate.py", "train_vae.py", "dreambooth.py")
 # Each part of minisd (a top-level module or a subpackage) in its layer, lowest first: a part imports
 # only from its own layer and the layers below. "minisd" is the package's __init__.
 LAYERS = (
@@ -20,7 +20,8 @@ LAYERS = (
     {"blocks", "unet", "vae", "clip", "clip_vision", "tokenizer", "table", "images", "cli"},
     {"checkpoints"},                                                            # key layouts, files
     {"pipeline", "schedulers", "convert", "minisd"},                            # sampling
-    {"training", "distill", "kd_step", "data", "latent_cache", "evaluation", "metrics", "flops"},  # users
+    {"training", "distill", "kd_step", "data", "latent_cache", "evaluation", "metrics", "flops",  # users
+     "dreambooth"},
     {"toy", "bench"},                                                           # leaf consumers
 )
 REFERENCE_LIBRARIES = ("accelerate", "diffusers", "open_clip", "peft", "transformers")
