@@ -124,6 +124,24 @@ def test_inject_merge_unmerge_remove():
         assert not any(isinstance(m, LoRALinear) for m in model.modules())
 
 
+def test_training_reaches_only_the_lora():
+    """Gradients reach down and up alone, through activation checkpointing, with fp32 LoRA weights beside a
+    bf16 model (the update is computed in fp32 and added in the model's dtype)."""
+    torch.manual_seed(0)
+    unet = UNet(TABLE).to(torch.bfloat16).requires_grad_(False)
+    inject_lora(unet, ["to_q", "to_v"], rank=2, dtype=torch.float32)
+    randomize_lora_(unet)
+    unet.gradient_checkpointing = True
+    x, context = torch.randn(2, 4, 8, 8, dtype=torch.bfloat16), torch.randn(2, 5, 16, dtype=torch.bfloat16)
+    out = unet.train()(x, torch.tensor([10, 700]), context)
+    assert out.dtype == torch.bfloat16
+    out.float().square().mean().backward()
+    grads = {n: p.grad for n, p in unet.named_parameters()}
+    lora = set(lora_state_dict(unet))
+    assert all(grads[n].dtype == torch.float32 and grads[n].abs().sum() > 0 for n in lora)
+    assert all(g is None for n, g in grads.items() if n not in lora)
+
+
 def test_inject_names_no_layer():
     with pytest.raises(ValueError, match="no Linear layer of the model is named ...q_proj"):
         inject_lora(CLIPTextEncoder(TEXT), ["q_proj"], rank=2)
