@@ -7,6 +7,7 @@
     python sample.py "a lighthouse" --model v2-1_512-ema-pruned.safetensors --prediction-type epsilon
     python sample.py "a red panda" --num-images 8 --device cuda --compile    # compiled U-Net, CUDA graphs
     python sample.py "a red circle above a blue square" --model weights/toy-sd   # offline: the toy model
+    python sample.py "a dog" --lora dog.safetensors --lora-scale 1 --lora style.safetensors --lora-scale 0.6
 
 Several images are saved numbered (sample-00.png, ...) with a grid (sample-grid.png). Each image
 carries its prompt, seed and settings: a PNG in its text chunks, a JPEG or WebP in its EXIF.
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from minisd.checkpoints.lora_files import open_lora
 from minisd.cli import (
     BAD_INPUT,
     UsageError,
@@ -67,6 +69,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="single-file model: U-Net variant (default: detected)")
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"],
                    help="override the model's prediction type")
+    p.add_argument("--lora", type=Path, action="append", default=[], metavar="PATH",
+                   help="a LoRA to sample with: a .safetensors/.bin file in minisd's, diffusers' or "
+                        "kohya/A1111's layout, or a folder with pytorch_lora_weights.safetensors; repeat for "
+                        "several")
+    p.add_argument("--lora-scale", type=finite_float, action="append", default=[], metavar="S",
+                   help="a LoRA's strength: the i-th --lora-scale goes with the i-th --lora (default 1 for "
+                        "each LoRA without one); repeat for several")
     p.add_argument("--out", type=Path, default=Path("sample.png"),
                    help="output image, .png (default sample.png), .jpg or .webp")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -81,6 +90,10 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name} must be a positive multiple of 8, not {value}")
     if not 0.0 < args.strength <= 1.0:
         p.error(f"--strength must be in (0, 1], not {args.strength}")
+    if len(args.lora_scale) > len(args.lora):
+        p.error(f"{len(args.lora_scale)} --lora-scale for {len(args.lora)} --lora: the i-th --lora-scale "
+                "goes with the i-th --lora")
+    args.lora_scale += [1.0] * (len(args.lora) - len(args.lora_scale))
     return args
 
 
@@ -92,6 +105,19 @@ def read_image(path: Path) -> Image.Image:
         raise UsageError(f"cannot read init image {path}: {e}") from None
 
 
+def open_loras(paths: list[Path]) -> list:
+    """Read every --lora file (and tell its layout) before the model loads: a bad one costs nothing."""
+    files = []
+    for path in paths:
+        if not path.exists():
+            raise UsageError(f"--lora {path}: no such file or folder")
+        try:
+            files.append(open_lora(path))
+        except (FileNotFoundError, ValueError) as e:
+            raise UsageError(f"--lora {path}: {e}") from None
+    return files
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(format="warning: %(message)s", level=logging.WARNING)
@@ -99,10 +125,13 @@ def main(argv=None) -> int:
         device = check_device(args.device)
         check_image_path(args.out)
         init = read_image(args.init_image) if args.init_image else None
+        loras = open_loras(args.lora)
         dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)
         pipe = load_pipeline(args.model, device=device, dtype=dtype, family=args.family,
                              variant=args.variant, prediction_type=args.prediction_type)
-        if args.compile:
+        for lora, scale in zip(loras, args.lora_scale):
+            pipe.load_lora(lora, scale)
+        if args.compile:  # after the LoRAs: fused q/k/v take the updated weights
             pipe.fuse_qkv().channels_last().compile("reduce-overhead" if pipe.device.type == "cuda" else None)
         images = pipe(args.prompt, steps=args.steps, guidance=args.guidance, seed=args.seed,
                       height=args.height, width=args.width, negative_prompt=args.negative_prompt,
@@ -130,7 +159,8 @@ def write_images(args, images, scheduler: str) -> None:
                         seed=seed, seed_mode=args.seed_mode, batch_index=i, steps=args.steps,
                         guidance=args.guidance, scheduler=scheduler, model=args.model,
                         size=f"{image.width}x{image.height}", init_image=args.init_image or "",
-                        strength=args.strength if args.init_image else "")
+                        strength=args.strength if args.init_image else "",
+                        lora=", ".join(f"{p} ({s:g})" for p, s in zip(args.lora, args.lora_scale)))
         save_with_settings(image, path, {key: str(value) for key, value in settings.items()})
         print(path)
     if len(images) > 1:

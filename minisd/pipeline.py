@@ -11,6 +11,9 @@ and denoise from there, as StableDiffusionImg2ImgPipeline does.
 - a hub id ("nota-ai/bk-sdm-small"), downloaded into weights/hub/ (minisd/checkpoints/hub.py);
 - a local folder in diffusers layout, as the hub repos and train.py write them;
 - a single original-layout .safetensors/.ckpt file, SD-v1 or SD-v2, BK-SDM students included.
+
+`pipe.load_lora(path, scale)` adds a LoRA file's updates (minisd's, diffusers' or kohya's layout) to the
+U-Net's and text encoder's weights, so that sampling with it runs at full speed; several add up.
 """
 
 import logging
@@ -22,11 +25,14 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from minisd.blocks import Attention
 from minisd.checkpoints import diffusers as diffusers_layout
 from minisd.checkpoints import hub, ldm
 from minisd.checkpoints.files import WEIGHT_SUFFIXES
+from minisd.checkpoints.lora_files import LoRAFile, read_lora
 from minisd.clip import CLIPTextEncoder, family_of
 from minisd.images import to_rgb
+from minisd.lora import adaptable_layers, add_low_ranks, layer_weight
 from minisd.schedulers import make_sampler
 from minisd.tokenizer import CLIPTokenizer
 from minisd.unet import UNet
@@ -61,6 +67,9 @@ class Pipeline:
     source: str = ""
     scheduler: object = field(init=False, repr=False)  # the default sampler, as the checkpoint's config says
     compiled_unet: object = field(default=None, init=False, repr=False)  # set by compile()
+    loras: list = field(default_factory=list, init=False)  # (file, scale) of each LoRA loaded, in order
+    # the weights the LoRAs changed, as they were before the first (on the CPU), for unload_loras()
+    lora_originals: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
         self.scheduler = make_sampler(SAMPLER_OF_CLASS.get(self.scheduler_config.get("_class_name"), "pndm"),
@@ -192,6 +201,36 @@ class Pipeline:
         """Fuse the U-Net's self-attention q/k/v projections (UNet.fuse_qkv); saving keeps the standard
         layout."""
         self.unet.fuse_qkv()
+        return self
+
+    def load_lora(self, source: str | Path | LoRAFile, scale: float = 1.0) -> "Pipeline":
+        """Add a LoRA's updates, times `scale`, to the U-Net's and text encoder's weights (merged, so sampling
+        runs at full speed). `source`: a .safetensors/.bin file, a folder holding
+        pytorch_lora_weights.safetensors, or an open_lora() result, in minisd's, diffusers' or kohya/A1111's
+        layout (detected). Several LoRAs add up, each with its own scale; unload_loras() gives the weights
+        back. A LoRA that does not fit the models is refused whole (CheckpointError, naming its keys)."""
+        if any(isinstance(m, Attention) and m.to_qkv is not None for m in self.unet.modules()):
+            raise ValueError("load LoRAs before fuse_qkv(): a fused self-attention has no to_q/to_k/to_v "
+                             "weights of its own to update")
+        models = dict(unet=self.unet, text_encoder=self.text_encoder)
+        lora = read_lora(source, models)
+        for component, updates in lora.items():
+            layers = adaptable_layers(models[component])
+            for name in updates:
+                self.lora_originals.setdefault((component, name),
+                                               layer_weight(layers[name]).detach().to("cpu", copy=True))
+            add_low_ranks(models[component], updates, scale)
+        self.loras.append((source.name if isinstance(source, LoRAFile) else str(source), scale))
+        return self
+
+    @torch.no_grad()
+    def unload_loras(self) -> "Pipeline":
+        """Give back the weights as they were before the first load_lora(), exactly."""
+        models = dict(unet=self.unet, text_encoder=self.text_encoder)
+        for (component, name), original in self.lora_originals.items():
+            layer_weight(models[component].get_submodule(name)).copy_(original)
+        self.lora_originals.clear()
+        self.loras.clear()
         return self
 
     def channels_last(self) -> "Pipeline":

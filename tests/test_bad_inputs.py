@@ -56,6 +56,12 @@ SAMPLE = [
     ("checkpoint-copied-away", ["a", "--model", "{tmp}/checkpoint-0000010"], 2,
      ["vae/", "links", "python -m minisd.convert"]),
     ("init-image-unreadable", ["a", "--init-image", "{tmp}/prompts.csv"], 2, ["cannot read init image"]),
+    ("lora-missing", ["a", "--lora", "{tmp}/none.safetensors"], 2,
+     ["--lora", "none.safetensors", "no such file"]),
+    ("lora-not-a-lora", ["a", "--lora", "{tmp}/whole.ckpt"], 2, ["--lora", "whole.ckpt", "not a LoRA file"]),
+    ("lora-truncated", ["a", "--lora", "{tmp}/cut.ckpt"], 2, ["--lora", "cut.ckpt", "truncated"]),
+    ("lora-scale-without-lora", ["a", "--lora-scale", "0.5"], 2, ["1 --lora-scale for 0 --lora"]),
+    ("lora-scale-nan", ["a", "--lora-scale", "nan"], 2, ["--lora-scale", "not a finite number"]),
 ]
 
 EVALUATE = [

@@ -16,8 +16,8 @@ SCRIPTS = ("sample.py", "train.py", "evaluate.py", "train_vae.py", "dreambooth.p
 # Each part of minisd (a top-level module or a subpackage) in its layer, lowest first: a part imports
 # only from its own layer and the layers below. "minisd" is the package's __init__.
 LAYERS = (
-    # models, grid, checks
-    {"blocks", "unet", "vae", "clip", "clip_vision", "tokenizer", "table", "images", "cli"},
+    # models (and their LoRA layers), grid, checks
+    {"blocks", "unet", "vae", "clip", "clip_vision", "tokenizer", "table", "images", "cli", "lora"},
     {"checkpoints"},                                                            # key layouts, files
     {"pipeline", "schedulers", "convert", "minisd"},                            # sampling
     {"training", "distill", "kd_step", "data", "latent_cache", "evaluation", "metrics", "flops",  # users

@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
@@ -57,6 +58,20 @@ def first_sentence(error: Exception) -> str:
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of a weight file, on the CPU, as stored (dtype unchanged)."""
     return {k: v for k, v in read_checkpoint(path).items() if isinstance(v, torch.Tensor)}
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata of a .safetensors file's header (what `save_file(..., metadata=)` stored); {} for
+    other files, which have none."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return {}
+    try:
+        with safe_open(str(path), "pt") as f:
+            return f.metadata() or {}
+    except Exception as e:
+        raise ValueError(f"cannot read {path} as safetensors ({type(e).__name__}: {first_sentence(e)}): "
+                         "the file is truncated or not a safetensors file; get or save it again.") from None
 
 
 def find_weights(folder: str | Path, stems: tuple[str, ...], half: bool = False) -> Path:
