@@ -48,7 +48,10 @@ from minisd.dreambooth import (
     make_class_images,
     prompted_folder,
 )
+from minisd.checkpoints.lora_files import WEIGHT_NAME as LORA_WEIGHTS
+from minisd.checkpoints.lora_files import write_lora
 from minisd.kd_step import KDRecipe, kd_step
+from minisd.lora import inject_lora, lora_layers, lora_parameters, merge_lora, unmerge_lora
 from minisd.pipeline import default_dtype, load_pipeline
 from minisd.schedulers import SAMPLERS, NoiseSchedule
 from minisd.training import (
@@ -73,7 +76,7 @@ from minisd.training import (
 PROG = "dreambooth.py"
 # what a run folder holds, and --overwrite removes (the class images stay: they can serve the next run)
 RUN_OUTPUTS = ("checkpoint-*", ".tmp-checkpoint-*", *SHARED, "unet", "model_index.json", "log.jsonl",
-               "losses.png", "samples", "run.json")
+               "losses.png", "samples", "run.json", f"{LORA_WEIGHTS}.safetensors", "lora-kohya.safetensors")
 
 
 def parse_args(argv=None):
@@ -96,7 +99,20 @@ def parse_args(argv=None):
     p.add_argument("--class-sampler", choices=SAMPLERS, help="default: the class model's own scheduler")
     p.add_argument("--train-text-encoder", action=argparse.BooleanOptionalAction, default=True,
                    help="fine-tune the text encoder too (default: on)")
-    p.add_argument("--lr", type=positive_float, default=1e-6, help="constant, no warm-up")
+    p.add_argument("--lora", action="store_true",
+                   help="train LoRA layers instead of the weights, into one small file "
+                        "(pytorch_lora_weights.safetensors)")
+    p.add_argument("--rank", type=positive_int, default=16, help="the U-Net's LoRA rank")
+    p.add_argument("--alpha", type=positive_float, default=27.0,
+                   help="the U-Net's LoRA alpha (the update's scale is alpha/rank)")
+    p.add_argument("--lora-targets", nargs="+", default=["to_q", "to_v"],
+                   help="the layers that get LoRA, by the end of their names (U-Net and text encoder)")
+    p.add_argument("--text-encoder-rank", type=positive_int, default=16)
+    p.add_argument("--text-encoder-alpha", type=positive_float, default=17.0)
+    p.add_argument("--export-kohya", action="store_true",
+                   help="with --lora: also write lora-kohya.safetensors, the layout A1111-style tools read")
+    p.add_argument("--lr", type=positive_float,
+                   help="constant, no warm-up (default 1e-6, or 1e-4 with --lora)")
     p.add_argument("--max-steps", type=positive_int, default=800)
     p.add_argument("--resolution", type=positive_int,
                    help="a multiple of 8 (default: the model's native size)")
@@ -122,7 +138,10 @@ def parse_args(argv=None):
     if args.with_prior_preservation and not args.class_prompt:
         p.error('prior preservation (on by default) needs --class-prompt, e.g. --class-prompt "a dog"; or '
                 "give --no-with-prior-preservation")
+    if args.export_kohya and not args.lora:
+        p.error("--export-kohya writes the LoRA in kohya's layout: it needs --lora")
     args.class_data = args.class_data or args.out / "class_images"
+    args.lr = args.lr or (1e-4 if args.lora else 1e-6)
     return args
 
 
@@ -135,7 +154,7 @@ def main(argv=None) -> int:
         config = dict(model=args.model, instance_data=str(args.instance_data),
                       instance_prompt=args.instance_prompt,
                       class_prompt=args.class_prompt if args.with_prior_preservation else None,
-                      train_text_encoder=args.train_text_encoder)
+                      train_text_encoder=args.train_text_encoder, lora=args.lora)
         open_run(args.out, config, args.overwrite, RUN_OUTPUTS)
         pipe = load_pipeline(args.model, device=device, dtype=default_dtype(device))
         size = args.resolution or pipe.native_size
@@ -155,20 +174,15 @@ def main(argv=None) -> int:
                                     args.center_crop, args.seed + 1)
             data = PriorPreservation(data, prior)
             collate_fn = partial(collate_pairs, prior_loss_weight=args.prior_loss_weight)
-        write_shared(pipe, args.out)
-
-        # What learns (fp32 master weights, bf16 autocast on CUDA), what stays frozen (bf16 on CUDA)
-        pipe.to(dtype=default_dtype(device, training=True))
-        unet = pipe.unet.float().train().requires_grad_(True)
-        models = {"unet": unet}
-        if args.train_text_encoder:
-            models["text_encoder"] = pipe.text_encoder.float().train().requires_grad_(True)
-        trained = [p for model in models.values() for p in model.parameters()]
+        if not args.lora:
+            write_shared(pipe, args.out)
+        models, trained = learners(args, pipe)
         optimizer = torch.optim.AdamW(trained, lr=args.lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8,
                                       fused=device.type == "cuda")
         state = TrainState(models, optimizer)
         if found := checkpoints(args.out):  # a re-run goes on from the last checkpoint
             state.restore(found[-1], read_training_state(found[-1]))
+        unet = pipe.unet
         loader = make_loader(data, args.batch_size, args.num_workers, pin_memory=device.type == "cuda",
                              collate_fn=collate_fn)
 
@@ -176,8 +190,9 @@ def main(argv=None) -> int:
     model = torch.compile(unet) if device.type == "cuda" and not args.no_compile else unet
     schedule = NoiseSchedule.from_config(pipe.scheduler_config)
     scheduler_class = pipe.scheduler_config.get("_class_name", "PNDMScheduler")
+    # a full fine-tune's checkpoint is a whole pipeline; a LoRA run's holds the LoRA layers alone
     saves = Checkpoints(args.out, args.keep, dict(args=json.dumps(vars(args), default=str)), PROG,
-                        scheduler_class)
+                        None if args.lora else scheduler_class)
     stream = batches(loader, state)
 
     def step() -> None:
@@ -195,8 +210,12 @@ def main(argv=None) -> int:
             logged["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
         return logged | dict(skipped=loader.dataset.skipped)
 
-    def validate(at: int) -> None:
+    def validate(at: int) -> None:  # LoRA merged for the while, so that it samples at full speed
+        for model in models.values():
+            merge_lora(model)
         sample_grid(pipe, [args.validation_prompt] * 4, args.out / "samples" / f"step-{at:07d}.png", size)
+        for model in models.values():
+            unmerge_lora(model)
 
     log = RunLog(args.out, 0, args.max_steps, state.step, "dreambooth", shown=("loss", "peak_mem_gb"),
                  plotted=("loss",))
@@ -214,13 +233,45 @@ def main(argv=None) -> int:
         print(f"stopped at step {state.step}: {checkpoints(args.out)[-1]}; run the same command to go on")
         return 0
 
-    # The run folder becomes the fine-tuned pipeline: its U-Net (and text encoder) beside the shared parts
-    save_unet(unet, args.out / "unet")
-    if args.train_text_encoder:
-        save_text_encoder(pipe.text_encoder, args.out / "text_encoder")
-    write_json(args.out / "model_index.json", model_index(scheduler_class))
+    write_result(args, pipe, models, scheduler_class)
     print(f"personalized after {state.step} steps: {args.out}")
     return 0
+
+
+def learners(args, pipe) -> tuple[dict, list]:
+    """What learns, by its checkpoint folder (training.TrainState), and the parameters the optimizer steps.
+    Full fine-tuning: the U-Net (and text encoder) in fp32, as master weights (bf16 autocast on CUDA), the
+    rest frozen in bf16 on CUDA. --lora: every weight frozen (bf16 on CUDA), and fp32 LoRA layers injected on
+    --lora-targets of the U-Net (and text encoder): all that learns."""
+    device = pipe.device
+    pipe.to(dtype=default_dtype(device, training=True))
+    parts = {"unet": pipe.unet} | ({"text_encoder": pipe.text_encoder} if args.train_text_encoder else {})
+    if not args.lora:
+        models = {name: model.float().train().requires_grad_(True) for name, model in parts.items()}
+        return models, [p for model in models.values() for p in model.parameters()]
+    ranks = {"unet": (args.rank, args.alpha),
+             "text_encoder": (args.text_encoder_rank, args.text_encoder_alpha)}
+    for name, model in parts.items():
+        model.requires_grad_(False).train()
+        inject_lora(model, args.lora_targets, *ranks[name], dtype=torch.float32)
+    models = {f"{name}_lora": model for name, model in parts.items()}
+    return models, [p for model in models.values() for p in lora_parameters(model)]
+
+
+def write_result(args, pipe, models: dict, scheduler_class: str) -> None:
+    """Full fine-tuning: the run folder becomes the pipeline, its U-Net (and text encoder) beside the shared
+    parts. --lora: the LoRA in diffusers' layout (and kohya's, with --export-kohya)."""
+    if not args.lora:
+        save_unet(pipe.unet, args.out / "unet")
+        if args.train_text_encoder:
+            save_text_encoder(pipe.text_encoder, args.out / "text_encoder")
+        write_json(args.out / "model_index.json", model_index(scheduler_class))
+        return
+    components = {name.removesuffix("_lora"): model for name, model in models.items()}
+    lora = {name: lora_layers(model) for name, model in components.items()}
+    write_lora(args.out / f"{LORA_WEIGHTS}.safetensors", lora, components, "diffusers")
+    if args.export_kohya:
+        write_lora(args.out / "lora-kohya.safetensors", lora, components, "kohya")
 
 
 if __name__ == "__main__":

@@ -47,16 +47,46 @@ from minisd.checkpoints.diffusers import (
     write_json,
 )
 from minisd.checkpoints.files import read_checkpoint, read_json, write_checkpoint
+from minisd.checkpoints.lora_files import WEIGHT_NAME as LORA_WEIGHTS
+from minisd.checkpoints.lora_files import read_lora, write_lora
 from minisd.cli import UsageError, check_writable_folder
 from minisd.data import ResumableSampler
 from minisd.images import grid
+from minisd.lora import lora_layers, lora_modules
 from minisd.pipeline import Pipeline
 from minisd.unet import UNet
 
 SHARED = ("vae", "text_encoder", "tokenizer", "scheduler")
-# how each model that learns is saved in, and read from, its checkpoint folder
-SAVE = {"unet": save_unet, "text_encoder": save_text_encoder, "vae": save_vae}
-LOAD = {"unet": load_unet, "text_encoder": load_text_encoder, "vae": load_vae}
+
+
+def whole(load):
+    """Restores a model from a checkpoint folder that `load` reads (diffusers layout)."""
+    def restore(model: torch.nn.Module, folder: Path) -> None:
+        model.load_state_dict(load(folder, device=next(model.parameters()).device).state_dict())
+    return restore
+
+
+def lora_part(component: str):
+    """(save, restore) of a model's LoRA layers alone (dreambooth.py --lora), as a diffusers-layout
+    pytorch_lora_weights.safetensors that sample.py --lora and diffusers' load_lora_weights read too."""
+    def save(model: torch.nn.Module, folder: Path) -> None:
+        path = folder / f"{LORA_WEIGHTS}.safetensors"
+        write_lora(path, {component: lora_layers(model)}, {component: model})
+
+    def restore(model: torch.nn.Module, folder: Path) -> None:
+        layers = lora_modules(model)
+        with torch.no_grad():
+            for name, update in read_lora(folder, {component: model})[component].items():
+                layers[name].down.weight.copy_(update.down)
+                layers[name].up.weight.copy_(update.up)
+    return save, restore
+
+
+# how each model that learns is saved in, and restored from, its checkpoint folder (the folder's name)
+SAVE = {"unet": save_unet, "text_encoder": save_text_encoder, "vae": save_vae,
+        "unet_lora": lora_part("unet")[0], "text_encoder_lora": lora_part("text_encoder")[0]}
+RESTORE = {"unet": whole(load_unet), "text_encoder": whole(load_text_encoder), "vae": whole(load_vae),
+           "unet_lora": lora_part("unet")[1], "text_encoder_lora": lora_part("text_encoder")[1]}
 
 
 class TrainingError(RuntimeError):
@@ -157,7 +187,8 @@ class TrainState:
     and the data position (the epoch, and the samples this rank took in it), so that a resumed run takes the
     batch that the run it resumes would have taken next."""
     # the models that learn, by the checkpoint folder each is saved in (a key of SAVE): train.py's "unet"
-    # (and "text_encoder" with --train-text-encoder), train_vae.py's "vae"
+    # (and "text_encoder" with --train-text-encoder), train_vae.py's "vae", dreambooth.py's "unet" or
+    # "unet_lora" (the LoRA layers alone) and "text_encoder" or "text_encoder_lora"
     models: dict[str, torch.nn.Module]
     optimizer: torch.optim.Optimizer
     ema: EMA | None = None  # of models["unet"]
@@ -168,8 +199,7 @@ class TrainState:
     def restore(self, path: Path, saved: dict) -> None:
         """Go on from the checkpoint at `path`, whose training_state.pt is `saved`."""
         for name, model in self.models.items():
-            device = next(model.parameters()).device
-            model.load_state_dict(LOAD[name](path / name, device=device).state_dict())
+            RESTORE[name](model, path / name)
         if self.ema is not None and (path / "ema_unet").is_dir():
             self.ema.shadow = {k: v.float() for k, v in load_unet(path / "ema_unet").state_dict().items()}
         self.optimizer.load_state_dict(saved["optimizer"])

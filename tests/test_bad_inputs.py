@@ -175,6 +175,8 @@ DREAMBOOTH = [
     ("device-unknown", ["--device", "tpu7"], 2, ["unknown device 'tpu7'"]),
     ("out-unwritable", ["--out", "/proc/minisd/db"], 2, ["--out", "cannot create the folder"]),
     ("out-holds-another-run", ["--out", "{tmp}/other-run"], 2, ["holds another run", "--overwrite"]),
+    ("export-kohya-without-lora", ["--export-kohya"], 2, ["--export-kohya", "needs --lora"]),
+    ("lora-rank-0", ["--lora", "--rank", "0"], 2, ["--rank", ">= 1"]),
 ]
 
 CONVERT = [

@@ -136,3 +136,36 @@ def test_frozen_text_encoder_stays_as_it_was(photos, tmp_path):
     unet_start = load_file(TOY / "unet" / "diffusion_pytorch_model.safetensors")
     unet_after = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
     assert any(not torch.equal(unet_start[k], unet_after[k]) for k in unet_start)
+
+
+@pytest.mark.slow
+def test_lora_run_resumes_exactly_and_its_file_loads_in_diffusers(photos, tmp_path):
+    """--lora (BK-SDM's LoRA recipe, 1e-4): 4 steps in one go, or 2 then 4, give the same LoRA; its file
+    (diffusers' layout, with the U-Net and text-encoder LoRA) draws the same image in minisd and in diffusers'
+    load_lora_weights, and the kohya export gives minisd the same image again."""
+    once, twice = tmp_path / "once", tmp_path / "twice"
+    lora = ["--lora", "--export-kohya"]
+    assert dreambooth.main(flags(photos, once) + lora) == 0
+    assert dreambooth.main(flags(photos, twice, max_steps=2) + lora) == 0
+    assert dreambooth.main(flags(photos, twice) + lora) == 0
+    a, b = (load_file(run / "pytorch_lora_weights.safetensors") for run in (once, twice))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(k.startswith("unet.") for k in a) and any(k.startswith("text_encoder.") for k in a)
+    assert not (once / "unet").exists()  # the model's own weights are not written: they did not change
+
+    settings = dict(steps=3, seed=0, progress=False, output="np")
+    mine = load_pipeline(TOY)
+    mine.load_lora(once)
+    image = mine("a sks shape", **settings)
+    plain = load_pipeline(TOY)("a sks shape", **settings)
+    assert np.abs(image - plain).max() > 2 / 255  # the LoRA changes the image
+    kohya = load_pipeline(TOY)
+    kohya.load_lora(once / "lora-kohya.safetensors")
+    assert np.abs(kohya("a sks shape", **settings) - image).max() <= 1 / 255
+
+    pipe = StableDiffusionPipeline.from_pretrained(TOY, safety_checker=None, torch_dtype=torch.float32)
+    pipe.load_lora_weights(once)
+    pipe.set_progress_bar_config(disable=True)
+    reference = pipe("a sks shape", num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+                     height=64, width=64, output_type="np").images
+    assert np.abs(image - reference).max() <= 2 / 255
