@@ -20,7 +20,8 @@ LAYERS = (
     {"blocks", "unet", "vae", "clip", "clip_vision", "tokenizer", "table", "images", "cli"},
     {"checkpoints"},                                                            # key layouts, files
     {"pipeline", "schedulers", "convert", "minisd"},                            # sampling
-    {"training", "distill", "kd_step", "data", "latent_cache", "evaluation", "metrics", "flops"},  # users
+    {"training", "distill", "kd_step", "data", "latent_cache", "evaluation", "metrics", "flops",   # users
+     "dreambooth_data", "dreambooth_eval"},
     {"toy", "bench"},                                                           # leaf consumers
 )
 REFERENCE_LIBRARIES = ("accelerate", "diffusers", "open_clip", "peft", "transformers")
