@@ -294,13 +294,15 @@ def dreambooth(args, rank: int, world: int) -> int:
         dino_weights = dreambooth_eval.check_metric_weights(metrics, args.dino_weights, args.clip_model,
                                                             args.clip_pretrained)
         dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)
+        per_rank = -(-len(rows) // world)  # ceil
+        mine = list(range(rank * per_rank, min(len(rows), (rank + 1) * per_rank)))
         folder, pipe = args.images, None
         if folder is not None:
             dreambooth_eval.image_files(folder, rows)
         else:
             folder = args.out / dreambooth_eval.IMAGES
             sources = dreambooth_eval.model_sources(args.model, subjects)
-            first = sources[subjects[0].name]
+            first = sources[rows[mine[0]].subject if mine else subjects[0].name]  # this process's first model
             pipe = load_pipeline(first, device=device, dtype=dtype)
     except BAD_INPUT as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
@@ -316,8 +318,6 @@ def dreambooth(args, rank: int, world: int) -> int:
             except BAD_INPUT as e:
                 raise UsageError(str(e)) from None
 
-        per_rank = -(-len(rows) // world)  # ceil
-        mine = list(range(rank * per_rank, min(len(rows), (rank + 1) * per_rank)))
         size = args.size or pipe.native_size
         try:
             made, seconds = dreambooth_eval.generate(
