@@ -319,9 +319,16 @@ def dreambooth(args, rank: int, world: int) -> int:
                 raise UsageError(str(e)) from None
 
         size = args.size or pipe.native_size
+        scores |= {"model": args.model, "steps": args.steps, "guidance": args.guidance,
+                   "scheduler": args.scheduler or pipe.scheduler.__class__.__name__, "seed": args.seed,
+                   "seed_mode": args.seed_mode, "size": size,
+                   "dtype": args.dtype or {v: k for k, v in DTYPES.items()}[dtype],
+                   **evaluation.parameter_counts(pipe)}
+        models = {first: pipe}
+        del pipe  # `models` holds the only reference: generate frees it when the next subject's model loads
         try:
             made, seconds = dreambooth_eval.generate(
-                folder, rows, mine, sources, load, (first, pipe), steps=args.steps, guidance=args.guidance,
+                folder, rows, mine, sources, load, models, steps=args.steps, guidance=args.guidance,
                 seed=args.seed, seed_mode=args.seed_mode, size=size, batch_size=args.batch_size,
                 scheduler=args.scheduler, progress=rank == 0 and not args.no_progress)
         except UsageError as e:
@@ -331,18 +338,13 @@ def dreambooth(args, rank: int, world: int) -> int:
             print(f"\nevaluate.py: error: {write_error(e, folder)}; a re-run goes on from the images made",
                   file=sys.stderr)
             return 1
+        del models  # the metric networks need the memory more
         print(f"rank {rank}: {len(mine)} images in {folder} ({made} generated now)")
         wait_for_all(world)
         if rank != 0:
             return 0
-        scores |= {"model": args.model, "steps": args.steps, "guidance": args.guidance,
-                   "scheduler": args.scheduler or pipe.scheduler.__class__.__name__, "seed": args.seed,
-                   "seed_mode": args.seed_mode, "size": size,
-                   "dtype": args.dtype or {v: k for k, v in DTYPES.items()}[dtype],
-                   **evaluation.parameter_counts(pipe),
-                   "generation": evaluation.generation_record(args.out, made, seconds, args.batch_size, world,
-                                                              device)}
-        del pipe  # the metric networks need the memory more
+        scores["generation"] = evaluation.generation_record(args.out, made, seconds, args.batch_size, world,
+                                                            device)
     elif rank != 0:
         return 0
     try:

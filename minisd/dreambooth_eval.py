@@ -86,20 +86,23 @@ def image_files(folder: Path, rows: list[Row]) -> list[Path]:
 
 
 def generate(folder: Path, rows: list[Row], indices: list[int], sources: dict[str, str],
-             load: Callable[[str], object], loaded: tuple[str, object] | None = None,
+             load: Callable[[str], object], models: dict[str, object] | None = None,
              **settings) -> tuple[int, float]:
     """Make the images of rows[i] for i in `indices` into `folder`, subject by subject, each with its
-    subject's model (loaded only where an image is missing; `loaded`: a (source, pipeline) already in memory).
-    settings: minisd.evaluation.generate's. Returns (number made, seconds)."""
+    subject's model, loaded only where an image is missing. models: the pipelines in memory by source (the
+    one evaluate.py loaded for its checks), emptied before another model loads, so that one is in memory at a
+    time. settings: minisd.evaluation.generate's. Returns (number made, seconds)."""
+    models = {} if models is None else models
     made, seconds = 0, 0.0
     for subject in dict.fromkeys(rows[i].subject for i in indices):
         mine = [i for i in indices if rows[i].subject == subject]
         if all((folder / rows[i].file_name).is_file() for i in mine):
             continue
-        if loaded is None or loaded[0] != sources[subject]:
-            loaded = None  # free the last model before the next one loads
-            loaded = (sources[subject], load(sources[subject]))
-        n, s = evaluation.generate(loaded[1], rows, mine, {folder: None}, **settings)
+        source = sources[subject]
+        if source not in models:
+            models.clear()  # free the last model before the next one loads
+            models[source] = load(source)
+        n, s = evaluation.generate(models[source], rows, mine, {folder: None}, **settings)
         made, seconds = made + n, seconds + s
     return made, seconds
 
