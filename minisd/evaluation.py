@@ -150,9 +150,14 @@ def hardware(device: torch.device | str) -> str:
 def prompt_grid(out: Path, rows: list[tuple[str, str]], n: int = 16, cols: int = 4,
                 tile: int = 256) -> Image.Image:
     """The first n images with their prompts written beneath, for a quick look at a run."""
+    return captioned_grid([(out / "im512" / name, text) for name, text in rows[:n]], cols, tile)
+
+
+def captioned_grid(items: list[tuple[Path, str]], cols: int = 4, tile: int = 256) -> Image.Image:
+    """Each image file squashed to a tile with its caption written beneath."""
     tiles = []
-    for name, text in rows[:n]:
-        with Image.open(out / "im512" / name) as image:
+    for path, text in items:
+        with Image.open(path) as image:
             picture = image.convert("RGB").resize((tile, tile))
         card = Image.new("RGB", (tile, tile + 44), "white")
         card.paste(picture, (0, 0))
@@ -193,13 +198,17 @@ def markdown_row(name: str, scores: dict) -> tuple[str, str]:
             f"{cell(scores.get('clip_score'), '.4f')} | {params}")
 
 
-def write_scores(out: Path, name: str, scores: dict) -> str:
-    """scores.json and scores.md (the table header and this run's row); returns the row."""
+def write_scores(out: Path, name: str, scores: dict,
+                 table: Callable[[str, dict], tuple[str, str]] = markdown_row) -> str:
+    """scores.json and scores.md (the table header and this run's row, or rows); returns the row(s).
+
+    table: (header, row) of the protocol's results table (default: MS-COCO's, or the toy world's).
+    """
     scores = {**scores, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "versions": {"torch": torch.__version__, "numpy": np.__version__,
                            "python": platform.python_version()}}
     (out / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
-    header, row = markdown_row(name, scores)
+    header, row = table(name, scores)
     (out / "scores.md").write_text(f"{header}\n{'|---' * (header.count('|') - 1)}|\n{row}\n")
     return row
 

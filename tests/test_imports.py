@@ -21,7 +21,7 @@ LAYERS = (
     {"checkpoints"},                                                            # key layouts, files
     {"pipeline", "schedulers", "convert", "minisd"},                            # sampling
     {"training", "distill", "kd_step", "data", "latent_cache", "evaluation", "metrics", "flops",  # users
-     "dreambooth"},
+     "dreambooth", "dreambooth_data", "dreambooth_eval"},
     {"toy", "bench"},                                                           # leaf consumers
 )
 REFERENCE_LIBRARIES = ("accelerate", "diffusers", "open_clip", "peft", "transformers")

@@ -6,7 +6,8 @@ open_clip's CLIP (open_clip/model.py): the image tower is minisd/clip_vision.py'
 tower is SD's text transformer (minisd/clip.py), read at the end-of-text token, which has the
 largest id (open_clip's "argmax" pooling), and projected by `text_projection`.
 
-Presets are open_clip's model_configs/*.json; BK-SDM scores with ViT-g-14 (docs/bksdm.md).
+Presets are open_clip's model_configs/*.json; BK-SDM scores with ViT-g-14 (docs/bksdm.md), the DreamBooth
+protocol with OpenAI's ViT-B/32 (docs/evaluation.md).
 """
 
 import dataclasses
@@ -48,6 +49,9 @@ def _text(width: int, heads: int, layers: int) -> CLIPTextConfig:
 # Parameters, both towers and logit_scale; the same counts as open_clip's CLIP of the same name.
 PRESETS = {
     "ViT-B-32": CLIPConfig(vit.VIT_B32, _text(512, 8, 12)),          # 151.3M
+    # 151.3M; OpenAI's own CLIP ViT-B/32 (quick-GELU in both towers): DreamBooth's CLIP-I and CLIP-T
+    "ViT-B-32-quickgelu": CLIPConfig(dataclasses.replace(vit.VIT_B32, activation="quick_gelu"),
+                                     dataclasses.replace(_text(512, 8, 12), activation="quick_gelu")),
     "ViT-L-14": CLIPConfig(vit.VIT_L14, _text(768, 12, 12)),         # 427.6M
     # 986.1M; SD-v2's text encoder is its first 23 blocks
     "ViT-H-14": CLIPConfig(vit.VIT_H14, _text(1024, 16, 24)),

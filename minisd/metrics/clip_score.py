@@ -18,17 +18,30 @@ from minisd.metrics.open_clip_weights import load_clip
 from minisd.metrics.clip_model import CLIPModel
 
 
+def unit(x: torch.Tensor) -> torch.Tensor:
+    """x / |x| in float32, as BK-SDM's script divides (no epsilon: an all-zero embedding would be an error
+    upstream)."""
+    x = x.float()
+    return x / x.norm(dim=-1, keepdim=True)
+
+
 @torch.no_grad()
+def image_embeddings(model, images: list[Image.Image]) -> torch.Tensor:
+    """L2-normalised embeddings [B, D] (float32, on the model's device) of PIL images, by any model with
+    `preprocess` and `encode_image`: CLIPModel, or DINO (minisd/metrics/dino.py)."""
+    param = next(model.parameters())
+    return unit(model.encode_image(model.preprocess(images).to(param.device, param.dtype)))
+
+
+@torch.no_grad()
+def text_embeddings(model: CLIPModel, prompts: list[str]) -> torch.Tensor:
+    """L2-normalised CLIP text embeddings [B, D] (float32, on the model's device)."""
+    return unit(model.encode_text(model.tokenize(prompts).to(next(model.parameters()).device)))
+
+
 def pair_scores(model: CLIPModel, images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
     """The cosine of each image with its prompt [B] (float32, on the model's device)."""
-    param = next(model.parameters())
-    pixels = model.preprocess(images).to(param.device, param.dtype)
-    ids = model.tokenize(prompts).to(param.device)
-    image_emb, text_emb = model.encode_image(pixels).float(), model.encode_text(ids).float()
-    # x / |x| as BK-SDM's script divides (no epsilon: an all-zero embedding would be an error upstream)
-    image_emb = image_emb / image_emb.norm(dim=-1, keepdim=True)
-    text_emb = text_emb / text_emb.norm(dim=-1, keepdim=True)
-    return (image_emb * text_emb).sum(dim=-1)
+    return (image_embeddings(model, images) * text_embeddings(model, prompts)).sum(dim=-1)
 
 
 def _check_pairs(n_images: int, n_prompts: int) -> None:

@@ -45,6 +45,8 @@ PRETRAINED = {
     ("ViT-H-14", "laion2b_s32b_b79k"): ("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", OPENAI_MEAN, OPENAI_STD),
     ("ViT-L-14", "laion2b_s32b_b82k"): ("laion/CLIP-ViT-L-14-laion2B-s32B-b82K", INCEPTION, INCEPTION),
     ("ViT-B-32", "laion2b_s34b_b79k"): ("laion/CLIP-ViT-B-32-laion2B-s34B-b79K", OPENAI_MEAN, OPENAI_STD),
+    # OpenAI's weights, as open_clip fetches them from timm's hub copy
+    ("ViT-B-32-quickgelu", "openai"): ("timm/vit_base_patch32_clip_224.openai", OPENAI_MEAN, OPENAI_STD),
     ("ViT-bigG-14", "laion2b_s39b_b160k"): ("laion/CLIP-ViT-bigG-14-laion2B-39B-b160k", OPENAI_MEAN,
                                             OPENAI_STD),
 }
