@@ -28,12 +28,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from minisd import latent_cache
 from minisd.checkpoints.diffusers import unet_table_from_config
 from minisd.checkpoints.files import read_json
 from minisd.cli import UsageError, bad_input_exits, finite_float, nonnegative_float, nonnegative_int, \
     positive_float, positive_int
-from minisd.data import collate, make_loader, open_dataset, read_metadata
 from minisd.distill import feature_pairs, student_from_teacher
 from minisd.kd_step import KDRecipe, kd_step
 from minisd.pipeline import Pipeline, default_dtype, load_pipeline
@@ -49,10 +47,11 @@ from minisd.training import (
     TrainingError,
     TrainState,
     batches,
-    check_one_batch,
     checkpoints,
     loop,
     lr_at,
+    open_data,
+    open_loader,
     open_run,
     probe,
     read_training_state,
@@ -177,7 +176,8 @@ def main(argv=None) -> int:
             raise UsageError(f"--global-batch {args.global_batch} is not a multiple of --batch-size x "
                              f"processes ({args.batch_size} x {world})")
         open_run(args.out, run_config(args), args.overwrite, RUN_OUTPUTS, write=rank == 0)
-        data = open_data(args, rank, world)
+        data = open_data(args.data, args.resolution, args.batch_size, args.random_crop, not args.no_flip,
+                         args.seed, args.cache_latents, rank, world)
         # Models: the teacher (frozen; bf16 on CUDA) and the student, in fp32 (master weights), initialised
         # from the teacher's blocks, or from random weights with --unet-config
         teacher = load_pipeline(args.teacher, device=device)
@@ -195,7 +195,8 @@ def main(argv=None) -> int:
         state = TrainState(models, optimizer, EMA(student, args.ema_decay) if args.ema_decay else None)
         resume(args, state)
         # Data: this rank's share, from where the run stands
-        loader = open_loader(args, data, teacher, rank, world, pin_memory=cuda)
+        loader = open_loader(data, teacher, args.teacher, args.data, args.resolution, args.batch_size,
+                             args.num_workers, args.seed, args.cache_latents, rank, world)
         report = reporter(args, rank)
 
     # --plain: no teacher U-Net runs and no features are matched; the denoising loss alone
@@ -281,18 +282,6 @@ def run_config(args) -> dict:
                 train_text_encoder=args.train_text_encoder)
 
 
-def open_data(args, rank: int, world: int):
-    """The data set, opened (its metadata read) before any model loads; None with --cache-latents, whose
-    cache is built from the metadata once the teacher is there."""
-    if args.cache_latents:
-        read_metadata(args.data)
-        return None
-    data = open_dataset(args.data, args.resolution, center_crop=not args.random_crop,
-                        random_flip=not args.no_flip, seed=args.seed, rank=rank, world_size=world)
-    check_one_batch(data, args.data, args.batch_size, world)
-    return data
-
-
 def new_unet(args, teacher: Pipeline, device) -> UNet:
     """--unet-config: a new U-Net architecture from random weights, trained from scratch (--plain; the toy
     teacher was made so). It reads the teacher's text states, so it must take their width."""
@@ -314,19 +303,6 @@ def resume(args, state: TrainState) -> None:
         raise UsageError(f"{found[-1]} is a checkpoint of --variant {saved['variant']} --teacher "
                          f"{saved['teacher']}; give those, or another --out for this run")
     state.restore(found[-1], saved)
-
-
-def open_loader(args, data, teacher: Pipeline, rank: int, world: int, pin_memory: bool):
-    """This rank's share of the data: images and captions, or with --cache-latents the cached VAE posteriors
-    and text states (the cache is built first where it is not complete)."""
-    collate_fn = collate
-    if args.cache_latents:
-        latent_cache.build(teacher, args.data, args.cache_latents, args.resolution, args.batch_size,
-                           args.num_workers, rank, world, args.teacher)
-        data = latent_cache.CachedDataset(args.cache_latents, args.data, seed=args.seed)
-        collate_fn = latent_cache.collate
-    return make_loader(data, args.batch_size, args.num_workers, pin_memory=pin_memory, collate_fn=collate_fn,
-                       rank=rank, world_size=world)
 
 
 def reporter(args, rank: int):

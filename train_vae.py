@@ -33,7 +33,7 @@ from minisd.cli import (
     positive_float,
     positive_int,
 )
-from minisd.data import make_loader, open_dataset
+from minisd.data import make_loader
 from minisd.training import (
     Checkpoints,
     Every,
@@ -42,9 +42,9 @@ from minisd.training import (
     TrainingError,
     TrainState,
     batches,
-    check_one_batch,
     checkpoints,
     loop,
+    open_data,
     open_run,
     read_training_state,
 )
@@ -114,8 +114,7 @@ def main(argv=None) -> int:
         if args.init and args.init.resolve() == args.out.resolve():
             raise UsageError(f"--out {args.out} is the --init model, which training would overwrite; give a "
                              "new --out (the model it starts from is never written to)")
-        data = open_dataset(args.data, args.resolution, random_flip=False, seed=args.seed)
-        check_one_batch(data, args.data, args.batch_size)
+        data = open_data(args.data, args.resolution, args.batch_size, flip=False, seed=args.seed)
         config = dict(data=str(args.data), resolution=args.resolution,
                       start=f"--config {args.config}" if args.config else f"--init {args.init}")
         open_run(args.out, config, args.overwrite, RUN_OUTPUTS)

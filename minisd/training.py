@@ -50,7 +50,8 @@ from minisd.checkpoints.files import read_checkpoint, read_json, write_checkpoin
 from minisd.checkpoints.lora_files import WEIGHT_NAME as LORA_WEIGHTS
 from minisd.checkpoints.lora_files import read_lora, write_lora
 from minisd.cli import UsageError, check_writable_folder
-from minisd.data import ResumableSampler
+from minisd import latent_cache
+from minisd.data import ResumableSampler, collate, make_loader, open_dataset, read_metadata
 from minisd.images import grid
 from minisd.lora import lora_layers, lora_modules
 from minisd.pipeline import Pipeline
@@ -308,6 +309,34 @@ def check_one_batch(data, path, batch_size: int, world: int = 1) -> None:
     if hasattr(data, "__len__") and len(data) < batch_size * world:
         raise UsageError(f"--data {path} holds {len(data)} images, fewer than one batch (--batch-size "
                          f"{batch_size} x {world} processes): add images or lower --batch-size")
+
+
+def open_data(path: str, resolution: int, batch_size: int, random_crop: bool = False, flip: bool = True,
+              seed: int = 1234, cache: Path | None = None, rank: int = 0, world: int = 1):
+    """The data set at `path` (an image folder or tar shards), opened (its metadata read and counted) before
+    any model loads, so that a bad --data costs one line; None with a latent `cache`, which open_loader
+    builds from the metadata once the teacher is there."""
+    if cache:
+        read_metadata(path)
+        return None
+    data = open_dataset(path, resolution, center_crop=not random_crop, random_flip=flip, seed=seed, rank=rank,
+                        world_size=world)
+    check_one_batch(data, path, batch_size, world)
+    return data
+
+
+def open_loader(data, teacher, teacher_name: str, path: str, resolution: int, batch_size: int,
+                num_workers: int, seed: int = 1234, cache: Path | None = None, rank: int = 0, world: int = 1):
+    """This rank's share of the data: images and captions, or with a latent `cache` the cached VAE posteriors
+    and text states (the cache is built first where it is not complete; minisd/latent_cache.py)."""
+    collate_fn = collate
+    if cache:
+        latent_cache.build(teacher, path, cache, resolution, batch_size, num_workers, rank, world,
+                           teacher_name)
+        data = latent_cache.CachedDataset(cache, path, seed=seed)
+        collate_fn = latent_cache.collate
+    return make_loader(data, batch_size, num_workers, pin_memory=teacher.device.type == "cuda",
+                       collate_fn=collate_fn, rank=rank, world_size=world)
 
 
 def batches(loader, state: TrainState):
