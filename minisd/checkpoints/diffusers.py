@@ -22,13 +22,14 @@ from minisd.vae import AutoencoderKL, VAEConfig
 # ---- U-Net ------------------------------------------------------------------------------
 
 # Config values that minisd's U-Net assumes. SD-v1/v2 and every BK-SDM student use exactly these;
-# a config with anything else (class embeddings, a time-conditioning projection...) is another model.
+# a config with anything else (class embeddings, an addition embedding...) is another model. LCM's
+# `time_cond_proj_dim` is read into the table (guidance_embed_dim).
 UNET_FIXED = {
     "center_input_sample": False, "flip_sin_to_cos": True, "freq_shift": 0, "downsample_padding": 1,
     "mid_block_scale_factor": 1, "act_fn": "silu", "norm_eps": 1e-5, "only_cross_attention": False,
     "dual_cross_attention": False, "class_embed_type": None, "addition_embed_type": None,
     "num_class_embeds": None, "resnet_time_scale_shift": "default", "time_embedding_type": "positional",
-    "time_cond_proj_dim": None, "encoder_hid_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
+    "encoder_hid_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
     "attention_type": "default", "resnet_out_scale_factor": 1.0, "timestep_post_act": None,
 }
 
@@ -74,7 +75,8 @@ def unet_table_from_config(cfg: dict, name: str = "unet") -> UNetTable:
                      teacher_down=max(layers), teacher_up=max(layers) + 1,
                      in_channels=cfg.get("in_channels", 4), out_channels=cfg.get("out_channels", 4),
                      depth=depth, groups=cfg.get("norm_num_groups", 32),
-                     sample_size=sample if isinstance(sample, int) else sample[0])
+                     sample_size=sample if isinstance(sample, int) else sample[0],
+                     guidance_embed_dim=cfg.get("time_cond_proj_dim"))
 
 
 def unet_config_from_table(table: UNetTable) -> dict:
@@ -99,6 +101,7 @@ def unet_config_from_table(table: UNetTable) -> dict:
         "attention_head_dim": heads[0] if len(set(heads)) == 1 else heads,
         "cross_attention_dim": table.context_dim, "use_linear_projection": table.linear_proj,
         "upcast_attention": table.upcast_attention, "transformer_layers_per_block": table.depth,
+        "time_cond_proj_dim": table.guidance_embed_dim,
     }
 
 
@@ -112,6 +115,7 @@ def unet_rules(table: UNetTable) -> list[Rule]:
     return [
         ("time_embed.0.", "time_embedding.linear_1."),
         ("time_embed.2.", "time_embedding.linear_2."),
+        ("guidance_proj.", "time_embedding.cond_proj."),  # LCM U-Nets' guidance embedding
         ("norm_out.", "conv_norm_out."),
         ("down.{s}.blocks.{b}.res.", "down_blocks.{s}.resnets.{b}."),
         ("down.{s}.blocks.{b}.attn.", "down_blocks.{s}.attentions.{b}."),
