@@ -44,8 +44,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("prompt", nargs="+", help="one or more prompts")
     p.add_argument("--model", default="nota-ai/bk-sdm-small", help="hub id, diffusers folder or single file")
     p.add_argument("--steps", type=positive_int, default=25, help="denoising steps (default 25)")
-    p.add_argument("--guidance", type=finite_float, default=7.5,
-                   help="classifier-free guidance scale; <= 1 turns it off")
+    p.add_argument("--guidance", type=finite_float, default=None,
+                   help="classifier-free guidance scale; <= 1 turns it off (default 7.5; 1 with --scheduler "
+                        "lcm on a U-Net without guidance embedding, e.g. with an LCM-LoRA). An LCM U-Net "
+                        "with guidance distilled in takes it as an input and runs no CFG pass")
     p.add_argument("--negative-prompt", default=None, help="what the image should not show (default: empty)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seed-mode", choices=["single", "per_image"], default="single",
@@ -133,6 +135,8 @@ def main(argv=None) -> int:
             pipe.load_lora(lora, scale)
         if args.compile:  # after the LoRAs: fused q/k/v take the updated weights
             pipe.fuse_qkv().channels_last().compile("reduce-overhead" if pipe.device.type == "cuda" else None)
+        if args.guidance is None:
+            args.guidance = pipe.default_guidance(args.scheduler)
         images = pipe(args.prompt, steps=args.steps, guidance=args.guidance, seed=args.seed,
                       height=args.height, width=args.width, negative_prompt=args.negative_prompt,
                       num_images=args.num_images, scheduler=args.scheduler, seed_mode=args.seed_mode,

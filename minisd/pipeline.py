@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # the command-line names
 # diffusers' scheduler class names -> minisd's sampler names (the config says which SD shipped)
 SAMPLER_OF_CLASS = {"PNDMScheduler": "pndm", "DDIMScheduler": "ddim", "EulerDiscreteScheduler": "euler",
-                    "EulerAncestralDiscreteScheduler": "euler_a", "DPMSolverMultistepScheduler": "dpm"}
+                    "EulerAncestralDiscreteScheduler": "euler_a", "DPMSolverMultistepScheduler": "dpm",
+                    "LCMScheduler": "lcm"}
 
 
 def default_dtype(device: str | torch.device, training: bool = False) -> torch.dtype:
@@ -113,7 +114,14 @@ class Pipeline:
         return self.text_encoder(self.tokenizer(prompts).to(self.device)).to(self.dtype)
 
     @torch.no_grad()
-    def __call__(self, prompt: str | list[str], steps: int = 25, guidance: float = 7.5,
+    def default_guidance(self, scheduler: str | None = None) -> float:
+        """7.5, SD's CFG scale (for an LCM U-Net with a guidance embedding: w = 6.5); 1, no CFG, when the LCM
+        sampler runs a U-Net without that embedding, as an LCM-LoRA is sampled (arXiv 2311.05556)."""
+        lcm = scheduler == "lcm" or (scheduler is None
+                                     and self.scheduler_config.get("_class_name") == "LCMScheduler")
+        return 1.0 if lcm and self.unet.config.guidance_embed_dim is None else 7.5
+
+    def __call__(self, prompt: str | list[str], steps: int = 25, guidance: float | None = None,
                  seed: int | torch.Generator = 0, height: int | None = None, width: int | None = None,
                  negative_prompt: str | list[str] | None = None, num_images: int = 1,
                  scheduler: str | None = None, seed_mode: str = "single",
@@ -121,6 +129,9 @@ class Pipeline:
                  output: str = "pil"):
         """Generate images: a list of PIL images (output="np": a float array [N, H, W, 3] in [0, 1];
         output="latent": the final latents [N, 4, h, w], not decoded).
+
+        guidance: the CFG scale (default_guidance() where None); for an LCM U-Net with a guidance
+        embedding, the scale it was distilled to imitate.
 
         Images come out prompt by prompt, num_images each. seed_mode "single" draws all initial
         latents from one generator seeded `seed`, as diffusers does; "per_image" gives image i its
@@ -133,13 +144,21 @@ class Pipeline:
         else:
             negatives = [negative_prompt or ""] * len(prompts)
         height, width = height or self.native_size, width or self.native_size
+        guidance = self.default_guidance(scheduler) if guidance is None else guidance
         check_settings(steps, height, width, self.vae_scale, strength, seed_mode,
                        len(negatives) == len(prompts))
         sampler = self.scheduler if scheduler is None else make_sampler(scheduler, self.scheduler_config)
         sampler.set_timesteps(steps, device=self.device)
 
         n = len(prompts) * num_images
-        use_cfg = guidance > 1.0
+        # An LCM U-Net distilled with guidance takes it as an input, w = guidance - 1 (LCM's omega), and runs
+        # no CFG pass; any other U-Net gets CFG when guidance > 1, with any sampler (LCM's included), as
+        # diffusers' StableDiffusionPipeline and LatentConsistencyModelPipeline both decide it.
+        guided_by_w = self.unet.config.guidance_embed_dim is not None
+        use_cfg = guidance > 1.0 and not guided_by_w
+        if guided_by_w and negative_prompt:
+            log.warning("the negative prompt is ignored: this U-Net has guidance distilled in (no CFG pass)")
+        w = torch.full((n,), guidance - 1.0, device=self.device) if guided_by_w else None
         # with guidance, the negative prompts and the prompts go through the text encoder in one batch,
         # and the U-Net sees [unconditional; conditional] in one batch, as diffusers concatenates them
         context = self.encode_prompts(negatives + prompts if use_cfg else prompts)
@@ -163,7 +182,7 @@ class Pipeline:
 
         for i in tqdm(range(start, len(sampler.timesteps)), disable=not progress, desc="denoising"):
             x = torch.cat([latents] * 2) if use_cfg else latents
-            out = self.predict(sampler.scale_model_input(x, i), sampler.timesteps[i], context)
+            out = self.predict(sampler.scale_model_input(x, i), sampler.timesteps[i], context, w)
             if use_cfg:
                 out_uncond, out_cond = out.chunk(2)
                 out = out_uncond + guidance * (out_cond - out_uncond)
@@ -173,14 +192,16 @@ class Pipeline:
         warn_non_finite(latents)
         return to_images(self.decode(latents), output)
 
-    def predict(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """The U-Net's output; through the compiled U-Net once compile() was called."""
+    def predict(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                w: torch.Tensor | None = None) -> torch.Tensor:
+        """The U-Net's output; through the compiled U-Net once compile() was called. w: the guidance weight of
+        an LCM U-Net with a guidance embedding."""
         if self.compiled_unet is None:
-            return self.unet(x, t, context)
+            return self.unet(x, t, context, w=w)
         # CUDA graphs (compile modes "reduce-overhead", "max-autotune") replay into the same output
         # memory at every call: mark each call as a new step, and keep a copy (PNDM keeps eps history)
         torch.compiler.cudagraph_mark_step_begin()
-        return self.compiled_unet(x, t, context).clone()
+        return self.compiled_unet(x, t, context, w=w).clone()
 
     def compile(self, mode: str | None = None) -> "Pipeline":
         """torch.compile the U-Net as one graph (fullgraph=True). dynamic=False: each batch size and
@@ -191,7 +212,7 @@ class Pipeline:
         return self
 
     def warm_up(self, batch: int = 1, height: int | None = None, width: int | None = None,
-                guidance: float = 7.5, scheduler: str | None = None) -> None:
+                guidance: float | None = None, scheduler: str | None = None) -> None:
         """A short run at the shape of the runs to come, so that compilation, CUDA graph capture (the
         2nd and 3rd calls) and cuDNN's first-call setup happen here rather than in them."""
         self([""] * batch, steps=3, guidance=guidance, height=height, width=width, scheduler=scheduler,
