@@ -12,6 +12,9 @@ and denoise from there, as StableDiffusionImg2ImgPipeline does.
 - a local folder in diffusers layout, as the hub repos and train.py write them;
 - a single original-layout .safetensors/.ckpt file, SD-v1 or SD-v2, BK-SDM students included.
 
+`load_pipeline(source, vae=PATH)` swaps in another VAE, such as TAESD, the tiny autoencoder
+(minisd/vae_tiny.py), whose decoder costs a small fraction of SD's.
+
 `pipe.load_lora(path, scale)` adds a LoRA file's updates (minisd's, diffusers' or kohya's layout) to the
 U-Net's and text encoder's weights, so that sampling with it runs at full speed; several add up.
 """
@@ -27,7 +30,7 @@ from tqdm.auto import tqdm
 
 from minisd.blocks import Attention
 from minisd.checkpoints import diffusers as diffusers_layout
-from minisd.checkpoints import hub, ldm
+from minisd.checkpoints import hub, ldm, taesd
 from minisd.checkpoints.files import WEIGHT_SUFFIXES
 from minisd.checkpoints.lora_files import LoRAFile, read_lora
 from minisd.clip import CLIPTextEncoder, family_of
@@ -37,6 +40,7 @@ from minisd.schedulers import make_sampler
 from minisd.tokenizer import CLIPTokenizer
 from minisd.unet import UNet
 from minisd.vae import AutoencoderKL
+from minisd.vae_tiny import AutoencoderTiny
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # the command-line names
@@ -63,7 +67,7 @@ class Pipeline:
     tokenizer: CLIPTokenizer
     text_encoder: CLIPTextEncoder
     unet: UNet
-    vae: AutoencoderKL
+    vae: AutoencoderKL | AutoencoderTiny
     scheduler_config: dict   # diffusers' scheduler_config.json: the noise schedule and prediction type
     source: str = ""
     scheduler: object = field(init=False, repr=False)  # the default sampler, as the checkpoint's config says
@@ -94,8 +98,8 @@ class Pipeline:
 
     @property
     def vae_scale(self) -> int:
-        """How much the VAE downsamples: 8 for SD's (each level but the last halves the size)."""
-        return 2 ** (len(self.vae.config.block_channels) - 1)
+        """How much the VAE downsamples: 8 for SD's and TAESD."""
+        return self.vae.config.downscale
 
     @property
     def native_size(self) -> int:
@@ -268,7 +272,9 @@ class Pipeline:
         x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
         x = x.permute(2, 0, 1)[None]  # [H, W, 3] -> [1, 3, H, W]
         x = (2.0 * x - 1.0).to(self.device, self.vae_dtype)
-        if isinstance(generator, list):  # one posterior sample per image, each from its own generator
+        if isinstance(self.vae, AutoencoderTiny):  # TAESD's encoder is deterministic: no posterior to sample
+            latents = self.vae.encode(x).repeat(n, 1, 1, 1)
+        elif isinstance(generator, list):  # one posterior sample per image, each from its own generator
             latents = torch.cat([self.vae.encode(x).sample(g) for g in generator])
         else:
             latents = self.vae.encode(x).sample(generator).repeat(n, 1, 1, 1)
@@ -348,14 +354,36 @@ def to_images(images: torch.Tensor, output: str = "pil"):
     return [Image.fromarray(a) for a in (arr * 255).round().astype("uint8")]
 
 
+def load_vae(path: str | Path, dtype: torch.dtype = torch.float32,
+             device: str | torch.device = "cpu") -> AutoencoderKL | AutoencoderTiny:
+    """A VAE to sample with in place of a model's own: a diffusers VAE folder, AutoencoderTiny (TAESD, as
+    madebyollin/taesd ships it) or AutoencoderKL, a pipeline folder's vae/, or a folder with TAESD's own
+    taesd_encoder and taesd_decoder files (.pth or .safetensors)."""
+    path = Path(path).expanduser()
+    expected = ("expected a diffusers VAE folder (config.json and diffusion_pytorch_model.safetensors, e.g. "
+                "madebyollin/taesd downloaded) or TAESD's taesd_encoder and taesd_decoder .pth/.safetensors")
+    if not path.is_dir():
+        raise FileNotFoundError(f"no VAE folder {path}: {expected}")
+    if not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file():
+        path = path / "vae"
+    if (path / "config.json").is_file():
+        return diffusers_layout.load_any_vae(path, dtype, device)
+    if taesd.taesd_files(path) is not None:
+        return taesd.load_taesd(path, dtype, device)
+    raise FileNotFoundError(f"{path} holds no VAE: {expected}")
+
+
 def load_pipeline(source: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                  family: str | None = None, variant: str | None = None,
-                  prediction_type: str | None = None) -> Pipeline:
+                  family: str | None = None, variant: str | None = None, prediction_type: str | None = None,
+                  vae: str | Path | AutoencoderKL | AutoencoderTiny | None = None) -> Pipeline:
     """Load every component of a pipeline from a hub id, a diffusers folder or a single file.
 
     family ("v1"/"v2"), variant ("sd", "base", "small", "tiny") and prediction_type ("epsilon",
     "v_prediction") override what is detected from a single file; folders carry their configs.
+    vae: a VAE to use instead of the model's own, as a folder (load_vae) or a model; read first, so that a
+    bad path fails before the model loads.
     """
+    replacement = load_vae(vae, dtype, device) if isinstance(vae, (str, Path)) else vae
     path = Path(source).expanduser()
     if path.is_file():
         if path.suffix not in WEIGHT_SUFFIXES:
@@ -373,6 +401,12 @@ def load_pipeline(source: str | Path, device: str | torch.device = "cpu", dtype:
                                 "(owner/name)")
     if prediction_type is not None:
         parts["scheduler_config"] = dict(parts["scheduler_config"], prediction_type=prediction_type)
+    if replacement is not None:
+        if replacement.config.latent_channels != parts["unet"].config.in_channels:
+            channels = (replacement.config.latent_channels, parts["unet"].config.in_channels)
+            raise ValueError(f"the VAE {vae} has {channels[0]} latent channels, the U-Net of {source} "
+                             f"{channels[1]}: they do not share a latent space")
+        parts["vae"] = replacement.to(device=device, dtype=dtype)
     pipe = Pipeline(**parts, source=str(source))
     for model in (pipe.text_encoder, pipe.unet, pipe.vae):
         model.eval().requires_grad_(False)

@@ -13,11 +13,13 @@ import torch
 
 from minisd.checkpoints.files import find_weights, read_json, read_state_dict, write_json, write_state_dict
 from minisd.checkpoints.remap import Rule, export, load_into
+from minisd.checkpoints.taesd import load_vae_tiny, save_vae_tiny
 from minisd.clip import CLIPTextConfig, CLIPTextEncoder
 from minisd.table import Stage, UNetTable, identify
 from minisd.tokenizer import CLIPTokenizer
 from minisd.unet import UNet
 from minisd.vae import AutoencoderKL, VAEConfig
+from minisd.vae_tiny import AutoencoderTiny
 
 # ---- U-Net ------------------------------------------------------------------------------
 
@@ -191,6 +193,15 @@ def load_vae(folder: str | Path, dtype: torch.dtype = torch.float32, device: str
                      dtype=dtype, device=device)
 
 
+def load_any_vae(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 half: bool = False) -> AutoencoderKL | AutoencoderTiny:
+    """A diffusers VAE folder of either class its config.json names: AutoencoderKL (SD's) or AutoencoderTiny
+    (TAESD, minisd/vae_tiny.py)."""
+    if read_json(Path(folder) / "config.json").get("_class_name") == "AutoencoderTiny":
+        return load_vae_tiny(folder, dtype, device, half)
+    return load_vae(folder, dtype, device, half)
+
+
 def save_vae(vae: AutoencoderKL, folder: str | Path) -> None:
     """Write config.json and diffusion_pytorch_model.safetensors (current diffusers names)."""
     folder = Path(folder)
@@ -272,12 +283,12 @@ def save_tokenizer(tokenizer: CLIPTokenizer, folder: str | Path) -> None:
 COMPONENT_DIRS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
-def model_index(scheduler_class: str) -> dict:
+def model_index(scheduler_class: str, vae_class: str = "AutoencoderKL") -> dict:
     """model_index.json as StableDiffusionPipeline.save_pretrained writes it, without a safety checker."""
     return {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.27.0",
             "scheduler": ["diffusers", scheduler_class], "text_encoder": ["transformers", "CLIPTextModel"],
             "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
-            "vae": ["diffusers", "AutoencoderKL"], "safety_checker": [None, None],
+            "vae": ["diffusers", vae_class], "safety_checker": [None, None],
             "feature_extractor": [None, None], "requires_safety_checker": False}
 
 
@@ -306,7 +317,7 @@ def load_folder(folder: str | Path, dtype: torch.dtype = torch.float32, device: 
     return dict(tokenizer=load_tokenizer(folder / "tokenizer"),
                 text_encoder=load_text_encoder(folder / "text_encoder", dtype, device, half),
                 unet=load_unet(folder / "unet", dtype, device, half),
-                vae=load_vae(folder / "vae", dtype, device, half),
+                vae=load_any_vae(folder / "vae", dtype, device, half),
                 scheduler_config=read_json(folder / "scheduler" / "scheduler_config.json"))
 
 
@@ -314,9 +325,11 @@ def save_folder(components: dict, folder: str | Path) -> None:
     """Write a pipeline folder that both minisd and diffusers' StableDiffusionPipeline load."""
     folder = Path(folder)
     save_unet(components["unet"], folder / "unet")
-    save_vae(components["vae"], folder / "vae")
+    vae = components["vae"]
+    (save_vae_tiny if isinstance(vae, AutoencoderTiny) else save_vae)(vae, folder / "vae")
     save_text_encoder(components["text_encoder"], folder / "text_encoder")
     save_tokenizer(components["tokenizer"], folder / "tokenizer")
     scheduler = components["scheduler_config"]
     write_json(folder / "scheduler" / "scheduler_config.json", scheduler)
-    write_json(folder / "model_index.json", model_index(scheduler.get("_class_name", "PNDMScheduler")))
+    write_json(folder / "model_index.json", model_index(scheduler.get("_class_name", "PNDMScheduler"),
+                                                        vae.config.to_diffusers()["_class_name"]))

@@ -314,6 +314,9 @@ def load_single_file(path: str | Path, dtype: torch.dtype = torch.float32, devic
 def save_single_file(components: dict, path: str | Path) -> None:
     """Write one LDM-layout file: .safetensors, or .ckpt with a `state_dict` as the original code saves."""
     unet = components["unet"]
+    if not isinstance(components["vae"], AutoencoderKL):
+        raise ValueError("a single file holds SD's KL autoencoder, not a tiny one (TAESD): save this "
+                         "pipeline as a folder (pipe.save), or load it without --vae")
     family = family_of(unet.config.context_dim)
     sd = {**unet_to_ldm(unet), **vae_to_ldm(components["vae"]),
           **text_encoder_to_ldm(components["text_encoder"], family)}
