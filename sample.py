@@ -8,6 +8,8 @@
     python sample.py "a red panda" --num-images 8 --device cuda --compile    # compiled U-Net, CUDA graphs
     python sample.py "a red circle above a blue square" --model weights/toy-sd   # offline: the toy model
     python sample.py "a dog" --lora dog.safetensors --lora-scale 1 --lora style.safetensors --lora-scale 0.6
+    python sample.py "a black vase" --model weights/my-tiny-lcm --scheduler lcm --steps 4   # few-step LCM
+    python sample.py "a black vase" --model weights/my-tiny-lcm --scheduler lcm --steps 4 --vae weights/taesd
 
 Several images are saved numbered (sample-00.png, ...) with a grid (sample-grid.png). Each image
 carries its prompt, seed and settings: a PNG in its text chunks, a JPEG or WebP in its EXIF.
@@ -33,7 +35,7 @@ from minisd.cli import (
 )
 from minisd.clip import TEXT_ENCODERS
 from minisd.images import grid, save_with_settings, to_rgb
-from minisd.pipeline import DTYPES, default_dtype, load_pipeline
+from minisd.pipeline import DTYPES, default_dtype, load_pipeline, load_vae
 from minisd.schedulers import SAMPLERS
 from minisd.table import VARIANTS
 
@@ -44,8 +46,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("prompt", nargs="+", help="one or more prompts")
     p.add_argument("--model", default="nota-ai/bk-sdm-small", help="hub id, diffusers folder or single file")
     p.add_argument("--steps", type=positive_int, default=25, help="denoising steps (default 25)")
-    p.add_argument("--guidance", type=finite_float, default=7.5,
-                   help="classifier-free guidance scale; <= 1 turns it off")
+    p.add_argument("--guidance", type=finite_float, default=None,
+                   help="classifier-free guidance scale; <= 1 turns it off (default 7.5; 1 with --scheduler "
+                        "lcm on a U-Net without guidance embedding, e.g. with an LCM-LoRA). An LCM U-Net "
+                        "with guidance distilled in takes it as an input and runs no CFG pass")
     p.add_argument("--negative-prompt", default=None, help="what the image should not show (default: empty)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seed-mode", choices=["single", "per_image"], default="single",
@@ -76,6 +80,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lora-scale", type=finite_float, action="append", default=[], metavar="S",
                    help="a LoRA's strength: the i-th --lora-scale goes with the i-th --lora (default 1 for "
                         "each LoRA without one); repeat for several")
+    p.add_argument("--vae", type=Path, default=None, metavar="PATH",
+                   help="decode with this VAE instead of the model's: a diffusers AutoencoderTiny folder "
+                        "(TAESD: madebyollin/taesd, downloaded), a folder with TAESD's taesd_encoder and "
+                        "taesd_decoder files, or another AutoencoderKL folder")
     p.add_argument("--out", type=Path, default=Path("sample.png"),
                    help="output image, .png (default sample.png), .jpg or .webp")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -118,6 +126,16 @@ def open_loras(paths: list[Path]) -> list:
     return files
 
 
+def read_vae(path: Path, device: torch.device, dtype: torch.dtype):
+    """Read --vae before the model loads: a bad one costs nothing."""
+    if not path.exists():
+        raise UsageError(f"--vae {path}: no such folder")
+    try:
+        return load_vae(path, dtype, device)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(f"--vae {path}: {e}") from None
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(format="warning: %(message)s", level=logging.WARNING)
@@ -127,12 +145,15 @@ def main(argv=None) -> int:
         init = read_image(args.init_image) if args.init_image else None
         loras = open_loras(args.lora)
         dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)
+        vae = read_vae(args.vae, device, dtype) if args.vae else None
         pipe = load_pipeline(args.model, device=device, dtype=dtype, family=args.family,
-                             variant=args.variant, prediction_type=args.prediction_type)
+                             variant=args.variant, prediction_type=args.prediction_type, vae=vae)
         for lora, scale in zip(loras, args.lora_scale):
             pipe.load_lora(lora, scale)
         if args.compile:  # after the LoRAs: fused q/k/v take the updated weights
             pipe.fuse_qkv().channels_last().compile("reduce-overhead" if pipe.device.type == "cuda" else None)
+        if args.guidance is None:
+            args.guidance = pipe.default_guidance(args.scheduler)
         images = pipe(args.prompt, steps=args.steps, guidance=args.guidance, seed=args.seed,
                       height=args.height, width=args.width, negative_prompt=args.negative_prompt,
                       num_images=args.num_images, scheduler=args.scheduler, seed_mode=args.seed_mode,
@@ -159,7 +180,7 @@ def write_images(args, images, scheduler: str) -> None:
                         seed=seed, seed_mode=args.seed_mode, batch_index=i, steps=args.steps,
                         guidance=args.guidance, scheduler=scheduler, model=args.model,
                         size=f"{image.width}x{image.height}", init_image=args.init_image or "",
-                        strength=args.strength if args.init_image else "",
+                        strength=args.strength if args.init_image else "", vae=args.vae or "",
                         lora=", ".join(f"{p} ({s:g})" for p, s in zip(args.lora, args.lora_scale)))
         save_with_settings(image, path, {key: str(value) for key, value in settings.items()})
         print(path)

@@ -25,6 +25,22 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
+def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of LCM guidance weights w [B] -> [B, dim], sin half first.
+
+    The w-conditioning of Latent Consistency Models (Luo et al. 2023, arXiv 2310.04378, sec. 4.2), as
+    diffusers' LCM pipelines embed it (after VDM's get_timestep_embedding): w is scaled by 1000 to the
+    timesteps' range, frequencies are exp(-ln(10000) * i / (half - 1)) (so the last one is exactly
+    1/10000), and the halves are ordered sin, cos, unlike `timestep_embedding`. An odd dim gets a zero.
+    """
+    half = dim // 2
+    # in the reference's order of float32 operations, so that the embeddings agree bit for bit
+    step = torch.log(torch.tensor(10000.0)) / (half - 1)
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=w.device) * -step.to(w.device))
+    args = (1000.0 * w.float())[:, None] * freqs[None]
+    return F.pad(torch.cat([torch.sin(args), torch.cos(args)], dim=-1), (0, dim % 2))
+
+
 def group_norm(channels: int, eps: float = 1e-5, groups: int = 32) -> nn.GroupNorm:
     # 32 groups everywhere in SD (diffusers' `norm_num_groups`); tiny test configs use fewer.
     return nn.GroupNorm(groups, channels, eps=eps)

@@ -12,6 +12,9 @@ and denoise from there, as StableDiffusionImg2ImgPipeline does.
 - a local folder in diffusers layout, as the hub repos and train.py write them;
 - a single original-layout .safetensors/.ckpt file, SD-v1 or SD-v2, BK-SDM students included.
 
+`load_pipeline(source, vae=PATH)` swaps in another VAE, such as TAESD, the tiny autoencoder
+(minisd/vae_tiny.py), whose decoder costs a small fraction of SD's.
+
 `pipe.load_lora(path, scale)` adds a LoRA file's updates (minisd's, diffusers' or kohya's layout) to the
 U-Net's and text encoder's weights, so that sampling with it runs at full speed; several add up.
 """
@@ -27,7 +30,7 @@ from tqdm.auto import tqdm
 
 from minisd.blocks import Attention
 from minisd.checkpoints import diffusers as diffusers_layout
-from minisd.checkpoints import hub, ldm
+from minisd.checkpoints import hub, ldm, taesd
 from minisd.checkpoints.files import WEIGHT_SUFFIXES
 from minisd.checkpoints.lora_files import LoRAFile, read_lora
 from minisd.clip import CLIPTextEncoder, family_of
@@ -37,12 +40,14 @@ from minisd.schedulers import make_sampler
 from minisd.tokenizer import CLIPTokenizer
 from minisd.unet import UNet
 from minisd.vae import AutoencoderKL
+from minisd.vae_tiny import AutoencoderTiny
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # the command-line names
 # diffusers' scheduler class names -> minisd's sampler names (the config says which SD shipped)
 SAMPLER_OF_CLASS = {"PNDMScheduler": "pndm", "DDIMScheduler": "ddim", "EulerDiscreteScheduler": "euler",
-                    "EulerAncestralDiscreteScheduler": "euler_a", "DPMSolverMultistepScheduler": "dpm"}
+                    "EulerAncestralDiscreteScheduler": "euler_a", "DPMSolverMultistepScheduler": "dpm",
+                    "LCMScheduler": "lcm"}
 
 
 def default_dtype(device: str | torch.device, training: bool = False) -> torch.dtype:
@@ -62,7 +67,7 @@ class Pipeline:
     tokenizer: CLIPTokenizer
     text_encoder: CLIPTextEncoder
     unet: UNet
-    vae: AutoencoderKL
+    vae: AutoencoderKL | AutoencoderTiny
     scheduler_config: dict   # diffusers' scheduler_config.json: the noise schedule and prediction type
     source: str = ""
     scheduler: object = field(init=False, repr=False)  # the default sampler, as the checkpoint's config says
@@ -93,8 +98,8 @@ class Pipeline:
 
     @property
     def vae_scale(self) -> int:
-        """How much the VAE downsamples: 8 for SD's (each level but the last halves the size)."""
-        return 2 ** (len(self.vae.config.block_channels) - 1)
+        """How much the VAE downsamples: 8 for SD's and TAESD."""
+        return self.vae.config.downscale
 
     @property
     def native_size(self) -> int:
@@ -113,7 +118,14 @@ class Pipeline:
         return self.text_encoder(self.tokenizer(prompts).to(self.device)).to(self.dtype)
 
     @torch.no_grad()
-    def __call__(self, prompt: str | list[str], steps: int = 25, guidance: float = 7.5,
+    def default_guidance(self, scheduler: str | None = None) -> float:
+        """7.5, SD's CFG scale (for an LCM U-Net with a guidance embedding: w = 6.5); 1, no CFG, when the LCM
+        sampler runs a U-Net without that embedding, as an LCM-LoRA is sampled (arXiv 2311.05556)."""
+        lcm = scheduler == "lcm" or (scheduler is None
+                                     and self.scheduler_config.get("_class_name") == "LCMScheduler")
+        return 1.0 if lcm and self.unet.config.guidance_embed_dim is None else 7.5
+
+    def __call__(self, prompt: str | list[str], steps: int = 25, guidance: float | None = None,
                  seed: int | torch.Generator = 0, height: int | None = None, width: int | None = None,
                  negative_prompt: str | list[str] | None = None, num_images: int = 1,
                  scheduler: str | None = None, seed_mode: str = "single",
@@ -121,6 +133,9 @@ class Pipeline:
                  output: str = "pil"):
         """Generate images: a list of PIL images (output="np": a float array [N, H, W, 3] in [0, 1];
         output="latent": the final latents [N, 4, h, w], not decoded).
+
+        guidance: the CFG scale (default_guidance() where None); for an LCM U-Net with a guidance
+        embedding, the scale it was distilled to imitate.
 
         Images come out prompt by prompt, num_images each. seed_mode "single" draws all initial
         latents from one generator seeded `seed`, as diffusers does; "per_image" gives image i its
@@ -133,13 +148,21 @@ class Pipeline:
         else:
             negatives = [negative_prompt or ""] * len(prompts)
         height, width = height or self.native_size, width or self.native_size
+        guidance = self.default_guidance(scheduler) if guidance is None else guidance
         check_settings(steps, height, width, self.vae_scale, strength, seed_mode,
                        len(negatives) == len(prompts))
         sampler = self.scheduler if scheduler is None else make_sampler(scheduler, self.scheduler_config)
         sampler.set_timesteps(steps, device=self.device)
 
         n = len(prompts) * num_images
-        use_cfg = guidance > 1.0
+        # An LCM U-Net distilled with guidance takes it as an input, w = guidance - 1 (LCM's omega), and runs
+        # no CFG pass; any other U-Net gets CFG when guidance > 1, with any sampler (LCM's included), as
+        # diffusers' StableDiffusionPipeline and LatentConsistencyModelPipeline both decide it.
+        guided_by_w = self.unet.config.guidance_embed_dim is not None
+        use_cfg = guidance > 1.0 and not guided_by_w
+        if guided_by_w and negative_prompt:
+            log.warning("the negative prompt is ignored: this U-Net has guidance distilled in (no CFG pass)")
+        w = torch.full((n,), guidance - 1.0, device=self.device) if guided_by_w else None
         # with guidance, the negative prompts and the prompts go through the text encoder in one batch,
         # and the U-Net sees [unconditional; conditional] in one batch, as diffusers concatenates them
         context = self.encode_prompts(negatives + prompts if use_cfg else prompts)
@@ -163,7 +186,7 @@ class Pipeline:
 
         for i in tqdm(range(start, len(sampler.timesteps)), disable=not progress, desc="denoising"):
             x = torch.cat([latents] * 2) if use_cfg else latents
-            out = self.predict(sampler.scale_model_input(x, i), sampler.timesteps[i], context)
+            out = self.predict(sampler.scale_model_input(x, i), sampler.timesteps[i], context, w)
             if use_cfg:
                 out_uncond, out_cond = out.chunk(2)
                 out = out_uncond + guidance * (out_cond - out_uncond)
@@ -173,14 +196,16 @@ class Pipeline:
         warn_non_finite(latents)
         return to_images(self.decode(latents), output)
 
-    def predict(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """The U-Net's output; through the compiled U-Net once compile() was called."""
+    def predict(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                w: torch.Tensor | None = None) -> torch.Tensor:
+        """The U-Net's output; through the compiled U-Net once compile() was called. w: the guidance weight of
+        an LCM U-Net with a guidance embedding."""
         if self.compiled_unet is None:
-            return self.unet(x, t, context)
+            return self.unet(x, t, context, w=w)
         # CUDA graphs (compile modes "reduce-overhead", "max-autotune") replay into the same output
         # memory at every call: mark each call as a new step, and keep a copy (PNDM keeps eps history)
         torch.compiler.cudagraph_mark_step_begin()
-        return self.compiled_unet(x, t, context).clone()
+        return self.compiled_unet(x, t, context, w=w).clone()
 
     def compile(self, mode: str | None = None) -> "Pipeline":
         """torch.compile the U-Net as one graph (fullgraph=True). dynamic=False: each batch size and
@@ -191,7 +216,7 @@ class Pipeline:
         return self
 
     def warm_up(self, batch: int = 1, height: int | None = None, width: int | None = None,
-                guidance: float = 7.5, scheduler: str | None = None) -> None:
+                guidance: float | None = None, scheduler: str | None = None) -> None:
         """A short run at the shape of the runs to come, so that compilation, CUDA graph capture (the
         2nd and 3rd calls) and cuDNN's first-call setup happen here rather than in them."""
         self([""] * batch, steps=3, guidance=guidance, height=height, width=width, scheduler=scheduler,
@@ -247,7 +272,9 @@ class Pipeline:
         x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
         x = x.permute(2, 0, 1)[None]  # [H, W, 3] -> [1, 3, H, W]
         x = (2.0 * x - 1.0).to(self.device, self.vae_dtype)
-        if isinstance(generator, list):  # one posterior sample per image, each from its own generator
+        if isinstance(self.vae, AutoencoderTiny):  # TAESD's encoder is deterministic: no posterior to sample
+            latents = self.vae.encode(x).repeat(n, 1, 1, 1)
+        elif isinstance(generator, list):  # one posterior sample per image, each from its own generator
             latents = torch.cat([self.vae.encode(x).sample(g) for g in generator])
         else:
             latents = self.vae.encode(x).sample(generator).repeat(n, 1, 1, 1)
@@ -327,14 +354,36 @@ def to_images(images: torch.Tensor, output: str = "pil"):
     return [Image.fromarray(a) for a in (arr * 255).round().astype("uint8")]
 
 
+def load_vae(path: str | Path, dtype: torch.dtype = torch.float32,
+             device: str | torch.device = "cpu") -> AutoencoderKL | AutoencoderTiny:
+    """A VAE to sample with in place of a model's own: a diffusers VAE folder, AutoencoderTiny (TAESD, as
+    madebyollin/taesd ships it) or AutoencoderKL, a pipeline folder's vae/, or a folder with TAESD's own
+    taesd_encoder and taesd_decoder files (.pth or .safetensors)."""
+    path = Path(path).expanduser()
+    expected = ("expected a diffusers VAE folder (config.json and diffusion_pytorch_model.safetensors, e.g. "
+                "madebyollin/taesd downloaded) or TAESD's taesd_encoder and taesd_decoder .pth/.safetensors")
+    if not path.is_dir():
+        raise FileNotFoundError(f"no VAE folder {path}: {expected}")
+    if not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file():
+        path = path / "vae"
+    if (path / "config.json").is_file():
+        return diffusers_layout.load_any_vae(path, dtype, device)
+    if taesd.taesd_files(path) is not None:
+        return taesd.load_taesd(path, dtype, device)
+    raise FileNotFoundError(f"{path} holds no VAE: {expected}")
+
+
 def load_pipeline(source: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                  family: str | None = None, variant: str | None = None,
-                  prediction_type: str | None = None) -> Pipeline:
+                  family: str | None = None, variant: str | None = None, prediction_type: str | None = None,
+                  vae: str | Path | AutoencoderKL | AutoencoderTiny | None = None) -> Pipeline:
     """Load every component of a pipeline from a hub id, a diffusers folder or a single file.
 
     family ("v1"/"v2"), variant ("sd", "base", "small", "tiny") and prediction_type ("epsilon",
     "v_prediction") override what is detected from a single file; folders carry their configs.
+    vae: a VAE to use instead of the model's own, as a folder (load_vae) or a model; read first, so that a
+    bad path fails before the model loads.
     """
+    replacement = load_vae(vae, dtype, device) if isinstance(vae, (str, Path)) else vae
     path = Path(source).expanduser()
     if path.is_file():
         if path.suffix not in WEIGHT_SUFFIXES:
@@ -352,6 +401,12 @@ def load_pipeline(source: str | Path, device: str | torch.device = "cpu", dtype:
                                 "(owner/name)")
     if prediction_type is not None:
         parts["scheduler_config"] = dict(parts["scheduler_config"], prediction_type=prediction_type)
+    if replacement is not None:
+        if replacement.config.latent_channels != parts["unet"].config.in_channels:
+            channels = (replacement.config.latent_channels, parts["unet"].config.in_channels)
+            raise ValueError(f"the VAE {vae} has {channels[0]} latent channels, the U-Net of {source} "
+                             f"{channels[1]}: they do not share a latent space")
+        parts["vae"] = replacement.to(device=device, dtype=dtype)
     pipe = Pipeline(**parts, source=str(source))
     for model in (pipe.text_encoder, pipe.unet, pipe.vae):
         model.eval().requires_grad_(False)

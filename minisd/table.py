@@ -43,6 +43,10 @@ class UNetTable:
     depth: int = 1               # transformer blocks per SpatialTransformer
     groups: int = 32             # GroupNorm groups
     sample_size: int = 64        # native latent size: 512 px / 8
+    # LCM U-Nets distilled with guidance (LCD's w-conditioning, arXiv 2310.04378 sec. 4.2): the width of the
+    # guidance-weight embedding that a bias-free Linear adds to the timestep features (diffusers'
+    # `time_cond_proj_dim`, 256 in the LCM releases); None for SD and every U-Net that samples with CFG
+    guidance_embed_dim: int | None = None
 
     @property
     def temb_dim(self) -> int:
@@ -104,10 +108,12 @@ def _shape(table: UNetTable) -> tuple:
 
 
 def identify(table: UNetTable) -> str:
-    """The name of the SD or BK-SDM table with this architecture ("sd-v1-small"), or "custom"."""
+    """The name of the SD or BK-SDM table with this architecture ("sd-v1-small"), or "custom"; with "-lcm"
+    appended for an LCM U-Net with a guidance embedding ("sd-v1-tiny-lcm")."""
+    suffix = "-lcm" if table.guidance_embed_dim else ""
     for teacher in (SD_V1, SD_V2):
         for name in VARIANTS:
             known = variant(teacher, name)
             if _shape(known) == _shape(table):
-                return known.name
-    return "custom"
+                return known.name + suffix
+    return "custom" + suffix

@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from minisd.blocks import (Attention, Downsample, ResBlock, SpatialTransformer, Upsample, group_norm,
-                           timestep_embedding)
+                           guidance_embedding, timestep_embedding)
 from minisd.table import TEACHERS, VARIANTS, Stage, UNetTable, variant
 
 
@@ -80,6 +80,10 @@ class UNet(nn.Module):
         self.conv_in = nn.Conv2d(table.in_channels, ch, 3, padding=1)
         self.time_embed = nn.Sequential(nn.Linear(ch, table.temb_dim), nn.SiLU(),
                                         nn.Linear(table.temb_dim, table.temb_dim))
+        # LCM's w-conditioning: the guidance weight's embedding, projected to the width of the timestep
+        # features and added to them before time_embed (diffusers' TimestepEmbedding.cond_proj)
+        self.guidance_proj = (nn.Linear(table.guidance_embed_dim, ch, bias=False)
+                              if table.guidance_embed_dim else None)
 
         skips = [ch]  # channels of each tensor the down path hands to the up path, in order
         down = []
@@ -130,8 +134,13 @@ class UNet(nn.Module):
         return block(*args, **kwargs)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor,
-                taps: Collection[str] | None = None):
+                taps: Collection[str] | None = None, w: torch.Tensor | float | None = None):
         """x: latents [B, 4, h, w]; t: timesteps (scalar or [B]); context: text states [B, 77, D].
+
+        w: the guidance weight an LCM U-Net with a guidance embedding (table.guidance_embed_dim) is
+        conditioned on (scalar or [B]): LCM's omega, which is the CFG scale minus 1 (eps_uncond + (1 + w)
+        (eps_cond - eps_uncond), arXiv 2310.04378 eq. 9). None adds nothing, as diffusers does without
+        `timestep_cond`; a U-Net without the embedding refuses a w.
 
         taps: intermediate outputs to return as well, as `(output, {name: tensor})` (given taps, even
         none, the result is that pair; without, the output alone), for feature
@@ -142,7 +151,15 @@ class UNet(nn.Module):
         """
         t = torch.as_tensor(t, device=x.device)
         t = t.expand(x.shape[0]) if t.numel() == 1 else t.reshape(-1)
-        temb = self.time_embed(timestep_embedding(t, self.config.stages[0].channels).to(x.dtype))
+        h = timestep_embedding(t, self.config.stages[0].channels).to(x.dtype)
+        if w is not None:
+            if self.guidance_proj is None:
+                raise ValueError(f"U-Net {self.config.name} has no guidance embedding (guidance_embed_dim): "
+                                 "it takes no w; guide it with CFG instead")
+            w = torch.as_tensor(w, device=x.device)
+            w = w.expand(x.shape[0]) if w.numel() == 1 else w.reshape(-1)
+            h = h + self.guidance_proj(guidance_embedding(w, self.config.guidance_embed_dim).to(x.dtype))
+        temb = self.time_embed(h)
         feats, wanted = {}, taps or ()
 
         x = self.conv_in(x)

@@ -49,6 +49,11 @@ class VAEConfig:
     scaling_factor: float = 0.18215
     sample_size: int = 512  # training resolution (768 for SD-v2 768); diffusers reads it only to tile
 
+    @property
+    def downscale(self) -> int:
+        """Pixels per latent along each side: 8 for SD's (each level but the last halves the size)."""
+        return 2 ** (len(self.block_channels) - 1)
+
     @classmethod
     def from_diffusers(cls, config: dict) -> "VAEConfig":
         """Read a diffusers AutoencoderKL config.json; fields it leaves out keep SD's values.

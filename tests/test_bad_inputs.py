@@ -62,6 +62,8 @@ SAMPLE = [
     ("lora-truncated", ["a", "--lora", "{tmp}/cut.ckpt"], 2, ["--lora", "cut.ckpt", "truncated"]),
     ("lora-scale-without-lora", ["a", "--lora-scale", "0.5"], 2, ["1 --lora-scale for 0 --lora"]),
     ("lora-scale-nan", ["a", "--lora-scale", "nan"], 2, ["--lora-scale", "not a finite number"]),
+    ("vae-missing", ["a", "--vae", "{tmp}/none"], 2, ["--vae", "none", "no such folder"]),
+    ("vae-not-a-vae", ["a", "--vae", "{tmp}/folder.png"], 2, ["--vae", "folder.png", "holds no VAE"]),
 ]
 
 EVALUATE = [

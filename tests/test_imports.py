@@ -17,7 +17,7 @@ SCRIPTS = ("sample.py", "train.py", "evaluate.py", "train_vae.py", "dreambooth.p
 # only from its own layer and the layers below. "minisd" is the package's __init__.
 LAYERS = (
     # models (and their LoRA layers), grid, checks
-    {"blocks", "unet", "vae", "clip", "clip_vision", "tokenizer", "table", "images", "cli", "lora"},
+    {"blocks", "unet", "vae", "vae_tiny", "clip", "clip_vision", "tokenizer", "table", "images", "cli", "lora"},
     {"checkpoints"},                                                            # key layouts, files
     {"pipeline", "schedulers", "convert", "minisd"},                            # sampling
     {"training", "distill", "kd_step", "data", "latent_cache", "evaluation", "metrics", "flops",  # users

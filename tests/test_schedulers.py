@@ -15,12 +15,14 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    LCMScheduler,
     PNDMScheduler,
 )
 from diffusers.training_utils import compute_snr
 from reference import rel_diff
 
 from minisd.schedulers import SAMPLERS, NoiseSchedule, make_sampler
+from minisd.schedulers.lcm import boundary_scalings
 
 # runwayml/stable-diffusion-v1-5 and CompVis/stable-diffusion-v1-4: scheduler/scheduler_config.json
 SD_V1 = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
@@ -35,7 +37,9 @@ SD_V21 = {"_class_name": "DDIMScheduler", "_diffusers_version": "0.19.0.dev0", "
           "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "thresholding": False,
           "timestep_spacing": "leading", "trained_betas": None}
 REFERENCE = {"pndm": PNDMScheduler, "ddim": DDIMScheduler, "euler": EulerDiscreteScheduler,
-             "euler_a": EulerAncestralDiscreteScheduler, "dpm": DPMSolverMultistepScheduler}
+             "euler_a": EulerAncestralDiscreteScheduler, "dpm": DPMSolverMultistepScheduler,
+             "lcm": LCMScheduler}
+STOCHASTIC = (EulerAncestralDiscreteScheduler, LCMScheduler)  # their step draws noise from the generator
 SHAPE = (2, 4, 8, 8)
 TOLERANCE = 1e-5  # float32, relative to the latents' scale
 FIXED = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
@@ -59,7 +63,7 @@ def generators(seed, per_item: bool):
 
 def reference_loop(ref, x, timesteps, generator=None) -> list[torch.Tensor]:
     """diffusers' denoising loop, as StableDiffusionPipeline runs it (without guidance)."""
-    extra = {"generator": generator} if isinstance(ref, EulerAncestralDiscreteScheduler) else {}
+    extra = {"generator": generator} if isinstance(ref, STOCHASTIC) else {}
     latents = []
     for t in timesteps:
         x = ref.step(fake_model(ref.scale_model_input(x, t), t), t, x, **extra).prev_sample
@@ -197,7 +201,7 @@ def test_pinned_timesteps_of_sd_v1_config():
     expected = {"pndm": ([961, 921, 921, 881], [41, 1], 26), "ddim": ([961, 921, 881, 841], [41, 1], 25),
                 "euler": ([999.0, 957.375, 915.75, 874.125], [41.625, 0.0], 25),
                 "euler_a": ([999.0, 957.375, 915.75, 874.125], [41.625, 0.0], 25),
-                "dpm": ([999, 959, 919, 879], [80, 40], 25)}
+                "dpm": ([999, 959, 919, 879], [80, 40], 25), "lcm": ([999, 959, 919, 879], [79, 39], 25)}
     for name, (head, tail, count) in expected.items():
         sampler = make_sampler(name, SD_V1)
         sampler.set_timesteps(25)
@@ -259,7 +263,7 @@ def test_pinned_loop_values():
     PNDM's first two steps both land at t=921, and its first one is DDIM's (eq. 9 is the DDIM step)."""
     expected = {"pndm": (-1.311118, -1.308818, -6.855368), "ddim": (-1.311119, -1.522248, -6.986508),
                 "euler": (-15.099933, -14.173761, -8.450392), "euler_a": (-19.880432, -15.938487, -2.827488),
-                "dpm": (-1.310468, -1.540367, -8.359725)}
+                "dpm": (-1.310468, -1.540367, -8.359725), "lcm": (-1.702967, -1.207241, 5.475402)}
     for name, values in expected.items():
         sampler = make_sampler(name, SD_V1)
         sampler.set_timesteps(25)
@@ -280,6 +284,55 @@ def test_pinned_loop_values():
 def test_unsupported_config_values_are_refused_by_name(name, key, value):
     with pytest.raises(ValueError, match=key):
         make_sampler(name, dict(SD_V1, **{key: value}))
+
+
+def test_lcm_four_steps():
+    """LCM's few-step schedule: 4 of the 50 distillation timesteps (999, 979, ..., 19) evenly by index, the
+    consistency function's x0 at each step equal to diffusers' `denoised`, and the last step returns it."""
+    sampler, ref = both("lcm", SD_V1, 4)
+    assert sampler.timesteps.tolist() == [999, 759, 499, 259]
+    x = initial()
+    generator, ref_generator = generators(7, False), generators(7, False)
+    for i, t in enumerate(ref.timesteps):
+        out = fake_model(x, t)
+        theirs = ref.step(out, t, x, generator=ref_generator)
+        assert rel_diff(theirs.denoised, sampler.consistency(out, i, x)) < TOLERANCE
+        x_next = sampler.step(out, i, x, generator)
+        assert rel_diff(theirs.prev_sample, x_next) < TOLERANCE
+        x = theirs.prev_sample
+    assert rel_diff(theirs.denoised, x_next) == 0  # no noise after the last step: x0 itself
+    assert [float(v[0, 0, 0, 0]) for v in minisd_loop(sampler, initial(), 0, generators(7, False))] == \
+        pytest.approx([-3.143767, -5.611292, -7.063525, -7.972329], abs=1e-5)  # from diffusers
+
+
+def test_lcm_noise_comes_from_the_generator():
+    sampler = make_sampler("lcm", SD_V1)
+    sampler.set_timesteps(4)
+    runs = [minisd_loop(sampler, initial(), 0, generators(seed, False))[-1] for seed in (7, 7, 8)]
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+
+
+@pytest.mark.parametrize("steps, original", [(1, 50), (2, 50), (8, 50), (50, 50), (6, 25)])
+def test_lcm_original_inference_steps(steps, original):
+    check_run("lcm", dict(SD_V1, original_inference_steps=original), steps)
+
+
+def test_lcm_boundary_scalings():
+    """c_skip, c_out as diffusers' LCMScheduler computes them (sigma_data 0.5, timestep_scaling 10), for a
+    timestep and for a training batch's [B] timesteps; at t = 0 the consistency function is the identity."""
+    ref = LCMScheduler.from_config(SD_V1)
+    t = torch.tensor([0, 1, 5, 19, 259, 999])
+    c_skip, c_out = boundary_scalings(t)
+    for k in range(len(t)):
+        theirs = ref.get_scalings_for_boundary_condition_discrete(t[k])
+        assert (float(c_skip[k]), float(c_out[k])) == (float(theirs[0]), float(theirs[1]))
+    assert (c_skip[0], c_out[0]) == (1.0, 0.0) and c_skip[2] <= 1e-4 and c_out[-1] > 0.99999
+    assert boundary_scalings(19, timestep_scaling=1.0) == pytest.approx((0.25 / 361.25, 19 / 361.25**0.5))
+
+
+def test_lcm_refuses_more_steps_than_it_was_distilled_on():
+    with pytest.raises(ValueError, match="original_inference_steps = 50"):
+        make_sampler("lcm", SD_V1).set_timesteps(51)
 
 
 def test_bad_names_and_steps():

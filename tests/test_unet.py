@@ -1,16 +1,20 @@
 """U-Net parity: diffusers' UNet2DConditionModel with random weights, saved in hub layout,
 loaded through minisd's stage/block table and key rules, must give the same output."""
 
+import dataclasses
+
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import LatentConsistencyModelPipeline, UNet2DConditionModel
 from reference import BK_CHANGES, SD_V1_CONFIG, perturb_, real_config, reduced_config, rel_diff
 from safetensors.torch import load_file, save_file
 
+from minisd.blocks import guidance_embedding
 from minisd.checkpoints.diffusers import load_unet, save_unet, unet_config_from_table, unet_table_from_config
+from minisd.checkpoints.ldm import UNET_PREFIX, detect_unet, unet_from_ldm, unet_to_ldm
 from minisd.checkpoints.remap import CheckpointError
 from minisd.table import SD_V1, SD_V2, TEACHERS, VARIANTS, variant
-from minisd.unet import count_params, describe
+from minisd.unet import UNet, count_params, describe
 
 PARAMS = {  # diffusers' parameter counts for these configs (docs/bksdm.md)
     ("v1", "sd"): 859_520_964, ("v1", "base"): 579_384_964, ("v1", "small"): 482_346_884,
@@ -114,3 +118,64 @@ def test_table_printout_shows_removals():
     text = describe(variant(SD_V1, "tiny"), SD_V1)
     assert "+0 -1" in text and "+0 -1 +2" in text and "(stage removed)" in text and "323,384,964" in text
     assert "removed" in describe(variant(SD_V2, "small"), SD_V2)
+
+
+# ---- LCM U-Nets: the guidance embedding (time_cond_proj_dim) -------------------------------------------
+
+def test_guidance_embedding_matches_diffusers():
+    w = torch.tensor([0.0, 1.5, 7.0, 14.0])
+    for dim in (256, 7):
+        expected = LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, w, embedding_dim=dim)
+        assert torch.equal(guidance_embedding(w, dim), expected)
+
+
+def test_parity_with_guidance_embedding(tmp_path):
+    """An LCM U-Net (BK-SDM-Tiny's shape, reduced) conditioned on w: the same output as diffusers' with
+    timestep_cond, and saved back in a layout diffusers loads."""
+    cfg = dict(reduced_config("v1", "tiny"), time_cond_proj_dim=32)
+    torch.manual_seed(0)
+    ref = perturb_(UNet2DConditionModel(**cfg)).eval()
+    with torch.no_grad():
+        ref.time_embedding.cond_proj.weight.mul_(20)  # so that w moves the output well above the tolerance
+    ref.save_pretrained(tmp_path / "ref")
+    mine = load_unet(tmp_path / "ref").eval()
+    assert mine.config.guidance_embed_dim == 32 and mine.config.name == "custom-lcm"  # reduced width
+    x, t, context = torch.randn(2, 4, 16, 16), torch.tensor([999, 259]), torch.randn(2, 77, 96)
+    w = torch.tensor([7.0, 2.5])
+    with torch.no_grad():
+        expected = ref(x, t, context, timestep_cond=guidance_embedding(w, 32)).sample
+        got = mine(x, t, context, w=w)
+        assert rel_diff(expected, got) <= 1e-4
+        assert rel_diff(got, mine(x, t, context, w=torch.tensor([3.0, 2.5]))) > 1e-3
+        assert rel_diff(ref(x, t, context).sample, mine(x, t, context)) <= 1e-4  # no w: nothing added
+    save_unet(mine, tmp_path / "mine")
+    assert unet_config_from_table(mine.config)["time_cond_proj_dim"] == 32
+    again = UNet2DConditionModel.from_pretrained(tmp_path / "mine").eval()
+    with torch.no_grad():
+        assert torch.equal(again(x, t, context, timestep_cond=guidance_embedding(w, 32)).sample, expected)
+
+
+def test_guidance_embedding_in_single_files(tmp_path):
+    """LCM single files keep the embedding under diffusers' name (time_embedding.cond_proj under the U-Net's
+    prefix), and the variant is still detected from the other keys."""
+    table = dataclasses.replace(variant(SD_V1, "tiny"), guidance_embed_dim=256)
+    with torch.device("meta"):
+        keys = unet_to_ldm(UNet(table))
+    assert keys[UNET_PREFIX + "time_embedding.cond_proj.weight"].shape == (320, 256)
+    found = detect_unet({k.removeprefix(UNET_PREFIX): v for k, v in keys.items()})
+    assert found.guidance_embed_dim == 256 and found.name == "sd-v1-tiny-lcm"
+    small = dataclasses.replace(reduced_table("tiny"), guidance_embed_dim=8)
+    torch.manual_seed(0)
+    unet = UNet(small).eval()
+    again = unet_from_ldm(unet_to_ldm(unet), small).eval()
+    assert all(torch.equal(a, b) for a, b in zip(unet.state_dict().values(), again.state_dict().values()))
+
+
+def test_w_without_guidance_embedding_is_refused():
+    unet = UNet(reduced_table("tiny"))
+    with pytest.raises(ValueError, match="no guidance embedding"):
+        unet(torch.randn(1, 4, 8, 8), 10, torch.randn(1, 77, 96), w=3.0)
+
+
+def reduced_table(name: str):
+    return unet_table_from_config(reduced_config("v1", name))

@@ -13,22 +13,25 @@ import torch
 
 from minisd.checkpoints.files import find_weights, read_json, read_state_dict, write_json, write_state_dict
 from minisd.checkpoints.remap import Rule, export, load_into
+from minisd.checkpoints.taesd import load_vae_tiny, save_vae_tiny
 from minisd.clip import CLIPTextConfig, CLIPTextEncoder
 from minisd.table import Stage, UNetTable, identify
 from minisd.tokenizer import CLIPTokenizer
 from minisd.unet import UNet
 from minisd.vae import AutoencoderKL, VAEConfig
+from minisd.vae_tiny import AutoencoderTiny
 
 # ---- U-Net ------------------------------------------------------------------------------
 
 # Config values that minisd's U-Net assumes. SD-v1/v2 and every BK-SDM student use exactly these;
-# a config with anything else (class embeddings, a time-conditioning projection...) is another model.
+# a config with anything else (class embeddings, an addition embedding...) is another model. LCM's
+# `time_cond_proj_dim` is read into the table (guidance_embed_dim).
 UNET_FIXED = {
     "center_input_sample": False, "flip_sin_to_cos": True, "freq_shift": 0, "downsample_padding": 1,
     "mid_block_scale_factor": 1, "act_fn": "silu", "norm_eps": 1e-5, "only_cross_attention": False,
     "dual_cross_attention": False, "class_embed_type": None, "addition_embed_type": None,
     "num_class_embeds": None, "resnet_time_scale_shift": "default", "time_embedding_type": "positional",
-    "time_cond_proj_dim": None, "encoder_hid_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
+    "encoder_hid_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
     "attention_type": "default", "resnet_out_scale_factor": 1.0, "timestep_post_act": None,
 }
 
@@ -74,7 +77,8 @@ def unet_table_from_config(cfg: dict, name: str = "unet") -> UNetTable:
                      teacher_down=max(layers), teacher_up=max(layers) + 1,
                      in_channels=cfg.get("in_channels", 4), out_channels=cfg.get("out_channels", 4),
                      depth=depth, groups=cfg.get("norm_num_groups", 32),
-                     sample_size=sample if isinstance(sample, int) else sample[0])
+                     sample_size=sample if isinstance(sample, int) else sample[0],
+                     guidance_embed_dim=cfg.get("time_cond_proj_dim"))
 
 
 def unet_config_from_table(table: UNetTable) -> dict:
@@ -99,6 +103,7 @@ def unet_config_from_table(table: UNetTable) -> dict:
         "attention_head_dim": heads[0] if len(set(heads)) == 1 else heads,
         "cross_attention_dim": table.context_dim, "use_linear_projection": table.linear_proj,
         "upcast_attention": table.upcast_attention, "transformer_layers_per_block": table.depth,
+        "time_cond_proj_dim": table.guidance_embed_dim,
     }
 
 
@@ -112,6 +117,7 @@ def unet_rules(table: UNetTable) -> list[Rule]:
     return [
         ("time_embed.0.", "time_embedding.linear_1."),
         ("time_embed.2.", "time_embedding.linear_2."),
+        ("guidance_proj.", "time_embedding.cond_proj."),  # LCM U-Nets' guidance embedding
         ("norm_out.", "conv_norm_out."),
         ("down.{s}.blocks.{b}.res.", "down_blocks.{s}.resnets.{b}."),
         ("down.{s}.blocks.{b}.attn.", "down_blocks.{s}.attentions.{b}."),
@@ -185,6 +191,15 @@ def load_vae(folder: str | Path, dtype: torch.dtype = torch.float32, device: str
         vae = AutoencoderKL(config)
     return load_into(vae, state_dict, VAE_LEGACY_RULES if legacy else VAE_RULES, what=f"VAE weights {path}",
                      dtype=dtype, device=device)
+
+
+def load_any_vae(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 half: bool = False) -> AutoencoderKL | AutoencoderTiny:
+    """A diffusers VAE folder of either class its config.json names: AutoencoderKL (SD's) or AutoencoderTiny
+    (TAESD, minisd/vae_tiny.py)."""
+    if read_json(Path(folder) / "config.json").get("_class_name") == "AutoencoderTiny":
+        return load_vae_tiny(folder, dtype, device, half)
+    return load_vae(folder, dtype, device, half)
 
 
 def save_vae(vae: AutoencoderKL, folder: str | Path) -> None:
@@ -268,12 +283,12 @@ def save_tokenizer(tokenizer: CLIPTokenizer, folder: str | Path) -> None:
 COMPONENT_DIRS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
-def model_index(scheduler_class: str) -> dict:
+def model_index(scheduler_class: str, vae_class: str = "AutoencoderKL") -> dict:
     """model_index.json as StableDiffusionPipeline.save_pretrained writes it, without a safety checker."""
     return {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.27.0",
             "scheduler": ["diffusers", scheduler_class], "text_encoder": ["transformers", "CLIPTextModel"],
             "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
-            "vae": ["diffusers", "AutoencoderKL"], "safety_checker": [None, None],
+            "vae": ["diffusers", vae_class], "safety_checker": [None, None],
             "feature_extractor": [None, None], "requires_safety_checker": False}
 
 
@@ -302,7 +317,7 @@ def load_folder(folder: str | Path, dtype: torch.dtype = torch.float32, device: 
     return dict(tokenizer=load_tokenizer(folder / "tokenizer"),
                 text_encoder=load_text_encoder(folder / "text_encoder", dtype, device, half),
                 unet=load_unet(folder / "unet", dtype, device, half),
-                vae=load_vae(folder / "vae", dtype, device, half),
+                vae=load_any_vae(folder / "vae", dtype, device, half),
                 scheduler_config=read_json(folder / "scheduler" / "scheduler_config.json"))
 
 
@@ -310,9 +325,11 @@ def save_folder(components: dict, folder: str | Path) -> None:
     """Write a pipeline folder that both minisd and diffusers' StableDiffusionPipeline load."""
     folder = Path(folder)
     save_unet(components["unet"], folder / "unet")
-    save_vae(components["vae"], folder / "vae")
+    vae = components["vae"]
+    (save_vae_tiny if isinstance(vae, AutoencoderTiny) else save_vae)(vae, folder / "vae")
     save_text_encoder(components["text_encoder"], folder / "text_encoder")
     save_tokenizer(components["tokenizer"], folder / "tokenizer")
     scheduler = components["scheduler_config"]
     write_json(folder / "scheduler" / "scheduler_config.json", scheduler)
-    write_json(folder / "model_index.json", model_index(scheduler.get("_class_name", "PNDMScheduler")))
+    write_json(folder / "model_index.json", model_index(scheduler.get("_class_name", "PNDMScheduler"),
+                                                        vae.config.to_diffusers()["_class_name"]))

@@ -27,6 +27,7 @@ from minisd.vae import SD_VAE, AutoencoderKL, VAEConfig
 # `.0` is the ResBlock and `.1` the SpatialTransformer. The flat numbers come from the table.
 
 UNET_PREFIX = "model.diffusion_model."
+GUIDANCE_KEY = "time_embedding.cond_proj.weight"  # an LCM U-Net's guidance embedding [320, embed dim]
 
 RES_RULES = (  # openaimodel.ResBlock's Sequentials -> named layers
     ("norm1.", "in_layers.0."), ("conv1.", "in_layers.2."), ("time_emb_proj.", "emb_layers.1."),
@@ -37,8 +38,11 @@ ATTN_RULES = (("to_out.", "to_out.0."), ("ff.proj.", "ff.net.0.proj."), ("ff.out
 
 def unet_rules(table: UNetTable) -> list[Rule]:
     n, k, m = len(table.stages), 1, 0
+    # LDM has no guidance embedding; LCM single files keep diffusers' name for it under the prefix, as
+    # diffusers' convert_diffusers_to_original_stable_diffusion.py leaves a key it has no rule for
     rules = [("conv_in.", "input_blocks.0.0."), ("time_embed.", "time_embed."),
-             ("norm_out.", "out.0."), ("conv_out.", "out.2.")]
+             ("guidance_proj.", "time_embedding.cond_proj."), ("norm_out.", "out.0."),
+             ("conv_out.", "out.2.")]
     for s, stage in enumerate(table.stages):
         for b in range(len(stage.down)):
             rules.append((f"down.{s}.blocks.{b}.res.", f"input_blocks.{k}.0.", RES_RULES))
@@ -75,7 +79,7 @@ def detect_unet(unet_sd: dict[str, torch.Tensor], family: str | None = None,
 
     The family follows from the cross-attention width (`family_of`: 768 for SD-v1's CLIP, 1024 for
     SD-v2's OpenCLIP); the variant is the table whose key set the file has exactly. `family`/`name`
-    skip the guess.
+    skip the guess. An LCM U-Net's guidance embedding (GUIDANCE_KEY) sets the table's guidance_embed_dim.
     """
     if family is None:
         widths = {v.shape[1] for k, v in unet_sd.items() if k.endswith("attn2.to_k.weight")}
@@ -85,11 +89,12 @@ def detect_unet(unet_sd: dict[str, torch.Tensor], family: str | None = None,
             raise ValueError("cannot tell the SD family from the single file's cross-attention width "
                              "(expected 768 for SD-v1 or 1024 for SD-v2); pass the family explicitly")
     keys = set(unet_sd)
+    guidance = unet_sd[GUIDANCE_KEY].shape[1] if GUIDANCE_KEY in unet_sd else None
     names = [name] if name else list(VARIANTS)
     for nm in names:
-        table = variant(TEACHERS[family], nm)
+        table = dataclasses.replace(variant(TEACHERS[family], nm), guidance_embed_dim=guidance)
         if unet_keys(table) == keys:
-            return table
+            return dataclasses.replace(table, name=table.name + ("-lcm" if guidance else ""))
     raise ValueError(f"the single file's U-Net is not an SD-{family} U-Net nor a BK-SDM student of it "
                      f"(tried variants {', '.join(names)})")
 
@@ -309,6 +314,9 @@ def load_single_file(path: str | Path, dtype: torch.dtype = torch.float32, devic
 def save_single_file(components: dict, path: str | Path) -> None:
     """Write one LDM-layout file: .safetensors, or .ckpt with a `state_dict` as the original code saves."""
     unet = components["unet"]
+    if not isinstance(components["vae"], AutoencoderKL):
+        raise ValueError("a single file holds SD's KL autoencoder, not a tiny one (TAESD): save this "
+                         "pipeline as a folder (pipe.save), or load it without --vae")
     family = family_of(unet.config.context_dim)
     sd = {**unet_to_ldm(unet), **vae_to_ldm(components["vae"]),
           **text_encoder_to_ldm(components["text_encoder"], family)}

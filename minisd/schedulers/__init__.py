@@ -5,6 +5,7 @@
     euler    EulerDiscreteScheduler                        euler.py
     euler_a  EulerAncestralDiscreteScheduler               euler.py
     dpm      DPMSolverMultistepScheduler (DPM-Solver++2M)  dpm.py
+    lcm      LCMScheduler (multistep consistency sampling) lcm.py
 
 Each is built from a diffusers scheduler_config.json dict, whatever class wrote it, the way
 `X.from_config(config)` builds one in diffusers: keys the sampler's class reads are used (with
@@ -17,10 +18,12 @@ from minisd.schedulers.base import Sampler
 from minisd.schedulers.ddim import DDIM
 from minisd.schedulers.dpm import DPMSolver
 from minisd.schedulers.euler import Euler, EulerAncestral
+from minisd.schedulers.lcm import LCM
 from minisd.schedulers.pndm import PNDM
 from minisd.schedulers.schedule import NoiseSchedule, explicit
 
-SAMPLER_CLASSES = {"pndm": PNDM, "ddim": DDIM, "euler": Euler, "euler_a": EulerAncestral, "dpm": DPMSolver}
+SAMPLER_CLASSES = {"pndm": PNDM, "ddim": DDIM, "euler": Euler, "euler_a": EulerAncestral, "dpm": DPMSolver,
+                   "lcm": LCM}
 SAMPLERS = tuple(SAMPLER_CLASSES)
 
 __all__ = ["SAMPLERS", "NoiseSchedule", "Sampler", "make_sampler"]
