@@ -542,12 +542,12 @@ def probe(pipe: Pipeline, size: int):
 
 
 @torch.no_grad()
-def sample_grid(pipe: Pipeline, prompts: list[str], path: Path, size: int, steps: int = 25) -> None:
+def sample_grid(pipe: Pipeline, prompts: list[str], path: Path, size: int, steps: int = 25, **call) -> None:
     """Fixed prompts and seeds (image i from seed i) through sample.py's pipeline, one PNG row at `path`: how
-    a run's model draws as it learns."""
+    a run's model draws as it learns. `call`: more of the pipeline call's settings (scheduler, guidance)."""
     pipe.unet.eval()
     images = pipe(prompts, steps=steps, seed=0, seed_mode="per_image", height=size, width=size,
-                  progress=False)
+                  progress=False, **call)
     pipe.unet.train()
     path.parent.mkdir(parents=True, exist_ok=True)
     grid(images, cols=len(images)).save(path)

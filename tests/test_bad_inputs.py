@@ -18,6 +18,7 @@ import evaluate
 import minisd.convert
 import sample
 import train
+import train_lcm
 import train_vae
 from minisd.pipeline import Pipeline
 from minisd.toy.dataset import write_dataset
@@ -219,6 +220,22 @@ DREAMBOOTH = [
     ("lora-rank-0", ["--lora", "--rank", "0"], 2, ["--rank", ">= 1"]),
 ]
 
+# train_lcm.py: the toy model as the teacher, 4 toy scenes
+TRAIN_LCM = [
+    ("teacher-missing", ["--teacher", "{tmp}/nothing"], 2, ["nothing", "not a file, a folder or a hub id"]),
+    ("data-missing", ["--data", "{tmp}/nothing"], 2, ["nothing does not exist"]),
+    ("data-fewer-than-a-batch", ["--batch-size", "8"], 2, ["holds 4 images, fewer than one batch"]),
+    ("w-range-reversed", ["--w-min", "9", "--w-max", "3"], 2, ["--w-min 9.0 is above --w-max 3.0"]),
+    ("w-nan", ["--w-max", "nan"], 2, ["--w-max", "not a finite number"]),
+    ("lr-inf", ["--lr", "inf"], 2, ["--lr", "not a finite number"]),
+    ("ema-decay-1", ["--ema-decay", "1"], 2, ["--ema-decay 1.0", "(0, 1)"]),
+    ("huber-negative", ["--huber-c", "-1"], 2, ["--huber-c", ">= 0"]),
+    ("global-batch-not-a-multiple", ["--global-batch", "3"], 2, ["--global-batch 3 is not a multiple"]),
+    ("resolution-not-multiple-of-8", ["--resolution", "30"], 2, ["--resolution 30", "multiple of 8"]),
+    ("out-unwritable", ["--out", "/proc/minisd/lcm"], 2, ["--out", "cannot create the folder"]),
+    ("out-holds-another-run", ["--out", "{tmp}/other-run"], 2, ["holds another run", "--overwrite"]),
+]
+
 CONVERT = [
     ("dest-inside-source", ["{model}", "{model}/copy"], 2, ["inside it"]),
     ("source-missing", ["{tmp}/nothing", "{tmp}/out"], 2, ["not a file, a folder or a hub id"]),
@@ -297,6 +314,7 @@ def no_generation(monkeypatch):
     monkeypatch.setattr(TrainState, "restore", work)  # a resumed state must be checked first
     monkeypatch.setattr(train_vae, "batches", work)
     monkeypatch.setattr(dreambooth, "batches", work)
+    monkeypatch.setattr(train_lcm, "batches", work)
 
 
 def run(main, argv: list[str], capsys) -> tuple[int, str]:
@@ -385,6 +403,16 @@ def test_dreambooth_bad_input(inputs, no_generation, capsys, argv, code, words, 
             "--max-steps", "1", "--num-workers", "0", "--out", str(inputs / "db" / request.node.callspec.id)]
     got, err = run(dreambooth.main, [*base, *fill(argv, inputs)], capsys)
     check("dreambooth.py", got, err, code, words, inputs)
+
+
+@pytest.mark.parametrize("argv, code, words", [row[1:] for row in TRAIN_LCM],
+                         ids=[row[0] for row in TRAIN_LCM])
+def test_train_lcm_bad_input(inputs, no_generation, capsys, argv, code, words, request):
+    base = ["--teacher", str(TOY), "--data", str(inputs / "toy" / "train"), "--resolution", "32",
+            "--batch-size", "2", "--num-workers", "0", "--max-steps", "1", "--valid-steps", "0",
+            "--out", str(inputs / "lcm" / request.node.callspec.id)]
+    got, err = run(train_lcm.main, [*base, *fill(argv, inputs)], capsys)
+    check("train_lcm.py", got, err, code, words, inputs)
 
 
 # ---- python -m minisd.convert

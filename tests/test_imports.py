@@ -12,16 +12,17 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ("sample.py", "train.py", "evaluate.py", "train_vae.py", "dreambooth.py")
+SCRIPTS = ("sample.py", "train.py", "evaluate.py", "train_vae.py", "dreambooth.py", "train_lcm.py")
 # Each part of minisd (a top-level module or a subpackage) in its layer, lowest first: a part imports
 # only from its own layer and the layers below. "minisd" is the package's __init__.
 LAYERS = (
     # models (and their LoRA layers), grid, checks
-    {"blocks", "unet", "vae", "vae_tiny", "clip", "clip_vision", "tokenizer", "table", "images", "cli", "lora"},
+    {"blocks", "unet", "vae", "vae_tiny", "clip", "clip_vision", "tokenizer", "table", "images", "cli",
+     "lora"},
     {"checkpoints"},                                                            # key layouts, files
     {"pipeline", "schedulers", "convert", "minisd"},                            # sampling
     {"training", "distill", "kd_step", "data", "latent_cache", "evaluation", "metrics", "flops",  # users
-     "dreambooth", "dreambooth_data", "dreambooth_eval"},
+     "dreambooth", "dreambooth_data", "dreambooth_eval", "lcd_step"},
     {"toy", "bench"},                                                           # leaf consumers
 )
 REFERENCE_LIBRARIES = ("accelerate", "diffusers", "open_clip", "peft", "transformers")

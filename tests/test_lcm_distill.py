@@ -1,0 +1,137 @@
+"""Latent consistency distillation (minisd/lcd_step.py, train_lcm.py) on the toy model: one step's loss equals
+a hand computation from the LCM paper's formulas on the same draws, a run resumes exactly, the full form ends
+as a pipeline that samples with LCM, and an LCM-LoRA made by minisd gives diffusers' image."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import LCMScheduler, StableDiffusionPipeline
+from safetensors.torch import load_file
+
+import train_lcm
+from minisd.data import collate
+from minisd.lcd_step import LCDRecipe, lcd_draws, lcd_step
+from minisd.pipeline import load_pipeline
+from minisd.schedulers import NoiseSchedule
+from minisd.toy.dataset import write_dataset
+from minisd.training import open_data
+from minisd.unet import UNet
+
+ROOT = Path(__file__).resolve().parents[1]
+TOY = ROOT / "weights" / "toy-sd"
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("lcm")
+    write_dataset(root / "toy", n=8, seed=5, heldout=0.0, workers=1)
+    return root / "toy" / "train"
+
+
+def flags(data: Path, out: Path, **options) -> list[str]:
+    settings = dict(teacher=TOY, data=data, out=out, resolution=64, batch_size=2, max_steps=4, log_steps=1,
+                    save_steps=2, valid_steps=0, num_workers=0, lr=1e-4, guidance_embed_dim=16)
+    settings.update(options)
+    return [arg for k, v in settings.items() for arg in (f"--{k.replace('_', '-')}", str(v))]
+
+
+def test_lcd_loss_is_the_hand_computation(scenes):
+    """Written out from the LCM paper (Algorithm 1, eq. 9) and the consistency models' boundary scalings, on
+    the draws lcd_step makes: the teacher's guided DDIM step, the target's and the student's consistency
+    functions, the pseudo-Huber distance."""
+    pipe = load_pipeline(TOY)
+    table = dataclasses.replace(pipe.unet.config, guidance_embed_dim=16)
+    student = UNet(table)
+    student.load_state_dict(pipe.unet.state_dict(), strict=False)
+    target = UNet(table)
+    target.load_state_dict({k: v + 0.01 * torch.randn_like(v) for k, v in student.state_dict().items()})
+    batch = collate([open_data(str(scenes), 64, 2)[i] for i in (0, 1)])
+    schedule = NoiseSchedule.from_config(pipe.scheduler_config)
+    recipe = LCDRecipe()
+    with torch.no_grad():
+        uncond = pipe.text_encoder(pipe.tokenizer([""]))
+        got = lcd_step(batch, pipe, pipe.unet, student, target, schedule, uncond, recipe)["loss"]
+
+        posterior = pipe.vae.encode(batch["pixels"])
+        index, noise, eps, w = lcd_draws(batch["seed"], posterior.mean.shape[1:], recipe)
+        z = (posterior.mean + posterior.std * eps) * pipe.vae.scaling_factor
+        context = pipe.text_encoder(pipe.tokenizer(batch["text"]))
+        a = schedule.alphas_cumprod.double()
+        start = 20 * index + 19  # the skipping schedule: 19, 39, ..., 999
+        end = (start - 20).clamp(min=0)
+
+        def col(v):
+            return v.double().reshape(-1, 1, 1, 1)
+
+        x = col(a[start]).sqrt() * z.double() + (1 - col(a[start])).sqrt() * noise.double()
+
+        def x0(eps_hat, x, t):
+            return (x - (1 - col(a[t])).sqrt() * eps_hat.double()) / col(a[t]).sqrt()
+
+        def f(model, x, t):
+            s = 10.0 * t.double()
+            c_skip, c_out = 0.25 / (s**2 + 0.25), s / (s**2 + 0.25).sqrt()
+            return col(c_skip) * x + col(c_out) * x0(model(x.float(), t, context, w=w), x, t)
+
+        cond = pipe.unet(x.float(), start, context)
+        free = pipe.unet(x.float(), start, uncond.expand_as(context))
+        x0_guided = x0(cond, x, start) + col(w) * (x0(cond, x, start) - x0(free, x, start))
+        eps_guided = cond.double() + col(w) * (cond.double() - free.double())
+        x_prev = col(a[end]).sqrt() * x0_guided + (1 - col(a[end])).sqrt() * eps_guided
+        d = f(student, x, start) - f(target, x_prev, end)
+        expected = ((d**2 + 0.001**2).sqrt() - 0.001).mean()
+    assert got.item() == pytest.approx(expected.item(), rel=1e-4)
+    assert ((start >= 19) & (start <= 999)).all() and ((w >= 3) & (w <= 15)).all()
+
+
+@pytest.mark.slow
+def test_full_lcd_resumes_exactly_and_samples_with_lcm(scenes, tmp_path):
+    """4 steps in one go, or 2 then 4: the same losses, student and EMA target. The run folder is then a
+    pipeline whose U-Net has the guidance embedding and whose scheduler is LCM's."""
+    once, twice = tmp_path / "once", tmp_path / "twice"
+    assert train_lcm.main(flags(scenes, once)) == 0
+    assert train_lcm.main(flags(scenes, twice, max_steps=2)) == 0
+    assert train_lcm.main(flags(scenes, twice)) == 0
+    rows = [[json.loads(line) for line in open(run / "log.jsonl")] for run in (once, twice)]
+    assert [r["step"] for r in rows[1]] == [1, 2, 3, 4]
+    assert [r["loss"] for r in rows[0]] == pytest.approx([r["loss"] for r in rows[1]], rel=1e-5)
+    for folder in ("unet", "checkpoint-0000004/unet", "checkpoint-0000004/ema_unet"):
+        a, b = (load_file(run / folder / "diffusion_pytorch_model.safetensors") for run in (once, twice))
+        assert all(torch.equal(a[k], b[k]) for k in a), folder
+    # the shipped U-Net is the EMA target
+    final, ema = (load_file(once / f / "diffusion_pytorch_model.safetensors")
+                  for f in ("unet", "checkpoint-0000004/ema_unet"))
+    assert all(torch.equal(final[k], ema[k]) for k in final)
+
+    pipe = load_pipeline(once)
+    assert pipe.unet.config.guidance_embed_dim == 16
+    scheduler = json.loads((once / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["_class_name"] == "LCMScheduler"
+    image = pipe("a red circle", steps=4, seed=0, progress=False, output="np")
+    assert np.isfinite(image).all() and image.std() > 0.01
+
+
+@pytest.mark.slow
+def test_lcm_lora_gives_diffusers_image(scenes, tmp_path):
+    """--lora: the file loads in sample.py's pipeline and in diffusers (StableDiffusionPipeline with
+    LCMScheduler and load_lora_weights), which draw the same 4-step image."""
+    out = tmp_path / "lora"
+    assert train_lcm.main(flags(scenes, out, max_steps=2) + ["--lora", "--rank", "4", "--alpha", "4"]) == 0
+    assert not (out / "unet").exists()
+    ups = [v for k, v in load_file(out / "pytorch_lora_weights.safetensors").items() if "lora_B" in k]
+    assert ups and any(v.abs().max() > 0 for v in ups)  # it learnt: up starts at zero
+    mine = load_pipeline(TOY)
+    mine.load_lora(out)
+    image = mine("a red circle", steps=4, guidance=1.0, seed=0, scheduler="lcm", progress=False, output="np")
+
+    pipe = StableDiffusionPipeline.from_pretrained(TOY, safety_checker=None, torch_dtype=torch.float32)
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    pipe.load_lora_weights(out)
+    pipe.set_progress_bar_config(disable=True)
+    reference = pipe("a red circle", num_inference_steps=4, guidance_scale=1.0,
+                     generator=torch.Generator().manual_seed(0), height=64, width=64, output_type="np").images
+    assert np.abs(image - reference).max() <= 2 / 255
