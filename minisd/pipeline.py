@@ -117,7 +117,6 @@ class Pipeline:
         # in the U-Net's dtype: the text encoder may run in another (train.py's frozen bf16 teacher)
         return self.text_encoder(self.tokenizer(prompts).to(self.device)).to(self.dtype)
 
-    @torch.no_grad()
     def default_guidance(self, scheduler: str | None = None) -> float:
         """7.5, SD's CFG scale (for an LCM U-Net with a guidance embedding: w = 6.5); 1, no CFG, when the LCM
         sampler runs a U-Net without that embedding, as an LCM-LoRA is sampled (arXiv 2311.05556)."""
@@ -125,6 +124,7 @@ class Pipeline:
                                      and self.scheduler_config.get("_class_name") == "LCMScheduler")
         return 1.0 if lcm and self.unet.config.guidance_embed_dim is None else 7.5
 
+    @torch.no_grad()
     def __call__(self, prompt: str | list[str], steps: int = 25, guidance: float | None = None,
                  seed: int | torch.Generator = 0, height: int | None = None, width: int | None = None,
                  negative_prompt: str | list[str] | None = None, num_images: int = 1,
