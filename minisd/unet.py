@@ -7,7 +7,9 @@ it takes to know each up block's input width, so any BK-SDM removal builds witho
 
 Native parameter names follow the table: `down.{stage}.blocks.{block}.res|attn`,
 `down.{stage}.downsample`, `mid.res1|attn|res2`, `up.{stage}.blocks.{block}.res|attn`,
-`up.{stage}.upsample`. `up.{stage}` is indexed by stage like `down`, so up.0 runs last.
+`up.{stage}.upsample`. `up.{stage}` is indexed by stage like `down`, so up.0 runs last. An LCM U-Net
+distilled with guidance (table.guidance_embed_dim) also has `guidance_proj`, which adds the guidance weight's
+embedding to the timestep features (UNet(..., w=)).
 `unet_part` reads a stage off those names; the parameter counts here and the MAC counts of
 minisd/flops.py both group by it.
 
