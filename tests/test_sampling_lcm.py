@@ -2,6 +2,8 @@
 LatentConsistencyModelPipeline (an LCM U-Net with a guidance embedding, no CFG pass) and against
 StableDiffusionPipeline with LCMScheduler (a plain U-Net, as an LCM-LoRA is sampled), on random weights."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -98,3 +100,12 @@ def test_default_guidance(lcm_folder, plain):
     _, pipe = plain
     assert [pipe.default_guidance(name) for name in (None, "lcm", "ddim")] == [7.5, 1.0, 7.5]
     assert minisd.load_pipeline(lcm_folder).default_guidance("lcm") == 7.5
+
+
+def test_lcm_loop_never_reads_the_device(lcm_folder):
+    """The guidance weight's embedding and the LCM steps on the meta device, where reading a value raises (a
+    host-device sync on a GPU; tests/test_speed.py runs every sampler so on a plain U-Net)."""
+    meta = copy.deepcopy(minisd.load_pipeline(lcm_folder)).to("meta")
+    latents = meta(["a", "b"], steps=4, guidance=8.5, height=32, width=32, scheduler="lcm",
+                   seed_mode="per_image", progress=False, output="latent")
+    assert latents.device.type == "meta" and latents.shape == (2, 4, 16, 16)
