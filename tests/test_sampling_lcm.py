@@ -50,16 +50,16 @@ def test_lcm_unet_same_image_as_diffusers_lcm_pipeline(lcm_folder):
     ref.set_progress_bar_config(disable=True)
     pipe = minisd.load_pipeline(lcm_folder)
     assert pipe.unet.config.guidance_embed_dim == 32
-    kwargs = dict(steps=4, seed=5, height=64, width=64, scheduler="lcm", progress=False, output="np")
+    kwargs = dict(steps=4, seed=5, height=32, width=32, scheduler="lcm", progress=False, output="np")
     ours = pipe(PROMPT, guidance=8.5, **kwargs)
-    assert np.abs(ours - images(ref, 4, 5, 64, guidance_scale=8.5)).max() <= TOLERANCE
+    assert np.abs(ours - images(ref, 4, 5, 32, guidance_scale=8.5)).max() <= TOLERANCE
     # the guidance weight is an input of the U-Net: another w, another image
     assert np.abs(pipe(PROMPT, guidance=3.0, **kwargs) - ours).mean() > 0.01
     # diffusers' StableDiffusionPipeline makes the same decision for such a U-Net: w embedding, no CFG
     sd = StableDiffusionPipeline.from_pretrained(lcm_folder, scheduler=ref.scheduler, safety_checker=None,
                                                  requires_safety_checker=False)
     sd.set_progress_bar_config(disable=True)
-    assert np.abs(ours - images(sd, 4, 5, 64, guidance_scale=8.5)).max() <= TOLERANCE
+    assert np.abs(ours - images(sd, 4, 5, 32, guidance_scale=8.5)).max() <= TOLERANCE
 
 
 def test_lcm_unet_runs_the_unet_once_per_step(lcm_folder, monkeypatch):
@@ -81,9 +81,9 @@ def test_plain_unet_with_lcm_sampler_same_image(plain, guidance):
     """A U-Net without guidance embedding (an LCM-LoRA merged into it, say), sampled as diffusers'
     StableDiffusionPipeline does with LCMScheduler: CFG when guidance > 1, none at 1."""
     ref, pipe = plain
-    ours = pipe(PROMPT, steps=4, seed=6, guidance=guidance, height=64, width=64, scheduler="lcm",
+    ours = pipe(PROMPT, steps=4, seed=6, guidance=guidance, height=32, width=32, scheduler="lcm",
                 negative_prompt="blurry", progress=False, output="np")
-    theirs = images(ref, 4, 6, 64, guidance_scale=guidance, negative_prompt="blurry")
+    theirs = images(ref, 4, 6, 32, guidance_scale=guidance, negative_prompt="blurry")
     assert np.abs(ours - theirs).max() <= TOLERANCE
 
 
