@@ -17,10 +17,16 @@ at 64x64 counts every Conv2d and Linear (attention projections and the time-embe
 included) and leaves out the attention matmuls; unet_macs(..., attention_matmuls=False)
 reproduces it. FLOPs are 2 x MACs. A backward pass is taken as 2 x its forward.
 
-`python -m minisd.flops --family v1 --variant small --size 512` prints the per-part table.
+Few-step sampling (docs/performance.md): an LCM U-Net with guidance distilled in runs one latent per
+step, no CFG pair (sampling_flops(..., guidance=False)); its guidance embedding's projection is counted.
+TAESD's decoder (minisd/vae_tiny.py) is counted like the KL decoder, from its own modules.
+
+`python -m minisd.flops --family v1 --variant small --size 512` prints the per-part table;
+`--lcm --steps 4 --vae tiny` counts BK-SDM's few-step setting.
 """
 
 import argparse
+import dataclasses
 from collections import defaultdict
 from collections.abc import Callable
 
@@ -29,9 +35,10 @@ from torch import nn
 
 from minisd.blocks import Attention
 from minisd.clip import CLIP_VIT_L14, TEXT_ENCODERS, CLIPTextConfig, CLIPTextEncoder
-from minisd.table import TEACHERS, VARIANTS, UNetTable, variant
+from minisd.table import LCM_GUIDANCE_EMBED_DIM, TEACHERS, VARIANTS, UNetTable, variant
 from minisd.unet import UNet, unet_part
 from minisd.vae import SD_VAE, AutoencoderKL, VAEConfig
+from minisd.vae_tiny import TAESD, AutoencoderTiny, TinyVAEConfig
 
 TEXT_TOKENS = 77  # CLIP's context length: SD always encodes padded 77-token prompts
 
@@ -91,8 +98,10 @@ def unet_macs(table: UNetTable, height: int, width: int, batch: int = 1,
     """MACs of one U-Net forward on `batch` latents of height x width: `stem`, `stage s`, `mid`, `total`."""
     with torch.device("meta"):
         unet = UNet(table)
+        # an LCM U-Net's guidance weight, so that its embedding's projection runs and is counted
+        w = torch.zeros(batch) if table.guidance_embed_dim else None
         inputs = (torch.empty(batch, table.in_channels, height, width), torch.zeros(batch),
-                  torch.empty(batch, TEXT_TOKENS, table.context_dim))
+                  torch.empty(batch, TEXT_TOKENS, table.context_dim), None, w)
     counts = count_macs(unet, inputs, unet_part, attention_matmuls)
     parts = ["stem", *(f"stage {s}" for s in range(len(table.stages)))] + (["mid"] if table.mid else [])
     return {p: counts.get(p, 0) for p in parts} | {"total": counts["total"]}
@@ -102,33 +111,37 @@ def _vae_part(name: str) -> str:
     if "." not in name:
         return name  # quant_conv, post_quant_conv
     first, _, rest = name.partition(".")[2].partition(".")  # drop "encoder." / "decoder."
-    return f"{first} {rest.split('.')[0]}" if first in ("down", "up") else first or "quant"
+    return f"{first} {rest.split('.')[0]}" if first in ("down", "up", "levels") else first or "quant"
 
 
-def _vae_macs(config: VAEConfig, shape: tuple[int, ...], decode: bool,
+def _vae_macs(config: VAEConfig | TinyVAEConfig, shape: tuple[int, ...], decode: bool,
               attention_matmuls: bool) -> dict[str, int]:
     with torch.device("meta"):
-        vae = AutoencoderKL(config)
+        vae = AutoencoderTiny(config) if isinstance(config, TinyVAEConfig) else AutoencoderKL(config)
         x = torch.empty(shape)
-    call = vae.decode if decode else (lambda x: vae.encode(x).mean)
+    if decode:
+        call = vae.decode
+    else:  # TAESD's encode gives the latents; the KL encoder a posterior
+        call = vae.encode if isinstance(vae, AutoencoderTiny) else (lambda x: vae.encode(x).mean)
     return count_macs(vae, (x,), _vae_part, attention_matmuls, call)
 
 
-def vae_factor(config: VAEConfig = SD_VAE) -> int:
-    """Pixels per latent along each side: 8 for SD (every level but the last halves H, W)."""
-    return 2 ** (len(config.block_channels) - 1)
+def vae_factor(config: VAEConfig | TinyVAEConfig = SD_VAE) -> int:
+    """Pixels per latent along each side: 8 for SD's VAE and TAESD (every level but the last halves H, W)."""
+    return config.downscale
 
 
-def vae_decoder_macs(config: VAEConfig = SD_VAE, height: int = 512, width: int = 512, batch: int = 1,
-                     attention_matmuls: bool = True) -> dict[str, int]:
-    """MACs of decoding `batch` latents to height x width pixels (post_quant_conv's 1x1 included)."""
+def vae_decoder_macs(config: VAEConfig | TinyVAEConfig = SD_VAE, height: int = 512, width: int = 512,
+                     batch: int = 1, attention_matmuls: bool = True) -> dict[str, int]:
+    """MACs of decoding `batch` latents to height x width pixels (post_quant_conv's 1x1 included); SD's KL
+    decoder or TAESD's (a TinyVAEConfig)."""
     f = vae_factor(config)
     return _vae_macs(config, (batch, config.latent_channels, height // f, width // f), True,
                      attention_matmuls)
 
 
-def vae_encoder_macs(config: VAEConfig = SD_VAE, height: int = 512, width: int = 512, batch: int = 1,
-                     attention_matmuls: bool = True) -> dict[str, int]:
+def vae_encoder_macs(config: VAEConfig | TinyVAEConfig = SD_VAE, height: int = 512, width: int = 512,
+                     batch: int = 1, attention_matmuls: bool = True) -> dict[str, int]:
     """MACs of encoding `batch` images of height x width pixels (quant_conv's 1x1 included)."""
     return _vae_macs(config, (batch, config.in_channels, height, width), False, attention_matmuls)
 
@@ -148,11 +161,12 @@ def text_config_for(table: UNetTable) -> CLIPTextConfig:
     return {text.width: text for text in TEXT_ENCODERS.values()}[table.context_dim]
 
 
-def sampling_flops(unet_table: UNetTable, vae_config: VAEConfig = SD_VAE,
+def sampling_flops(unet_table: UNetTable, vae_config: VAEConfig | TinyVAEConfig = SD_VAE,
                    text_config: CLIPTextConfig | None = None, size: int = 512, steps: int = 25,
                    guidance: bool = True) -> dict[str, int]:
     """FLOPs (2 x MACs) to generate one size x size image: `unet` (steps forwards, each on
-    2 latents with classifier-free guidance), `vae_decode`, `text` (2 prompts with guidance), `total`."""
+    2 latents with classifier-free guidance), `vae_decode`, `text` (2 prompts with guidance), `total`.
+    guidance=False: one latent and one prompt, as without CFG or with an LCM U-Net's distilled guidance."""
     text_config = text_config or text_config_for(unet_table)
     n = 2 if guidance else 1  # CFG runs the U-Net and the text encoder on (negative, positive)
     latent = size // vae_factor(vae_config)
@@ -182,10 +196,17 @@ def main(argv=None):
     parser.add_argument("--family", choices=sorted(TEACHERS), default="v1")
     parser.add_argument("--variant", choices=sorted(VARIANTS), default="sd")
     parser.add_argument("--size", type=int, default=None, help="image size in pixels (default: the family's)")
-    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--steps", type=int, default=25, help="U-Net calls per image (default 25)")
+    parser.add_argument("--lcm", action="store_true",
+                        help="an LCM U-Net with guidance distilled in: one latent per step, no CFG pair")
+    parser.add_argument("--vae", choices=["sd", "tiny"], default="sd",
+                        help="the decoder: SD's KL VAE or TAESD (minisd/vae_tiny.py)")
     args = parser.parse_args(argv)
     teacher = TEACHERS[args.family]
     table = variant(teacher, args.variant)
+    if args.lcm:
+        table = dataclasses.replace(table, guidance_embed_dim=LCM_GUIDANCE_EMBED_DIM)
+    vae = TAESD if args.vae == "tiny" else SD_VAE
     size = args.size or teacher.sample_size * vae_factor()
     latent = size // vae_factor()
     with_attn, without = unet_macs(table, latent,
@@ -195,8 +216,9 @@ def main(argv=None):
     for part in with_attn:
         print(f"{part:>8} {without[part] / 1e9:>12.1f} {with_attn[part] / 1e9:>14.1f}")
     print(f"U-Net forward: {2 * with_attn['total'] / 1e12:.3f} TFLOP")
-    sample = sampling_flops(table, size=size, steps=args.steps)
-    print(f"one image, {args.steps} steps with CFG: "
+    sample = sampling_flops(table, vae, size=size, steps=args.steps, guidance=not args.lcm)
+    print(f"one image, {args.steps} steps {'LCM, no CFG' if args.lcm else 'with CFG'}, "
+          f"{'TAESD' if args.vae == 'tiny' else 'SD VAE'} decode: "
           + ", ".join(f"{k} {v / 1e12:.2f}" for k, v in sample.items())
           + " TFLOP")
     for cached in (False, True):

@@ -12,6 +12,9 @@ and denoise from there, as StableDiffusionImg2ImgPipeline does.
 - a local folder in diffusers layout, as the hub repos and train.py write them;
 - a single original-layout .safetensors/.ckpt file, SD-v1 or SD-v2, BK-SDM students included.
 
+A U-Net distilled with guidance for few-step sampling (an LCM, `--scheduler lcm`) takes the guidance scale
+as an input instead, and runs no CFG pass.
+
 `load_pipeline(source, vae=PATH)` swaps in another VAE, such as TAESD, the tiny autoencoder
 (minisd/vae_tiny.py), whose decoder costs a small fraction of SD's.
 

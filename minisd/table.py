@@ -70,6 +70,11 @@ SD_V2_768 = dataclasses.replace(SD_V2, name="sd-v2-768", upcast_attention=True, 
 
 TEACHERS = {"v1": SD_V1, "v2": SD_V2, "v2-768": SD_V2_768}
 
+# The guidance embedding's width in LCM's releases (SimianLuo/LCM_Dreamshaper_v7's time_cond_proj_dim) and
+# the default of diffusers' latent consistency distillation script: a U-Net distilled with guidance is its
+# table with guidance_embed_dim=LCM_GUIDANCE_EMBED_DIM (82k more parameters in SD's stem)
+LCM_GUIDANCE_EMBED_DIM = 256
+
 # BK-SDM's removals (sec. 3.1), as kept teacher block indices. Up stages keep their 1st and 3rd
 # blocks (BK-SDM's `up_blocks.i.resnets.1 <- resnets.2`). stages: how many stages remain.
 VARIANTS = {

@@ -7,7 +7,9 @@ it takes to know each up block's input width, so any BK-SDM removal builds witho
 
 Native parameter names follow the table: `down.{stage}.blocks.{block}.res|attn`,
 `down.{stage}.downsample`, `mid.res1|attn|res2`, `up.{stage}.blocks.{block}.res|attn`,
-`up.{stage}.upsample`. `up.{stage}` is indexed by stage like `down`, so up.0 runs last.
+`up.{stage}.upsample`. `up.{stage}` is indexed by stage like `down`, so up.0 runs last. An LCM U-Net
+distilled with guidance (table.guidance_embed_dim) also has `guidance_proj`, which adds the guidance weight's
+embedding to the timestep features (UNet(..., w=)).
 `unet_part` reads a stage off those names; the parameter counts here and the MAC counts of
 minisd/flops.py both group by it.
 
@@ -16,6 +18,7 @@ stage/block table of SD and its BK-SDM students with the parameters of each stag
 """
 
 import argparse
+import dataclasses
 from collections.abc import Collection
 
 import torch
@@ -25,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from minisd.blocks import (Attention, Downsample, ResBlock, SpatialTransformer, Upsample, group_norm,
                            guidance_embedding, timestep_embedding)
-from minisd.table import TEACHERS, VARIANTS, Stage, UNetTable, variant
+from minisd.table import LCM_GUIDANCE_EMBED_DIM, TEACHERS, VARIANTS, Stage, UNetTable, variant
 
 
 class Block(nn.Module):
@@ -188,6 +191,23 @@ class UNet(nn.Module):
             feats[f"up.{s}"] = x
         out = self.conv_out(F.silu(self.norm_out(x)))
         return (out, {name: feats[name] for name in taps}) if taps is not None else out
+
+
+def with_guidance_embedding(unet: UNet, dim: int = LCM_GUIDANCE_EMBED_DIM) -> UNet:
+    """A copy of `unet` that takes LCM's guidance weight (UNet(..., w=)): its table with
+    guidance_embed_dim=dim, every weight copied, and a new guidance_proj with nn.Linear's default init, as
+    diffusers' latent consistency distillation script starts it (a U-Net built with time_cond_proj_dim, the
+    teacher's weights loaded non-strictly). The start of a full latent consistency distillation."""
+    if unet.config.guidance_embed_dim:
+        raise ValueError(f"U-Net {unet.config.name} has a guidance embedding already")
+    table = dataclasses.replace(unet.config, name=unet.config.name + "-lcm", guidance_embed_dim=dim)
+    weight = next(unet.parameters())
+    out = UNet(table).to(weight.device, weight.dtype)
+    missing, unexpected = out.load_state_dict(unet.state_dict(), strict=False)
+    if missing != ["guidance_proj.weight"] or unexpected:
+        raise ValueError(f"cannot copy {unet.config.name} into an LCM U-Net: missing {missing}, unexpected "
+                         f"{unexpected}")
+    return out
 
 
 def unet_part(name: str) -> str:

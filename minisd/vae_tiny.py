@@ -3,8 +3,9 @@ diffusers' AutoencoderTiny), written from its taesd.py.
 
 TAESD was distilled to encode images into the latents SD's U-Net works in and to decode them back, with
 about 1.2M parameters per half instead of the KL autoencoder's 34M/49M: plain 3x3 convolutions and ReLUs,
-no normalisation, no attention. At 512 px its decoder costs about 1/80 of SD's (minisd.flops), which
-matters once a few-step sampler makes the U-Net cheap.
+no normalisation, no attention. At 512 px its decoder costs 0.14 TFLOP against the KL decoder's 2.51
+(python -m minisd.flops --vae tiny), which matters once a few-step sampler makes the U-Net cheap: four
+BK-SDM-Tiny LCM steps cost 1.94.
 
 Two facts decide how a pipeline uses it (docs/sampling.md, "A tiny VAE"):
 - it works on the U-Net's latents as they are, SD's latents already times 0.18215, so its scaling

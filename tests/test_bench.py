@@ -46,6 +46,21 @@ def test_sample_smoke(tmp_path):
     assert Image.open(stem.with_suffix(".png")).size == (900, 520)
 
 
+def test_sample_few_step_settings(tmp_path):
+    """--scheduler and --vae multiply the configs: PNDM with CFG beside LCM without, SD's VAE beside TAESD."""
+    assert main(["sample", *SMOKE, "--scheduler", "pndm", "lcm", "--vae", "sd", "tiny", "--steps", "1",
+                 "--batch", "1", "--unet-calls", "1", "--out", str(tmp_path)]) == 0
+    rows = rows_of(tmp_path / "sample-cpu-v1-tiny-lcm-taesd-reduced.json")
+    ours = [r for r in rows if r["lib"] == "minisd"]
+    assert [(r["config"], r["scheduler"], r["unet_calls"], r["vae"]) for r in ours] == [
+        ("v1-tiny-reduced", "pndm", 2, "sd"), ("v1-tiny-reduced taesd", "pndm", 2, "tiny"),
+        ("v1-tiny-reduced lcm-1", "lcm", 1, "sd"), ("v1-tiny-reduced lcm-1 taesd", "lcm", 1, "tiny")]
+    flops = {r["config"]: r["tflops"] / r["images_per_s"] for r in ours}
+    # per image: LCM runs one latent a step (no CFG pair)
+    assert flops["v1-tiny-reduced lcm-1"] < flops["v1-tiny-reduced"]
+    assert all(positive(r["images_per_s"], r["unet_its"]) for r in rows)
+
+
 @pytest.mark.slow
 def test_train_smoke(tmp_path):
     assert main(["train", *SMOKE, "--batch", "2", "--steps", "1", "--warmup", "1", "--out",

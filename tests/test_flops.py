@@ -1,6 +1,8 @@
 """The analytic MAC counter against the figures in docs/bksdm.md ("Compute per image") and
 against torch's FlopCounterMode on real forwards of tiny configs."""
 
+import dataclasses
+
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -18,6 +20,7 @@ from minisd.flops import (
 )
 from minisd.table import SD_V1, Stage, UNetTable, variant
 from minisd.vae import AutoencoderKL, VAEConfig
+from minisd.vae_tiny import TAESD, AutoencoderTiny, TinyVAEConfig
 
 TFLOP = 1e12
 
@@ -108,3 +111,37 @@ def test_cli_prints_table(capsys):
     main(["--family", "v1", "--variant", "small", "--size", "512"])
     out = capsys.readouterr().out
     assert "stage 3" in out and "total" in out and "TFLOP" in out
+    main(["--variant", "tiny", "--lcm", "--steps", "4", "--vae", "tiny"])
+    assert "4 steps LCM, no CFG, TAESD decode: unet 1.94, vae_decode 0.14" in capsys.readouterr().out
+
+
+def test_tiny_vae_matches_flop_counter():
+    cfg = TinyVAEConfig(encoder_channels=8, decoder_channels=8, encoder_blocks=(1, 2, 2),
+                        decoder_blocks=(2, 2, 1))
+    vae = AutoencoderTiny(cfg).eval()
+    assert brute_force_flops(vae.encode, torch.randn(2, 3, 16, 12)) == \
+        2 * vae_encoder_macs(cfg, 16, 12, batch=2)["total"]
+    assert brute_force_flops(vae.decode, torch.randn(2, 4, 4, 3)) == \
+        2 * vae_decoder_macs(cfg, 16, 12, batch=2)["total"]
+
+
+def test_lcm_unet_counts_its_guidance_embedding():
+    """An LCM U-Net runs one latent a step (no CFG pair) and its guidance projection is counted."""
+    from minisd.unet import UNet
+
+    table = dataclasses.replace(TINY_UNET, guidance_embed_dim=16)
+    x, t, context = torch.randn(2, 4, 16, 12), torch.tensor([3.0, 500.0]), torch.randn(2, 77, 16)
+    assert brute_force_flops(UNet(table).eval(), x, t, context, None, torch.tensor([1.0, 6.5])) == \
+        2 * unet_macs(table, 16, 12, batch=2)["total"]
+    assert unet_macs(table, 16, 12)["stem"] - unet_macs(TINY_UNET, 16, 12)["stem"] == 16 * 32
+
+
+def test_few_step_image():
+    """BK-SDM-Tiny, 4 LCM steps without a CFG pass, TAESD's decoder: 2.1 TFLOP, 1/20 of SD-v1.4's 25 steps
+    with CFG (42.7); with SD's decoder 4.5, the decoder then over half of it."""
+    lcm = dataclasses.replace(variant(SD_V1, "tiny"), guidance_embed_dim=256)
+    tiny = sampling_flops(lcm, TAESD, size=512, steps=4, guidance=False)
+    assert close(tiny["total"], 2.10 * TFLOP, 0.02) and close(tiny["vae_decode"], 0.14 * TFLOP, 0.05), tiny
+    kl = sampling_flops(lcm, size=512, steps=4, guidance=False)
+    assert close(kl["total"], 4.46 * TFLOP, 0.02) and kl["vae_decode"] > kl["unet"], kl
+    assert sampling_flops(SD_V1, size=512, steps=25)["total"] / tiny["total"] > 20

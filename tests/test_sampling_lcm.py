@@ -2,6 +2,8 @@
 LatentConsistencyModelPipeline (an LCM U-Net with a guidance embedding, no CFG pass) and against
 StableDiffusionPipeline with LCMScheduler (a plain U-Net, as an LCM-LoRA is sampled), on random weights."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -48,16 +50,16 @@ def test_lcm_unet_same_image_as_diffusers_lcm_pipeline(lcm_folder):
     ref.set_progress_bar_config(disable=True)
     pipe = minisd.load_pipeline(lcm_folder)
     assert pipe.unet.config.guidance_embed_dim == 32
-    kwargs = dict(steps=4, seed=5, height=64, width=64, scheduler="lcm", progress=False, output="np")
+    kwargs = dict(steps=4, seed=5, height=32, width=32, scheduler="lcm", progress=False, output="np")
     ours = pipe(PROMPT, guidance=8.5, **kwargs)
-    assert np.abs(ours - images(ref, 4, 5, 64, guidance_scale=8.5)).max() <= TOLERANCE
+    assert np.abs(ours - images(ref, 4, 5, 32, guidance_scale=8.5)).max() <= TOLERANCE
     # the guidance weight is an input of the U-Net: another w, another image
     assert np.abs(pipe(PROMPT, guidance=3.0, **kwargs) - ours).mean() > 0.01
     # diffusers' StableDiffusionPipeline makes the same decision for such a U-Net: w embedding, no CFG
     sd = StableDiffusionPipeline.from_pretrained(lcm_folder, scheduler=ref.scheduler, safety_checker=None,
                                                  requires_safety_checker=False)
     sd.set_progress_bar_config(disable=True)
-    assert np.abs(ours - images(sd, 4, 5, 64, guidance_scale=8.5)).max() <= TOLERANCE
+    assert np.abs(ours - images(sd, 4, 5, 32, guidance_scale=8.5)).max() <= TOLERANCE
 
 
 def test_lcm_unet_runs_the_unet_once_per_step(lcm_folder, monkeypatch):
@@ -79,9 +81,9 @@ def test_plain_unet_with_lcm_sampler_same_image(plain, guidance):
     """A U-Net without guidance embedding (an LCM-LoRA merged into it, say), sampled as diffusers'
     StableDiffusionPipeline does with LCMScheduler: CFG when guidance > 1, none at 1."""
     ref, pipe = plain
-    ours = pipe(PROMPT, steps=4, seed=6, guidance=guidance, height=64, width=64, scheduler="lcm",
+    ours = pipe(PROMPT, steps=4, seed=6, guidance=guidance, height=32, width=32, scheduler="lcm",
                 negative_prompt="blurry", progress=False, output="np")
-    theirs = images(ref, 4, 6, 64, guidance_scale=guidance, negative_prompt="blurry")
+    theirs = images(ref, 4, 6, 32, guidance_scale=guidance, negative_prompt="blurry")
     assert np.abs(ours - theirs).max() <= TOLERANCE
 
 
@@ -98,3 +100,12 @@ def test_default_guidance(lcm_folder, plain):
     _, pipe = plain
     assert [pipe.default_guidance(name) for name in (None, "lcm", "ddim")] == [7.5, 1.0, 7.5]
     assert minisd.load_pipeline(lcm_folder).default_guidance("lcm") == 7.5
+
+
+def test_lcm_loop_never_reads_the_device(lcm_folder):
+    """The guidance weight's embedding and the LCM steps on the meta device, where reading a value raises (a
+    host-device sync on a GPU; tests/test_speed.py runs every sampler so on a plain U-Net)."""
+    meta = copy.deepcopy(minisd.load_pipeline(lcm_folder)).to("meta")
+    latents = meta(["a", "b"], steps=4, guidance=8.5, height=32, width=32, scheduler="lcm",
+                   seed_mode="per_image", progress=False, output="latent")
+    assert latents.device.type == "meta" and latents.shape == (2, 4, 16, 16)

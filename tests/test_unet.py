@@ -14,7 +14,7 @@ from minisd.checkpoints.diffusers import load_unet, save_unet, unet_config_from_
 from minisd.checkpoints.ldm import UNET_PREFIX, detect_unet, unet_from_ldm, unet_to_ldm
 from minisd.checkpoints.remap import CheckpointError
 from minisd.table import SD_V1, SD_V2, TEACHERS, VARIANTS, variant
-from minisd.unet import UNet, count_params, describe
+from minisd.unet import UNet, count_params, describe, with_guidance_embedding
 
 PARAMS = {  # diffusers' parameter counts for these configs (docs/bksdm.md)
     ("v1", "sd"): 859_520_964, ("v1", "base"): 579_384_964, ("v1", "small"): 482_346_884,
@@ -175,6 +175,21 @@ def test_w_without_guidance_embedding_is_refused():
     unet = UNet(reduced_table("tiny"))
     with pytest.raises(ValueError, match="no guidance embedding"):
         unet(torch.randn(1, 4, 8, 8), 10, torch.randn(1, 77, 96), w=3.0)
+
+
+def test_with_guidance_embedding():
+    """The start of a full LCD: the same U-Net plus guidance_proj; without w it computes what it did."""
+    torch.manual_seed(0)
+    unet = perturb_(UNet(reduced_table("small"))).eval()
+    lcm = with_guidance_embedding(unet, 16).eval()
+    assert lcm.config.guidance_embed_dim == 16 and lcm.config.name == "unet-lcm"
+    assert lcm.guidance_proj.weight.shape == (40, 16)
+    x, context = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 96)
+    with torch.no_grad():
+        assert torch.equal(unet(x, 500, context), lcm(x, 500, context))
+        assert rel_diff(lcm(x, 500, context), lcm(x, 500, context, w=7.0)) > 1e-4
+    with pytest.raises(ValueError, match="already"):
+        with_guidance_embedding(lcm)
 
 
 def reduced_table(name: str):

@@ -6,6 +6,8 @@
         # largest batch (CUDA)
     python -m minisd.bench sample --config tiny --small --size 64 --steps 2 --batch 1 2 --device cpu
         # smoke run
+    python -m minisd.bench sample --config sd tiny --scheduler pndm lcm --vae sd tiny --batch 1 8
+        # few-step BK-SDM: 25 PNDM steps with CFG beside 4 LCM steps, SD's decoder beside TAESD
 
 Models carry random weights at the real configs (models.py); the libraries alternate, warm-up
 excluded, and the figures land in --out (default bench/) as JSON, Markdown and, for sampling, a PNG

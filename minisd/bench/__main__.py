@@ -46,7 +46,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="folder for the JSON, Markdown and PNG")
         s.add_argument("--tag", default=None, help="file name tag (default: device and configs)")
     s = sub.choices["sample"]
-    s.add_argument("--steps", type=int, default=25, help="PNDM steps (U-Net calls: steps + 1)")
+    s.add_argument("--scheduler", nargs="+", choices=["pndm", "lcm"], default=["pndm"],
+                   help="pndm: 25 steps with CFG; lcm: an LCM U-Net (guidance distilled in), 4 steps, no CFG "
+                        "pass; each --config runs with each")
+    s.add_argument("--vae", nargs="+", choices=["sd", "tiny"], default=["sd"],
+                   help="decoder: SD's KL VAE or TAESD, the tiny one; each --config runs with each")
+    s.add_argument("--steps", type=int, default=None,
+                   help="steps for every --scheduler (default: pndm 25, so 26 U-Net calls; lcm 4)")
     s.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on CUDA, fp32 on CPU")
     s.add_argument("--mode", default=None,
                    help="torch.compile mode for both libraries, e.g. reduce-overhead (CUDA graphs), "
@@ -61,7 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--memory-probe", action="store_true",
                    help="CUDA: minisd's step alone at each --batch: fits or out of memory, and its peak")
     args = p.parse_args(argv)
-    for key in ("batch", "repeats", "steps") + (("threads",) if args.threads is not None else ()):
+    for key in ("batch", "repeats") + tuple(k for k in ("steps", "threads") if getattr(args, k) is not None):
         values = getattr(args, key) if isinstance(getattr(args, key), list) else [getattr(args, key)]
         if min(values) < 1:
             p.error(f"--{key} must be at least 1, not {min(values)}")
@@ -100,7 +106,9 @@ def run(args, argv: list[str]) -> int:
         print(f"minisd.bench: error: the reference side needs diffusers and transformers "
               f"(pip install -r requirements-test.txt): {e}", file=sys.stderr)
         return 2
-    tag = args.tag or (f"{device.type}-{args.family}-{'-'.join(args.config)}"
+    settings = ([s for s in args.scheduler if s != "pndm"] + ["taesd" for v in args.vae if v == "tiny"]
+                if args.command == "sample" else [])
+    tag = args.tag or (f"{device.type}-{args.family}-{'-'.join(args.config + settings)}"
                        + ("-reduced" if args.small else ""))
     kind = "probe" if args.command == "train" and args.memory_probe else args.command
     paths = report.write(kind, rows, environment(device, argv), peak, args.out, tag)

@@ -11,16 +11,19 @@ import tempfile
 
 import torch
 from diffusers import AutoencoderKL as DiffusersVAE
+from diffusers import AutoencoderTiny as DiffusersTinyVAE
 from diffusers import DDPMScheduler  # noqa: F401  (the reference KD step's noise schedule, bench/kd_steps.py)
-from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import LCMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import logging
 from transformers import CLIPTextConfig, CLIPTextModel
 from transformers import CLIPTokenizer as HFTokenizer
 
 from minisd.checkpoints.diffusers import TEXT_RULES, VAE_RULES, unet_config_from_table, unet_rules
 from minisd.checkpoints.remap import export
+from minisd.checkpoints.taesd import tiny_vae_rules
 from minisd.pipeline import Pipeline
 from minisd.unet import UNet
+from minisd.vae_tiny import AutoencoderTiny
 
 
 def _quiet() -> None:
@@ -41,11 +44,18 @@ def diffusers_unet(unet: UNet):
     return _loaded(UNet2DConditionModel(**config), export(unet, unet_rules(unet.config)), unet)
 
 
-def diffusers_pipeline(pipe: Pipeline):
-    """diffusers' StableDiffusionPipeline holding the weights of a minisd pipeline (no safety checker)."""
+def diffusers_pipeline(pipe: Pipeline, scheduler: str = "pndm"):
+    """diffusers' StableDiffusionPipeline holding the weights of a minisd pipeline (no safety checker), with
+    PNDMScheduler or (scheduler "lcm") LCMScheduler. For an LCM U-Net it decides as the LCM pipeline does:
+    the guidance embedding, no CFG pass."""
     _quiet()
     vae_config = {k: v for k, v in pipe.vae.config.to_diffusers().items() if not k.startswith("_")}
-    vae = _loaded(DiffusersVAE(**vae_config), export(pipe.vae, VAE_RULES), pipe.vae)
+    if isinstance(pipe.vae, AutoencoderTiny):
+        vae_class, vae_rules = DiffusersTinyVAE, tiny_vae_rules(pipe.vae.config)
+    else:
+        vae_class, vae_rules = DiffusersVAE, VAE_RULES
+    vae = _loaded(vae_class(**vae_config), export(pipe.vae, vae_rules), pipe.vae)
+    scheduler_class = LCMScheduler if scheduler == "lcm" else PNDMScheduler
     text_config = {k: v for k, v in pipe.text_encoder.config.to_transformers().items()
                    if k not in ("architectures", "model_type")}
     text_model = CLIPTextModel(CLIPTextConfig(**text_config))
@@ -58,7 +68,7 @@ def diffusers_pipeline(pipe: Pipeline):
         tokenizer = HFTokenizer.from_pretrained(folder)
     ref = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                                   unet=diffusers_unet(pipe.unet),
-                                  scheduler=PNDMScheduler.from_config(pipe.scheduler_config),
+                                  scheduler=scheduler_class.from_config(pipe.scheduler_config),
                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     ref.set_progress_bar_config(disable=True)
     return ref
