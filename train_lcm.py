@@ -24,7 +24,6 @@ weight decay, the DDIM solver over a 50-step skipping schedule (k = 20).
 """
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -69,7 +68,7 @@ from minisd.training import (
     setup_distributed,
     write_shared,
 )
-from minisd.unet import UNet
+from minisd.unet import UNet, with_guidance_embedding
 
 PROG = "train_lcm.py"
 RUN_OUTPUTS = ("checkpoint-*", ".tmp-checkpoint-*", *SHARED, "unet", "model_index.json", "log.jsonl",
@@ -238,11 +237,7 @@ def new_student(args, teacher_unet: UNet) -> UNet:
         return student
     if teacher_unet.config.guidance_embed_dim:
         raise UsageError(f"--teacher {args.teacher} has a guidance embedding already: it is an LCM")
-    table = dataclasses.replace(teacher_unet.config, guidance_embed_dim=args.guidance_embed_dim)
-    student = UNet(table).to(device)
-    missing, unexpected = student.load_state_dict(teacher_unet.state_dict(), strict=False)
-    assert not unexpected and all(k.startswith("guidance_proj") for k in missing), (missing, unexpected)
-    return student.float().train()
+    return with_guidance_embedding(teacher_unet, args.guidance_embed_dim).float().train()
 
 
 def lcm_scheduled(pipe: Pipeline, solver_steps: int) -> Pipeline:

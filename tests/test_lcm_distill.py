@@ -2,7 +2,6 @@
 a hand computation from the LCM paper's formulas on the same draws, a run resumes exactly, the full form ends
 as a pipeline that samples with LCM, and an LCM-LoRA made by minisd gives diffusers' image."""
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from minisd.pipeline import load_pipeline
 from minisd.schedulers import NoiseSchedule
 from minisd.toy.dataset import write_dataset
 from minisd.training import open_data
-from minisd.unet import UNet
+from minisd.unet import UNet, with_guidance_embedding
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = ROOT / "weights" / "toy-sd"
@@ -44,10 +43,8 @@ def test_lcd_loss_is_the_hand_computation(scenes):
     the draws lcd_step makes: the teacher's guided DDIM step, the target's and the student's consistency
     functions, the pseudo-Huber distance."""
     pipe = load_pipeline(TOY)
-    table = dataclasses.replace(pipe.unet.config, guidance_embed_dim=16)
-    student = UNet(table)
-    student.load_state_dict(pipe.unet.state_dict(), strict=False)
-    target = UNet(table)
+    student = with_guidance_embedding(pipe.unet, 16)
+    target = UNet(student.config)
     target.load_state_dict({k: v + 0.01 * torch.randn_like(v) for k, v in student.state_dict().items()})
     batch = collate([open_data(str(scenes), 64, 2)[i] for i in (0, 1)])
     schedule = NoiseSchedule.from_config(pipe.scheduler_config)
