@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from minisd.blocks import Attention
+from minisd.cli import positive_int
 from minisd.clip import CLIP_VIT_L14, TEXT_ENCODERS, CLIPTextConfig, CLIPTextEncoder
 from minisd.table import LCM_GUIDANCE_EMBED_DIM, TEACHERS, VARIANTS, UNetTable, variant
 from minisd.unet import UNet, unet_part
@@ -195,8 +196,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Analytic MAC/FLOP counts for an SD or BK-SDM U-Net.")
     parser.add_argument("--family", choices=sorted(TEACHERS), default="v1")
     parser.add_argument("--variant", choices=sorted(VARIANTS), default="sd")
-    parser.add_argument("--size", type=int, default=None, help="image size in pixels (default: the family's)")
-    parser.add_argument("--steps", type=int, default=25, help="U-Net calls per image (default 25)")
+    parser.add_argument("--size", type=positive_int, default=None,
+                        help="image size in pixels (default: the family's)")
+    parser.add_argument("--steps", type=positive_int, default=25, help="U-Net calls per image (default 25)")
     parser.add_argument("--lcm", action="store_true",
                         help="an LCM U-Net with guidance distilled in: one latent per step, no CFG pair")
     parser.add_argument("--vae", choices=["sd", "tiny"], default="sd",

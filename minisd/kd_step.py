@@ -64,7 +64,8 @@ def kd_step(batch: dict, teacher: Pipeline, teacher_unet: torch.nn.Module | None
     """The loss terms of one micro-batch: {"loss": the weighted sum, "sd", "out", "feat"}, left on the device.
 
     batch: as train.py's loader gives it: "pixels", or the cache's "mean", "std" and "context"; "text" and
-    "seed"; optionally "loss_weight" [B], each sample's weight in the task loss (minisd/dreambooth.py). teacher: the frozen pipeline (its VAE, tokenizer and text encoder; bf16 on CUDA).
+    "seed"; optionally "loss_weight" [B], each sample's weight in the task loss (minisd/dreambooth.py).
+    teacher: the frozen pipeline (its VAE, tokenizer and text encoder; bf16 on CUDA).
     teacher_unet: the teacher's U-Net as it runs (compiled or not); None for plain training, the task loss
     alone. student: the U-Net that learns, as it runs (DDP-wrapped or compiled): fp32 weights, bf16 autocast
     on CUDA. pairs: distill.feature_pairs, (teacher tap, student tap); empty for plain training.

@@ -132,8 +132,8 @@ def inject_lora(model: nn.Module, targets: Iterable[str], rank: int, alpha: floa
                 dropout: float = 0.0, dtype: torch.dtype | None = None) -> list[str]:
     """Wrap every Linear whose name ends with one of `targets` (see `matches`) in a LoRALinear, in place.
 
-    Returns the wrapped layers' names. The wrapped Linears are frozen; the model's other parameters are left as
-    they are: freeze the model first (model.requires_grad_(False)) to train the LoRA alone.
+    Returns the wrapped layers' names. The wrapped Linears are frozen; the model's other parameters are left
+    as they are: freeze the model first (model.requires_grad_(False)) to train the LoRA alone.
     """
     targets = [targets] if isinstance(targets, str) else list(targets)
     names = [name for name, m in adaptable_layers(model).items()

@@ -5,6 +5,7 @@ the toy model weights/toy-sd and on broken copies of it. In the arguments, {mode
 the folder `inputs` fills."""
 
 import errno
+import importlib
 import os
 import shutil
 from pathlib import Path
@@ -423,3 +424,24 @@ def test_convert_bad_input(inputs, capsys, argv, code, words):
     got, err = run(minisd.convert.main, fill(argv, inputs), capsys)
     check("minisd.convert", got, err, code, words, inputs)
     assert not (TOY / "copy").exists()
+
+
+# ---- the package's own commands: python -m minisd.toy, minisd.bench, minisd.flops
+# ----------------------------------
+
+COMMANDS = [
+    ("toy-heldout-nan", "minisd.toy", ["data", "--out", "{tmp}/toy-x", "--heldout", "nan"], ["--heldout"]),
+    ("toy-n-0", "minisd.toy", ["data", "--out", "{tmp}/toy-x", "--n", "0"], ["--n", ">= 1"]),
+    ("toy-lr-inf", "minisd.toy", ["ablation", "--out", "{tmp}/toy-x", "--lr", "inf"], ["--lr"]),
+    ("bench-peak-nan", "minisd.bench", ["sample", "--peak-tflops", "nan"], ["--peak-tflops"]),
+    ("flops-steps-0", "minisd.flops", ["--steps", "0"], ["--steps", ">= 1"]),
+]
+
+
+@pytest.mark.parametrize("module, argv, words", [row[1:] for row in COMMANDS],
+                         ids=[row[0] for row in COMMANDS])
+def test_commands_bad_input(inputs, capsys, module, argv, words):
+    main = importlib.import_module(module if module == "minisd.flops" else module + ".__main__").main
+    got, err = run(main, fill(argv, inputs), capsys)
+    assert got == 2 and "Traceback" not in err, err
+    assert "error:" in err and all(word in err for word in words), err

@@ -8,6 +8,7 @@ import torch
 
 from minisd.bench import report, sampling, training
 from minisd.bench.measure import device_peak, environment
+from minisd.cli import nonnegative_int, positive_float, positive_int
 from minisd.pipeline import DTYPES, default_dtype
 from minisd.table import VARIANTS
 
@@ -26,20 +27,22 @@ def parse_args(argv=None) -> argparse.Namespace:
         s.add_argument("--small", action="store_true",
                        help="every model at reduced size (1/8-width U-Net, 2-layer text encoder, 2-level "
                             "VAE): smoke runs")
-        s.add_argument("--size", type=int, default=None, help="pixels (default: the model's native 512)")
-        s.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32] if name == "sample" else [64],
+        s.add_argument("--size", type=positive_int, default=None,
+                       help="pixels (default: the model's native 512)")
+        s.add_argument("--batch", type=positive_int, nargs="+",
+                       default=[1, 8, 32] if name == "sample" else [64],
                        help="batch sizes (train: per GPU)")
         s.add_argument("--compile", choices=["off", "on", "both"],
                        default="off" if name == "sample" else "on",
                        help="torch.compile the U-Nets (train: minisd's, on CUDA only, as train.py)")
-        s.add_argument("--repeats", type=int, default=3,
+        s.add_argument("--repeats", type=positive_int, default=3,
                        help="timed runs per library, alternating (median kept)")
         s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-        s.add_argument("--threads", type=int, default=None,
+        s.add_argument("--threads", type=positive_int, default=None,
                        help="CPU threads for torch (default: torch's); 1 on a CPU shared with other jobs, "
                             "where threads that wait for each other at every op stall for whole scheduler "
                             "slices")
-        s.add_argument("--peak-tflops", type=float, default=None,
+        s.add_argument("--peak-tflops", type=positive_float, default=None,
                        help="the device's peak, for %% of peak (default: spec sheet on known GPUs, else a "
                             "measured matmul)")
         s.add_argument("--out", type=Path, default=Path("bench"),
@@ -51,16 +54,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "pass; each --config runs with each")
     s.add_argument("--vae", nargs="+", choices=["sd", "tiny"], default=["sd"],
                    help="decoder: SD's KL VAE or TAESD, the tiny one; each --config runs with each")
-    s.add_argument("--steps", type=int, default=None,
+    s.add_argument("--steps", type=positive_int, default=None,
                    help="steps for every --scheduler (default: pndm 25, so 26 U-Net calls; lcm 4)")
     s.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on CUDA, fp32 on CPU")
     s.add_argument("--mode", default=None,
                    help="torch.compile mode for both libraries, e.g. reduce-overhead (CUDA graphs), "
                         "max-autotune")
-    s.add_argument("--unet-calls", type=int, default=20, help="U-Net calls per timed block for it/s")
+    s.add_argument("--unet-calls", type=positive_int, default=20, help="U-Net calls per timed block for it/s")
     t = sub.choices["train"]
-    t.add_argument("--steps", type=int, default=5, help="steps per timed block")
-    t.add_argument("--warmup", type=int, default=3, help="untimed steps per library first")
+    t.add_argument("--steps", type=positive_int, default=5, help="steps per timed block")
+    t.add_argument("--warmup", type=nonnegative_int, default=3, help="untimed steps per library first")
     t.add_argument("--gradient-checkpointing", action="store_true",
                    help="minisd's student with activation checkpointing")
     t.add_argument("--no-reference", action="store_true", help="minisd alone (no diffusers needed)")

@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from minisd.cli import finite_float, nonnegative_float, positive_float, positive_int
 from minisd.toy.checker import check_folder
 from minisd.toy.dataset import write_dataset
 
@@ -30,14 +31,16 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     data = commands.add_parser("data", help="write train/ and heldout/ splits of toy images")
     data.add_argument("--out", type=Path, required=True)
-    data.add_argument("--n", type=int, default=20000, help="images in all, both splits")
+    data.add_argument("--n", type=positive_int, default=20000, help="images in all, both splits")
     data.add_argument("--seed", type=int, default=0)
-    data.add_argument("--heldout", type=float, default=0.1, help="share of images in heldout/ (0 for none)")
+    data.add_argument("--heldout", type=nonnegative_float, default=0.1,
+                      help="share of images in heldout/ (0 for none)")
     check = commands.add_parser("check", help="score images against their captions")
     check.add_argument("--images", type=Path, required=True)
     check.add_argument("--metadata", type=Path, help="file_name,text CSV (default: IMAGES/metadata.csv)")
     for command in (data, check):
-        command.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="processes")
+        command.add_argument("--workers", type=positive_int, default=len(os.sched_getaffinity(0)),
+                             help="processes")
     configs = commands.add_parser("configs", help="write the toy models' configs (train_vae.py --config, "
                                                   "train.py --unet-config)")
     configs.add_argument("--out", type=Path, required=True)
@@ -61,13 +64,14 @@ def main(argv: list[str] | None = None) -> None:
     ablation.add_argument("--data", type=Path, default=Path("data/toy"),
                           help="written by `data` (train/, heldout/)")
     ablation.add_argument("--out", type=Path, default=Path("results/toy-ablation"))
-    ablation.add_argument("--steps", type=int, default=250, help="training steps of every student")
-    ablation.add_argument("--batch-size", type=int, default=32)
-    ablation.add_argument("--lr", type=float, default=5e-4)
+    ablation.add_argument("--steps", type=positive_int, default=250, help="training steps of every student")
+    ablation.add_argument("--batch-size", type=positive_int, default=32)
+    ablation.add_argument("--lr", type=positive_float, default=5e-4)
     ablation.add_argument("--seed", type=int, default=0)
-    ablation.add_argument("--prompts", type=int, default=200, help="held-out prompts each model is scored on")
-    ablation.add_argument("--sample-steps", type=int, default=25, help="PNDM steps")
-    ablation.add_argument("--guidance", type=float,
+    ablation.add_argument("--prompts", type=positive_int, default=200,
+                          help="held-out prompts each model is scored on")
+    ablation.add_argument("--sample-steps", type=positive_int, default=25, help="PNDM steps")
+    ablation.add_argument("--guidance", type=finite_float,
                           help="classifier-free guidance (default: configs.TOY_GUIDANCE)")
     args = parser.parse_args(argv)
 
