@@ -79,7 +79,7 @@ def test_train_smoke(tmp_path):
 
 
 def test_bad_arguments(capsys):
-    for argv, message in ((["sample", "--batch", "0"], "--batch must be at least 1"),
+    for argv, message in ((["sample", "--batch", "0"], "--batch: 0 is not a whole number >= 1"),
                           (["sample", "--size", "50"], "--size must be a positive multiple of 16"),
                           (["train", "--memory-probe", "--device", "cpu"],
                            "--memory-probe measures GPU memory")):

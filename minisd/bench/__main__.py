@@ -70,10 +70,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--memory-probe", action="store_true",
                    help="CUDA: minisd's step alone at each --batch: fits or out of memory, and its peak")
     args = p.parse_args(argv)
-    for key in ("batch", "repeats") + tuple(k for k in ("steps", "threads") if getattr(args, k) is not None):
-        values = getattr(args, key) if isinstance(getattr(args, key), list) else [getattr(args, key)]
-        if min(values) < 1:
-            p.error(f"--{key} must be at least 1, not {min(values)}")
     if args.size is not None and (args.size < 16 or args.size % 16):
         p.error(f"--size must be a positive multiple of 16, not {args.size}")
     if args.command == "train" and args.memory_probe and not str(args.device).startswith("cuda"):
