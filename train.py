@@ -57,6 +57,7 @@ from minisd.training import (
     read_training_state,
     sample_grid,
     setup_distributed,
+    source,
     write_shared,
 )
 from minisd.unet import UNet
@@ -299,7 +300,7 @@ def resume(args, state: TrainState) -> None:
     if not found:
         return
     saved = read_training_state(found[-1])
-    if saved["variant"] != args.variant or saved["teacher"] != args.teacher:
+    if saved["variant"] != args.variant or source(saved["teacher"]) != source(args.teacher):
         raise UsageError(f"{found[-1]} is a checkpoint of --variant {saved['variant']} --teacher "
                          f"{saved['teacher']}; give those, or another --out for this run")
     state.restore(found[-1], saved)

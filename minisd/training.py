@@ -146,6 +146,14 @@ class EMA:
         return model.eval()
 
 
+def source(value):
+    """A path-like run setting as one name: an existing local path resolved (so `teacher-init` given in
+    /work and `/work/teacher-init` are the same run); anything else (a hub id, a number) as it is."""
+    if isinstance(value, str) and value and Path(value).exists():
+        return str(Path(value).resolve())
+    return value
+
+
 def open_run(out: Path, config: dict, overwrite: bool, outputs: tuple[str, ...], write: bool = True) -> None:
     """The run folder `out`, checked before any work: writable, and holding this run or none.
 
@@ -157,6 +165,7 @@ def open_run(out: Path, config: dict, overwrite: bool, outputs: tuple[str, ...],
     if write:
         check_writable_folder(out)
     recorded = out / "run.json"
+    config = {key: source(value) for key, value in config.items()}
     if overwrite and write:
         for pattern in outputs:
             for path in out.glob(pattern):
@@ -164,7 +173,7 @@ def open_run(out: Path, config: dict, overwrite: bool, outputs: tuple[str, ...],
     elif recorded.is_file() and not overwrite:
         before = read_json(recorded)
         differ = [f"{key} {before.get(key)!r} there, {value!r} here" for key, value in config.items()
-                  if before.get(key) != value]
+                  if source(before.get(key)) != value]
         if differ:
             raise UsageError(f"--out {out} holds another run ({'; '.join(differ)}): give another --out, or "
                              f"--overwrite to start {out} afresh")

@@ -490,6 +490,16 @@ def test_resumed_run_logs_each_step_once(teacher, data, tmp_path):
     assert [r["step"] for r in log_rows(out)] == [1, 2, 3]
 
 
+def test_a_run_goes_on_whether_its_paths_are_relative_or_absolute(teacher, data, tmp_path, monkeypatch):
+    """The same teacher and data named from another folder, or relative to this one, are the same run."""
+    out = tmp_path / "run"
+    assert train.main(flags(teacher, data, out, max_steps=2, save_steps=2)) == 0
+    monkeypatch.chdir(tmp_path)
+    relative = flags(os.path.relpath(teacher), os.path.relpath(data), Path("run"), max_steps=3, save_steps=3)
+    assert train.main(relative) == 0
+    assert [r["step"] for r in log_rows(out)] == [1, 2, 3]  # went on from step 2
+
+
 def test_no_usable_image_stops_instead_of_spinning(teacher, tmp_path):
     """Every image unreadable: a whole epoch gives no batch, and the run stops with a message (it used to
     spin forever, deaf to Ctrl-C). Run as a process, so that a regression fails by timeout, not a hang."""
