@@ -46,19 +46,19 @@ class Part:
         self.name, self.title, self.cap, self.needs = name, title, cap, needs
 
 
-PARTS = [
+PARTS = [  # the goals first, cheap ones first; then the scripts' own runs
     Part("sample-eager", "Sampling, eager, batch 1: SD-v1.4, BK-SDM-Small, BK-SDM-Tiny against diffusers",
          100, 40),
-    Part("tiny-memory", "Peak memory of BK-SDM-Tiny sampling, fp16, batch 1", 30, 15),
+    Part("tiny-memory", "Peak memory of BK-SDM-Tiny sampling, fp16, batch 1", 30, 10),
     Part("sample-b16", "Sampling at batch 16: BK-SDM-Small, images/s and % of peak", 45, 20),
     Part("lcm", "BK-SDM-Tiny, 4 LCM steps with TAESD, against SD-v1.4 at 25 PNDM steps with CFG", 35, 15),
     Part("kd", "Distillation step at 512 px, batch 32: BK-SDM-Small from SD-v1.4 against BK-SDM's step",
-         150, 90),
-    Part("train-script", "train.py, 20 steps on the GPU (compiled, bf16, fused AdamW), then sample.py",
-         120, 70),
+         180, 120),
     Part("sample-compiled", "Sampling, compiled with CUDA graphs, batch 1: BK-SDM-Small against diffusers",
-         150, 90),
-    Part("dreambooth", "dreambooth.py --lora on BK-SDM-Small at 512 px: steps/s and peak memory", 120, 70),
+         150, 100),
+    Part("train-script", "train.py, 20 steps on the GPU (compiled, bf16, fused AdamW), then sample.py",
+         130, 80),
+    Part("dreambooth", "dreambooth.py --lora on BK-SDM-Small at 512 px: steps/s and peak memory", 120, 90),
 ]
 PART_NAMES = [p.name for p in PARTS]
 FINISHED = ("done", "skipped", "stopped", "failed")
