@@ -62,6 +62,13 @@ def test_budget_skips_and_a_killed_part_is_reported(tmp_path):
     assert "*failed: the process running it ended" in md
 
 
+def test_bad_arguments(tmp_path, capsys):
+    for flags, message in ((["--resume"], "--resume goes on from"), (["--parts", "nope"], "invalid choice")):
+        with pytest.raises(SystemExit) as stop:
+            main(["gpu-check", "--out", str(tmp_path / "new"), *flags])
+        assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_caps_and_failures(tmp_path):
     parts = {n: dict(name=n, title=n, status="pending") for n in "abc"}
     state = gpu_check.State(tmp_path, dict(started=time.time(), budget=100, dry_run=True, argv=[],

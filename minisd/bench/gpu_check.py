@@ -35,7 +35,7 @@ from pathlib import Path
 from minisd.bench import wheels
 
 SITE = Path(tempfile.gettempdir()) / "minisd-gpu-check-site"  # where the wheels are installed
-BUDGET = 450.0  # s: the 8 minutes, less half a minute for a stopped part's clean-up and the report
+BUDGET = 450.0  # s: 8 minutes, less half a minute for a stopped part's clean-up and the report
 DRY_BUDGET = 3600.0  # the dry run's: a shared CPU may be slow, and no part of it may be cut
 MAX_RESTARTS = 2  # new processes after a CUDA error or a crash, at most
 
@@ -89,6 +89,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "check starts itself so after installing the wheels and after a CUDA error)")
     args = p.parse_args(argv)
     args.budget = args.budget or (DRY_BUDGET if args.dry_run else BUDGET)
+    if args.resume and not (args.out / "gpu-check.json").is_file():
+        p.error(f"--resume goes on from {args.out / 'gpu-check.json'}, which is not there: drop --resume")
+    if args.out.exists() and not args.out.is_dir():
+        p.error(f"--out {args.out} is a file: give a folder")
     return args
 
 
@@ -145,7 +149,9 @@ def main(argv: list[str]) -> int:
     state.save()
     if "installed" in state.data["wheels"]:
         path = os.pathsep.join(filter(None, [str(SITE), os.environ.get("PYTHONPATH")]))
-        return go_on_in_new_process(args.out, argv, dict(os.environ, PYTHONPATH=path))
+        # offline: a machine that needs the wheels has no network, where a request may wait for its timeout
+        env = dict(os.environ, PYTHONPATH=path, HF_HUB_OFFLINE="1")
+        return go_on_in_new_process(args.out, argv, env)
     return run(args, state)
 
 
@@ -163,7 +169,7 @@ def install_wheels(args) -> dict:
         done = wheels.install(args.wheels, SITE)
     except (RuntimeError, OSError) as e:
         return {"failed": str(e)}
-    return {"installed": f"{len(done['wheels'])} wheels in {done['seconds']} s into {SITE}",
+    return {"installed": f"{len(done['wheels'])} wheels in {done['seconds']} s into {SITE} (by {done['by']})",
             "wheels": done["wheels"]}
 
 

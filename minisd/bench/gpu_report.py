@@ -41,6 +41,8 @@ def why_not(data: dict, part: str) -> str:
     record = data["parts"].get(part)
     if record is None:
         return f"not run ({part} was not among --parts)"
+    if record["status"] == "done" and data.get("no_reference"):
+        return "minisd's side alone: the reference side does not import"
     return f"{record['status']}" + (f": {record['reason'][:160]}" if record.get("reason") else "")
 
 

@@ -66,6 +66,8 @@ def roots() -> list[str]:
 
 
 def requirement_lines(name: str) -> list[str]:
+    if not (ROOT / name).is_file():
+        raise FileNotFoundError(f"no {ROOT / name}: gpu-wheels runs from a clone of the repository")
     lines = (line.split("#")[0].strip() for line in (ROOT / name).read_text().splitlines())
     return [line for line in lines if line]
 
@@ -206,7 +208,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--python", default="3.12", help="the GPU machine's Python version (default 3.12)")
     p.add_argument("--out", type=Path, default=PACK, help=f"the pack (default {PACK.relative_to(ROOT)})")
     args = p.parse_args(argv)
-    manifest = download(args.out, args.python)
+    try:
+        manifest = download(args.out, args.python)
+    except (subprocess.CalledProcessError, FileNotFoundError) as e:
+        print(f"gpu-wheels: error: {e} (pip download needs PyPI; its messages are above)", file=sys.stderr)
+        return 1
     for name, size in manifest["wheels"].items():
         print(f"{size / 2**20:7.2f} MiB  {name}")
     print(f"{len(manifest['wheels'])} wheels, {manifest['wheels_bytes'] / 2**20:.1f} MiB as shipped; the "
