@@ -167,8 +167,8 @@ def install_wheels(args) -> dict:
     print(f"gpu-check: installing {args.wheels} into {SITE}", flush=True)
     try:
         done = wheels.install(args.wheels, SITE)
-    except (RuntimeError, OSError) as e:
-        return {"failed": str(e)}
+    except Exception as e:  # pip's failure, a broken pack, a Python without lzma: the report says which
+        return {"failed": f"{type(e).__name__}: {e}"}
     return {"installed": f"{len(done['wheels'])} wheels in {done['seconds']} s into {SITE} (by {done['by']})",
             "wheels": done["wheels"]}
 
