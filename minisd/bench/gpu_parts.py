@@ -211,7 +211,7 @@ def train_script(ctx: Context) -> None:
 def dreambooth(ctx: Context) -> None:
     """dreambooth.py --lora with its defaults (prior preservation, the text encoder's LoRA too, gradient
     checkpointing, compiled on CUDA) on 4 generated photos and 2 class images it draws itself."""
-    size, steps, log_steps, classes, class_steps = (32, 1, 1, 1, 1) if ctx.dry else (512, 30, 10, 2, 2)
+    size, steps, log_steps, classes, class_steps = (32, 1, 1, 1, 1) if ctx.dry else (512, 20, 10, 2, 2)
     work = ctx.work / "dreambooth"
     model = save_model(ctx, "small", work / "model")
     photos = write_pairs(work / "photos", 4, size, captions=False)
