@@ -210,12 +210,14 @@ class Pipeline:
         torch.compiler.cudagraph_mark_step_begin()
         return self.compiled_unet(x, t, context, w=w).clone()
 
-    def compile(self, mode: str | None = None) -> "Pipeline":
+    def compile(self, mode: str | None = None, backend: str = "inductor") -> "Pipeline":
         """torch.compile the U-Net as one graph (fullgraph=True). dynamic=False: each batch size and
         resolution gets its own static kernels rather than one shape-generic graph. mode
         "reduce-overhead" adds CUDA graphs, which pays at small batch where kernel launches dominate.
-        The first call at a shape compiles (a minute or more): warm_up() pays for it up front."""
-        self.compiled_unet = torch.compile(self.unet, fullgraph=True, dynamic=False, mode=mode)
+        The first call at a shape compiles (a minute or more): warm_up() pays for it up front. backend
+        "eager" traces the graph without generating code: a quick check that it still traces whole."""
+        self.compiled_unet = torch.compile(self.unet, fullgraph=True, dynamic=False, mode=mode,
+                                           backend=backend)
         return self
 
     def warm_up(self, batch: int = 1, height: int | None = None, width: int | None = None,

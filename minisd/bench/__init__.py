@@ -8,6 +8,8 @@
         # smoke run
     python -m minisd.bench sample --config sd tiny --scheduler pndm lcm --vae sd tiny --batch 1 8
         # few-step BK-SDM: 25 PNDM steps with CFG beside 4 LCM steps, SD's decoder beside TAESD
+    python -m minisd.bench gpu-check --out DIR
+        # every GPU goal in one command, under 8 minutes (--dry-run: the same on a CPU, reduced)
 
 Models carry random weights at the real configs (models.py); the libraries alternate, warm-up
 excluded, and the figures land in --out (default bench/) as JSON, Markdown and, for sampling, a PNG
@@ -20,5 +22,10 @@ of images/s against batch size. FLOPs come from the analytic count of minisd.flo
     kd_steps.py   train.py's KD step, and BK-SDM's reference step (hooks, fp16, checkpointing)
     training.py   `train`: the two KD steps, and the memory probe
     report.py     JSON, Markdown tables and the plot
+    commands.py   the `sample` and `train` commands (__main__.py only dispatches)
+    gpu_check.py  `gpu-check`: the parts, their time caps and budget, the install of the wheels
+    gpu_parts.py  what each part of the check runs: the harnesses above, and the real scripts
+    gpu_report.py the check's report: the goals against the figures, then each part
+    wheels.py     `gpu-wheels`: the wheels the check needs beyond torch, packed for a machine without network
 diffusers and transformers (requirements-test.txt) are imported only when the reference side runs.
 """

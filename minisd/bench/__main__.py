@@ -1,119 +1,22 @@
-"""python -m minisd.bench {sample,train}: see minisd/bench/__init__.py."""
+"""python -m minisd.bench {sample,train,gpu-check,gpu-wheels}: see minisd/bench/__init__.py.
 
-import argparse
+Only a dispatcher, importing nothing at its top: gpu-check starts on a machine that may hold torch alone,
+and installs minisd's other requirements before anything imports them (minisd/bench/wheels.py)."""
+
 import sys
-from pathlib import Path
 
-import torch
-
-from minisd.bench import report, sampling, training
-from minisd.bench.measure import device_peak, environment
-from minisd.cli import nonnegative_int, positive_float, positive_int
-from minisd.pipeline import DTYPES, default_dtype
-from minisd.table import VARIANTS
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m minisd.bench", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
-    for name, helptext in (("sample", "minisd's pipeline against diffusers' StableDiffusionPipeline"),
-                           ("train", "minisd's KD step against BK-SDM's reference KD step")):
-        s = sub.add_parser(name, help=helptext)
-        s.add_argument("--config", nargs="+", choices=sorted(VARIANTS),
-                       default=["small"] if name == "train" else ["sd"],
-                       help="U-Net(s): the SD teacher or a BK-SDM student (train: the student; the teacher "
-                            "is SD)")
-        s.add_argument("--family", choices=["v1", "v2"], default="v1")
-        s.add_argument("--small", action="store_true",
-                       help="every model at reduced size (1/8-width U-Net, 2-layer text encoder, 2-level "
-                            "VAE): smoke runs")
-        s.add_argument("--size", type=positive_int, default=None,
-                       help="pixels (default: the model's native 512)")
-        s.add_argument("--batch", type=positive_int, nargs="+",
-                       default=[1, 8, 32] if name == "sample" else [64],
-                       help="batch sizes (train: per GPU)")
-        s.add_argument("--compile", choices=["off", "on", "both"],
-                       default="off" if name == "sample" else "on",
-                       help="torch.compile the U-Nets (train: minisd's, on CUDA only, as train.py)")
-        s.add_argument("--repeats", type=positive_int, default=3,
-                       help="timed runs per library, alternating (median kept)")
-        s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-        s.add_argument("--threads", type=positive_int, default=None,
-                       help="CPU threads for torch (default: torch's); 1 on a CPU shared with other jobs, "
-                            "where threads that wait for each other at every op stall for whole scheduler "
-                            "slices")
-        s.add_argument("--peak-tflops", type=positive_float, default=None,
-                       help="the device's peak, for %% of peak (default: spec sheet on known GPUs, else a "
-                            "measured matmul)")
-        s.add_argument("--out", type=Path, default=Path("bench"),
-                       help="folder for the JSON, Markdown and PNG")
-        s.add_argument("--tag", default=None, help="file name tag (default: device and configs)")
-    s = sub.choices["sample"]
-    s.add_argument("--scheduler", nargs="+", choices=["pndm", "lcm"], default=["pndm"],
-                   help="pndm: 25 steps with CFG; lcm: an LCM U-Net (guidance distilled in), 4 steps, no CFG "
-                        "pass; each --config runs with each")
-    s.add_argument("--vae", nargs="+", choices=["sd", "tiny"], default=["sd"],
-                   help="decoder: SD's KL VAE or TAESD, the tiny one; each --config runs with each")
-    s.add_argument("--steps", type=positive_int, default=None,
-                   help="steps for every --scheduler (default: pndm 25, so 26 U-Net calls; lcm 4)")
-    s.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on CUDA, fp32 on CPU")
-    s.add_argument("--mode", default=None,
-                   help="torch.compile mode for both libraries, e.g. reduce-overhead (CUDA graphs), "
-                        "max-autotune")
-    s.add_argument("--unet-calls", type=positive_int, default=20, help="U-Net calls per timed block for it/s")
-    t = sub.choices["train"]
-    t.add_argument("--steps", type=positive_int, default=5, help="steps per timed block")
-    t.add_argument("--warmup", type=nonnegative_int, default=3, help="untimed steps per library first")
-    t.add_argument("--gradient-checkpointing", action="store_true",
-                   help="minisd's student with activation checkpointing")
-    t.add_argument("--no-reference", action="store_true", help="minisd alone (no diffusers needed)")
-    t.add_argument("--memory-probe", action="store_true",
-                   help="CUDA: minisd's step alone at each --batch: fits or out of memory, and its peak")
-    args = p.parse_args(argv)
-    if args.size is not None and (args.size < 16 or args.size % 16):
-        p.error(f"--size must be a positive multiple of 16, not {args.size}")
-    if args.command == "train" and args.memory_probe and not str(args.device).startswith("cuda"):
-        p.error("--memory-probe measures GPU memory: it needs --device cuda")
-    return args
+GPU_COMMANDS = ("gpu-check", "gpu-wheels")  # gpu_check.py; sample and train: commands.py
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads or threads)
-    try:
-        return run(args, argv)
-    finally:
-        torch.set_num_threads(threads)  # as it was, for a caller in the same process
+    if argv[:1] and argv[0] in GPU_COMMANDS:
+        from minisd.bench import gpu_check
 
+        return gpu_check.main(argv)
+    from minisd.bench import commands
 
-def run(args, argv: list[str]) -> int:
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("minisd.bench: error: --device cuda, but torch sees no GPU; use --device cpu", file=sys.stderr)
-        return 2
-    if args.command == "sample":
-        dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)
-    else:
-        dtype = default_dtype(device, training=True)  # the student's autocast dtype
-    peak = device_peak(device, dtype, args.peak_tflops)
-    args.peak_tflops = peak[0]  # measured once (on the CPU a matmul), then used by every row
-    try:
-        rows = (sampling if args.command == "sample" else training).run(args, device, dtype)
-    except ImportError as e:
-        print(f"minisd.bench: error: the reference side needs diffusers and transformers "
-              f"(pip install -r requirements-test.txt): {e}", file=sys.stderr)
-        return 2
-    settings = ([s for s in args.scheduler if s != "pndm"] + ["taesd" for v in args.vae if v == "tiny"]
-                if args.command == "sample" else [])
-    tag = args.tag or (f"{device.type}-{args.family}-{'-'.join(args.config + settings)}"
-                       + ("-reduced" if args.small else ""))
-    kind = "probe" if args.command == "train" and args.memory_probe else args.command
-    paths = report.write(kind, rows, environment(device, argv), peak, args.out, tag)
-    print(paths[1].read_text())
-    print("\n".join(map(str, paths)))
-    return 0
+    return commands.main(argv)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,12 @@ def _quiet() -> None:
     logging.set_verbosity_error()
 
 
+def _on_device_of(like: torch.nn.Module) -> torch.device:
+    """The device to build a twin on, as a context: its random init is quick on a GPU, and slow on a CPU
+    (seconds per model on the GPU machine's CPU, for weights that are overwritten at once)."""
+    return torch.device(next(like.parameters()).device)
+
+
 def _loaded(model: torch.nn.Module, state_dict: dict, like: torch.nn.Module) -> torch.nn.Module:
     p = next(like.parameters())
     model.load_state_dict(state_dict, strict=True)
@@ -41,7 +47,9 @@ def diffusers_unet(unet: UNet):
     """diffusers' UNet2DConditionModel with the weights of a minisd U-Net."""
     _quiet()
     config = {k: v for k, v in unet_config_from_table(unet.config).items() if not k.startswith("_")}
-    return _loaded(UNet2DConditionModel(**config), export(unet, unet_rules(unet.config)), unet)
+    with _on_device_of(unet):
+        model = UNet2DConditionModel(**config)
+    return _loaded(model, export(unet, unet_rules(unet.config)), unet)
 
 
 def diffusers_pipeline(pipe: Pipeline, scheduler: str = "pndm"):
@@ -54,11 +62,13 @@ def diffusers_pipeline(pipe: Pipeline, scheduler: str = "pndm"):
         vae_class, vae_rules = DiffusersTinyVAE, tiny_vae_rules(pipe.vae.config)
     else:
         vae_class, vae_rules = DiffusersVAE, VAE_RULES
-    vae = _loaded(vae_class(**vae_config), export(pipe.vae, vae_rules), pipe.vae)
+    with _on_device_of(pipe.vae):
+        vae = _loaded(vae_class(**vae_config), export(pipe.vae, vae_rules), pipe.vae)
     scheduler_class = LCMScheduler if scheduler == "lcm" else PNDMScheduler
     text_config = {k: v for k, v in pipe.text_encoder.config.to_transformers().items()
                    if k not in ("architectures", "model_type")}
-    text_model = CLIPTextModel(CLIPTextConfig(**text_config))
+    with _on_device_of(pipe.text_encoder):
+        text_model = CLIPTextModel(CLIPTextConfig(**text_config))
     weights = export(pipe.text_encoder, TEXT_RULES)
     if not any(k.startswith("text_model.") for k in text_model.state_dict()):  # transformers >= 5: no prefix
         weights = {k.removeprefix("text_model."): v for k, v in weights.items()}

@@ -18,7 +18,7 @@ Each --config runs once per --scheduler and --vae, so one run sets the settings 
 minisd runs with its speed paths: fused self-attention q/k/v and channels_last (and, with
 --compile, its compiled U-Net). diffusers runs as a user gets it (SDPA attention, its default);
 with --compile it gets its documented recipe: channels_last, fuse_qkv_projections(), and
-torch.compile of the U-Net with the same mode and fullgraph=True.
+torch.compile of the U-Net with the same mode, backend and fullgraph=True. --no-reference: minisd alone.
 """
 
 import torch
@@ -33,12 +33,12 @@ GUIDANCE = 7.5  # CFG's scale; for an LCM U-Net the scale its guidance embedding
 DEFAULT_STEPS = {"pndm": 25, "lcm": 4}
 
 
-def compile_diffusers(ref, mode: str | None) -> None:
+def compile_diffusers(ref, mode: str | None, backend: str = "inductor") -> None:
     """diffusers' speed recipe (its docs, "Accelerate inference"): channels_last, fused q/k/v, compiled
     U-Net."""
     ref.unet.to(memory_format=torch.channels_last)
     ref.fuse_qkv_projections()
-    ref.unet = torch.compile(ref.unet, mode=mode, fullgraph=True, dynamic=False)
+    ref.unet = torch.compile(ref.unet, mode=mode, fullgraph=True, dynamic=False, backend=backend)
 
 
 def run(args, device: torch.device, dtype: torch.dtype) -> list[dict]:
@@ -55,33 +55,36 @@ def run(args, device: torch.device, dtype: torch.dtype) -> list[dict]:
 
 def run_config(args, name: str, scheduler: str, vae: str, device: torch.device,
                dtype: torch.dtype) -> list[dict]:
-    from minisd.bench.reference import diffusers_pipeline  # diffusers: imported when the reference side runs
-
     peak_tflops, _ = device_peak(device, dtype, args.peak_tflops)
     lcm = scheduler == "lcm"
     pipe = random_pipeline(args.family, name, small=args.small, device=device, dtype=dtype, lcm=lcm,
                            tiny_vae=vae == "tiny")
-    ref = diffusers_pipeline(pipe, scheduler)
+    ref = None
+    if not args.no_reference:
+        from minisd.bench.reference import diffusers_pipeline  # diffusers: imported when the reference runs
+
+        ref = diffusers_pipeline(pipe, scheduler)
     pipe.fuse_qkv().channels_last()
     size = args.size or pipe.native_size
     steps = args.steps or DEFAULT_STEPS[scheduler]
     calls = steps if lcm else steps + 1  # PNDM (PLMS) spends one extra U-Net call on its warm-up
     flops = sampling_flops(pipe.unet.config, pipe.vae.config, pipe.text_encoder.config, size=size,
                            steps=calls, guidance=not lcm)["total"]
-    resident = {"minisd": model_bytes(pipe.unet, pipe.vae, pipe.text_encoder),
-                "diffusers": model_bytes(ref.unet, ref.vae, ref.text_encoder)}
-    generate = {
-        "minisd": lambda b: pipe([PROMPT] * b, steps=steps, guidance=GUIDANCE, height=size, width=size,
-                                 scheduler=scheduler, progress=False, output="np"),
-        "diffusers": lambda b: ref([PROMPT] * b, num_inference_steps=steps, guidance_scale=GUIDANCE,
-                                   height=size, width=size, output_type="np",
-                                   generator=torch.Generator().manual_seed(0)).images,
-    }
+    resident = {"minisd": model_bytes(pipe.unet, pipe.vae, pipe.text_encoder)}
+    generate = {"minisd": lambda b: pipe([PROMPT] * b, steps=steps, guidance=GUIDANCE, height=size,
+                                         width=size, scheduler=scheduler, progress=False, output="np")}
+    if ref is not None:
+        resident["diffusers"] = model_bytes(ref.unet, ref.vae, ref.text_encoder)
+        generate["diffusers"] = lambda b: ref([PROMPT] * b, num_inference_steps=steps,
+                                              guidance_scale=GUIDANCE, height=size, width=size,
+                                              output_type="np",
+                                              generator=torch.Generator().manual_seed(0)).images
     rows = []
     for compiled in ([False, True] if args.compile == "both" else [args.compile == "on"]):
         if compiled:
-            pipe.compile(args.mode)
-            compile_diffusers(ref, args.mode)
+            pipe.compile(args.mode, args.backend)
+            if ref is not None:
+                compile_diffusers(ref, args.mode, args.backend)
         for b in args.batch:
             label = (f"{args.family}-{name}" + ("-reduced" if args.small else "")
                      + (f" lcm-{steps}" if lcm else "") + (" taesd" if vae == "tiny" else ""))
@@ -106,7 +109,7 @@ def unet_rates(pipe, ref, batch: int, size: int, repeats: int, calls: int, devic
                warmup: int = 3, cfg: bool = True) -> dict[str, float]:
     """U-Net calls per second at the batch the pipeline runs it (2 x batch with CFG), each library's U-Net on
     the same inputs (an LCM U-Net's guidance weight included), after `warmup` untimed calls (a compiled U-Net
-    compiles on the 1st, captures CUDA graphs on the 2nd and 3rd)."""
+    compiles on the 1st, captures CUDA graphs on the 2nd and 3rd). ref None: minisd's alone."""
     latent = size // pipe.vae_scale
     n = 2 * batch if cfg else batch
     gen = torch.Generator().manual_seed(0)
@@ -116,9 +119,10 @@ def unet_rates(pipe, ref, batch: int, size: int, repeats: int, calls: int, devic
     dim = pipe.unet.config.guidance_embed_dim
     w = torch.full((n,), GUIDANCE - 1, device=device) if dim else None
     cond = guidance_embedding(w, dim).to(dtype) if dim else None
-    step = {"minisd": lambda: pipe.predict(x, t, context, w),
-            "diffusers": lambda: ref.unet(x, t, encoder_hidden_states=context, timestep_cond=cond,
-                                          return_dict=False)[0]}
+    step = {"minisd": lambda: pipe.predict(x, t, context, w)}
+    if ref is not None:
+        step["diffusers"] = lambda: ref.unet(x, t, encoder_hidden_states=context, timestep_cond=cond,
+                                             return_dict=False)[0]
     for fn in step.values():
         for _ in range(warmup):
             fn()
