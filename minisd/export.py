@@ -63,10 +63,12 @@ EXTERNAL_DATA_ABOVE = 2**31 - 1  # bytes: protobuf cannot write a larger message
 TRACE_BATCH = 2  # at batch 1 the tracer could take a size-1 broadcast for the batch axis
 # What the export prints and need not: the TorchScript exporter's deprecation notice (see above); the
 # tracer on UNet.forward's `torch.as_tensor(t)` (t is already a tensor: it stays the input) and its
-# `t.numel() == 1` branch (traced at batch 2, it takes t.reshape(-1), right for the graph's [B] timesteps);
-# and a note that strided slices are not constant-folded.
+# `t.numel() == 1` branch (traced at batch 2, it takes t.reshape(-1), right for the graph's [B] timesteps),
+# and on guidance_embedding's torch.tensor(10000.0), a constant indeed; and a note that strided slices are
+# not constant-folded.
 QUIET = ("You are using the legacy TorchScript-based ONNX export", "torch.as_tensor results are registered",
-         "Converting a tensor to a Python boolean", "Constant folding - Only steps=1")
+         "torch.tensor results are registered", "Converting a tensor to a Python boolean",
+         "Constant folding - Only steps=1")
 
 
 def require_onnx():
