@@ -54,6 +54,7 @@ from minisd.pipeline import DTYPES, SAMPLER_OF_CLASS, Pipeline, load_pipeline, l
 from minisd.table import VARIANTS
 from minisd.vae_tiny import AutoencoderTiny
 
+PROG = "python -m minisd.export"  # what its errors start with, argparse's and its own
 FILES = {"text_encoder": "text_encoder.onnx", "unet": "unet.onnx", "vae_decoder": "vae_decoder.onnx",
          "vae_encoder": "vae_encoder.onnx"}
 # 14: the first opset with the TorchScript exporter's scaled_dot_product_attention; 20: its last
@@ -275,7 +276,7 @@ def clear(out: Path) -> None:
 # ---- the command ------------------------------------------------------------------------------------
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m minisd.export", description=__doc__,
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="hub id, diffusers folder, or .safetensors/.ckpt single file")
     p.add_argument("out", type=Path, help="the folder to write (see above)")
@@ -354,7 +355,7 @@ def main(argv=None) -> int:
             if args.height % pipe.vae_scale or args.width % pipe.vae_scale:
                 raise UsageError(f"--height and --width must be multiples of {pipe.vae_scale} for this VAE")
     except BAD_INPUT as e:
-        print(f"minisd.export: error: {e}", file=sys.stderr)
+        print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     if args.overwrite:
         clear(args.out)

@@ -37,6 +37,7 @@ from minisd.numpy_samplers import SAMPLERS, TorchCPURandom, make_sampler
 from minisd.tokenizer import CLIPTokenizer
 
 log = logging.getLogger(__name__)
+PROG = "python -m minisd.onnx_runner"  # what its errors start with, argparse's and its own
 MANIFEST = "manifest.json"  # written last by the exporter: a folder with it holds a whole export
 INSTALL = "pip install -r requirements-export.txt (or pip install -e \".[export]\")"
 # onnxruntime's names for the element types the graphs take
@@ -201,7 +202,7 @@ def to_images(images: np.ndarray, output: str = "pil"):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m minisd.onnx_runner", description=__doc__,
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder", type=Path, help="a folder written by python -m minisd.export")
     p.add_argument("prompt", nargs="+", help="one or more prompts")
@@ -246,7 +247,7 @@ def main(argv=None) -> int:
                       width=args.width, negative_prompt=args.negative_prompt, num_images=args.num_images,
                       scheduler=scheduler, init_image=init, strength=args.strength)
     except (ValueError, FileNotFoundError) as e:
-        print(f"minisd.onnx_runner: error: {e}", file=sys.stderr)
+        print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     paths = [args.out] if len(images) == 1 else [
         args.out.with_name(f"{args.out.stem}-{i:02d}{args.out.suffix}") for i in range(len(images))]

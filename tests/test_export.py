@@ -262,7 +262,8 @@ def test_runner_errors_are_one_line(toy, tmp_path, capsys):
     for argv, words in cases:
         assert runner_main([*argv, "--out", str(tmp_path / "x.png")]) == 2
         err = capsys.readouterr().err
-        assert err.startswith("minisd.onnx_runner: error: ") and words in err and "Traceback" not in err
+        assert err.startswith("python -m minisd.onnx_runner: error: ") and words in err
+        assert "Traceback" not in err and len(err.splitlines()) == 1
 
 
 # ---- precision, static size, LoRAs, external data -------------------------------------------------
