@@ -33,6 +33,7 @@ inputs it was traced with, and its largest difference to minisd is printed and k
 """
 
 import argparse
+import copy
 import logging
 import os
 import shutil
@@ -143,13 +144,19 @@ def graphs(pipe: Pipeline, latent_size: tuple[int, int], dynamic_size: bool) -> 
     latent_axes = {0: "batch", 2: "latent_height", 3: "latent_width"} if dynamic_size else batch
     image_axes = {0: "batch", 2: "height", 3: "width"} if dynamic_size else batch
     ids = torch.tensor(pipe.tokenizer.padded_ids(["a black vase holding a bouquet of roses", ""]))
+    text_encoder = pipe.text_encoder
+    if pipe.dtype == torch.float16:
+        # fp32 always: the TorchScript exporter builds the causal attention mask of CLIP's text tower in fp32
+        # whatever the query's type, and so turns that attention fp32 in an fp16 graph, which onnxruntime
+        # refuses to load (torch 2.14.1). It runs once per prompt; only its file stays at fp32's size.
+        text_encoder = copy.deepcopy(text_encoder).float()
     unet_inputs = dict(latents=randn(TRACE_BATCH, unet.in_channels, h, w),
                        timestep=torch.tensor([999.0, 1.0]), context=randn(TRACE_BATCH, 77, unet.context_dim))
     if unet.guidance_embed_dim:
         unet_inputs["w"] = torch.tensor([6.5, 0.0])  # LCM's omega = guidance - 1
     encoded = ["latents"] if isinstance(pipe.vae, AutoencoderTiny) else ["latent_mean", "latent_std"]
     return {
-        "text_encoder": Graph(pipe.text_encoder, dict(ids=ids), ["context"], dict(ids=batch, context=batch)),
+        "text_encoder": Graph(text_encoder, dict(ids=ids), ["context"], dict(ids=batch, context=batch)),
         "unet": Graph(UNetGraph(pipe.unet), unet_inputs, ["model_output"],
                       dict(latents=latent_axes, timestep=batch, context=batch, w=batch,
                            model_output=latent_axes)),
@@ -246,9 +253,10 @@ def export_pipeline(pipe: Pipeline, out: Path, opset: int = DEFAULT_OPSET,
     else:
         latent_size = (size[0] // scale, size[1] // scale)
     out.mkdir(parents=True, exist_ok=True)
-    bytes_, differences = {}, {}
+    bytes_, differences, dtypes = {}, {}, {}
     for name, graph in graphs(pipe, latent_size, dynamic_size=size is None).items():
         path = out / FILES[name]
+        dtypes[name] = {torch.float32: "fp32", torch.float16: "fp16"}[next(graph.module.parameters()).dtype]
         export_graph(graph, path, opset)
         differences[name] = difference(graph, path)
         note = ""
@@ -262,7 +270,8 @@ def export_pipeline(pipe: Pipeline, out: Path, opset: int = DEFAULT_OPSET,
     write_json(out / "scheduler" / "scheduler_config.json", pipe.scheduler_config)
     manifest = dict(
         format="minisd-onnx", version=1, source=pipe.source, unet=pipe.unet.config.name, family=pipe.family,
-        dtype={torch.float32: "fp32", torch.float16: "fp16"}[pipe.dtype], quantize=quantize, opset=opset,
+        dtype={torch.float32: "fp32", torch.float16: "fp16"}[pipe.dtype], dtypes=dtypes, quantize=quantize,
+        opset=opset,
         height=size[0] if size else None, width=size[1] if size else None, native_size=pipe.native_size,
         vae_scale=scale, latent_channels=pipe.unet.config.in_channels, vae=type(pipe.vae).__name__,
         guidance_embed=pipe.unet.config.guidance_embed_dim is not None,

@@ -269,29 +269,37 @@ def test_runner_errors_are_one_line(toy, tmp_path, capsys):
 # ---- precision, static size, LoRAs, external data -------------------------------------------------
 
 @pytest.mark.slow
-@torch.no_grad()
-def test_fp16_and_int8_unets_run_near_fp32(toy, tmp_path):
-    """fp16 graphs take and give fp16 (half the file); the int8 U-Net (about a quarter) stays close."""
+def test_fp16_export_image_near_fp32(toy, tmp_path):
+    """fp16 graphs take and give fp16 (about half the file); the text encoder stays fp32 (export.graphs says
+    why). The image stays within mean 0.5/255 and max 8/255 of minisd's fp32 one (measured: 0.13 and 4.3)."""
     pipe, out = toy
-    half = minisd.load_pipeline(TOY, dtype=torch.float16)
-    graph = export.graphs(half, (8, 8), dynamic_size=True)["unet"]
-    export.export_graph(graph, tmp_path / "unet16.onnx", export.DEFAULT_OPSET)
-    shutil.copy(out / "unet.onnx", tmp_path / "unet8.onnx")
-    export.quantize_int8(tmp_path / "unet8.onnx")
+    manifest = export.export_pipeline(minisd.load_pipeline(TOY, dtype=torch.float16), tmp_path, log=quiet)
+    assert manifest["dtypes"] == dict(text_encoder="fp32", unet="fp16", vae_decoder="fp16",
+                                      vae_encoder="fp16")
+    # the graph itself is ~0.5 MB
+    assert manifest["bytes"]["unet"] < 0.6 * export.file_bytes(out / "unet.onnx")
+    unet = ort.InferenceSession(str(tmp_path / "unet.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.type for i in unet.get_inputs()] == ["tensor(float16)", "tensor(float)", "tensor(float16)"]
+    kwargs = dict(steps=10, guidance=4.0, seed=7)
+    ours = OnnxPipeline(tmp_path, threads=1)(PROMPTS, output="np", **kwargs)
+    gap = np.abs(ours - pipe(PROMPTS, progress=False, output="np", **kwargs))
+    assert gap.mean() <= 0.5 / 255 and gap.max() <= 8 / 255
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_int8_unet_runs_near_fp32(toy, tmp_path):
+    """The int8 U-Net: about a quarter of the weights' bytes (biases, norms and scales stay fp32), its output
+    within a tenth of the output's scale of minisd's (the image differences are in docs/performance.md)."""
+    pipe, out = toy
+    shutil.copy(out / "unet.onnx", tmp_path / "unet.onnx")
+    export.quantize_int8(tmp_path / "unet.onnx")
+    assert (tmp_path / "unet.onnx").stat().st_size < 0.5 * (out / "unet.onnx").stat().st_size
     gen = torch.Generator().manual_seed(0)
     latents, context = torch.randn(2, 4, 16, 16, generator=gen), pipe.text_encoder(pipe.tokenizer(PROMPTS))
     t = torch.tensor([600.0, 600.0])
-    expected = pipe.unet(latents, t, context)
-    (eps16,) = run(tmp_path / "unet16.onnx", latents=latents.half().numpy(), timestep=t.numpy(),
-                   context=context.half().numpy())
-    assert eps16.dtype == np.float16
-    assert_close(eps16, expected, tolerance=1e-2)
-    (eps8,) = run(tmp_path / "unet8.onnx", latents=latents.numpy(), timestep=t.numpy(),
-                  context=context.numpy())
-    assert_close(eps8, expected, tolerance=0.1)
-    fp32 = (out / "unet.onnx").stat().st_size
-    assert (tmp_path / "unet16.onnx").stat().st_size < 0.6 * fp32  # the graph itself is ~0.5 MB
-    assert (tmp_path / "unet8.onnx").stat().st_size < 0.5 * fp32  # biases, norms and scales stay fp32
+    (eps,) = run(tmp_path / "unet.onnx", latents=latents.numpy(), timestep=t.numpy(), context=context.numpy())
+    assert_close(eps, pipe.unet(latents, t, context), tolerance=0.1)
 
 
 @pytest.mark.slow
