@@ -5,9 +5,10 @@
 
 Each model is exported three times with python -m minisd.export's own function: fp32, fp16, and fp32 with an
 int8 U-Net. Then one image at a time, with the same prompt, seed, sampler (PNDM) and steps, CFG on (7.5),
-from minisd's Pipeline and from the runner (minisd/onnx_runner.py) on each export: first one untimed run each
-(onnxruntime optimises a graph at its first run), then `repeats` rounds, alternating the order (A B C D,
-D C B A, ...); the median seconds are kept. Each export's image is compared with minisd's, pixel by pixel.
+from minisd's Pipeline and from the runner (minisd/onnx_runner.py) on each export, its onnxruntime sessions
+opened beforehand (opening optimises the graphs, once per app start): `repeats` rounds, alternating the order
+(A B C D, D C B A, ...), the median seconds kept. Each export's image is compared with minisd's, pixel by
+pixel.
 
 BK-SDM-Tiny has random weights at its real architecture (CLIP ViT-L/14, SD's VAE): its speed does not depend
 on the weights, but its image differences mean little; the toy teacher's are of trained weights.
@@ -64,15 +65,16 @@ def measure(name: str, size: int, steps: int, repeats: int, threads: int, scratc
         manifest = export_pipeline(source, folder, quantize=options.get("quantize"), log=lambda line: None)
         sizes[kind] = {part: file_bytes(folder / file) for part, file in manifest["files"].items()}
         runner = OnnxPipeline(folder, threads=threads)
+        for graph in ("text_encoder", "unet", "vae_decoder"):
+            runner.session(graph)
         runs[f"onnxruntime {kind}"] = (lambda runner=runner: runner(PROMPT, steps=steps, guidance=7.5, seed=0,
                                                                     height=size, width=size, output="np"))
-    images = {label: run() for label, run in runs.items()}  # the untimed first runs
-    seconds = {label: [] for label in runs}
+    images, seconds = {}, {label: [] for label in runs}
     order = list(runs)
     for r in range(repeats):
         for label in order if r % 2 == 0 else order[::-1]:
             start = time.perf_counter()
-            runs[label]()
+            images[label] = runs[label]()
             seconds[label].append(time.perf_counter() - start)
     rows = []
     for label in runs:
