@@ -336,6 +336,7 @@ def test_command_static_size_with_a_lora(tmp_path, capsys):
     assert "int8:" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_weights_past_the_limit_go_to_one_data_file(toy, tmp_path, monkeypatch):
     """What a graph over 2 GB gets (SD-v1's U-Net is 3.4 GB in fp32), with the limit lowered to 0 bytes."""
     pipe, _ = toy
