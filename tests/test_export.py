@@ -351,3 +351,20 @@ def test_weights_past_the_limit_go_to_one_data_file(toy, tmp_path, monkeypatch):
     export.quantize_int8(path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["unet.onnx", "unet.onnx.data"]
     assert export.difference(graph, path) <= 0.1
+
+
+@pytest.mark.slow
+def test_export_bench_smoke(tmp_path, capsys):
+    """python -m minisd.export_bench at smoke size: its table and files (no timing asserted)."""
+    from minisd import export_bench
+
+    argv = ["--models", "toy", "--size", "32", "--steps", "1", "--repeats", "1", "--out", str(tmp_path),
+            "--keep", str(tmp_path / "exports")]
+    assert export_bench.main(argv) == 0
+    result = json.loads((tmp_path / "onnx-cpu-toy-32.json").read_text())
+    rows = {r["runtime"]: r for r in result["models"]["toy"]["rows"]}
+    assert list(rows) == ["minisd", "onnxruntime fp32", "onnxruntime fp16", "onnxruntime int8"]
+    assert rows["onnxruntime fp32"]["max_diff_255"] <= 2
+    assert rows["onnxruntime int8"]["unet_bytes"] < rows["onnxruntime fp32"]["unet_bytes"]
+    assert "| toy | onnxruntime fp16 |" in capsys.readouterr().out
+    assert export_bench.main(argv) == 0  # the second time, the kept exports are reused
