@@ -15,15 +15,21 @@ the text encoder. A prompt goes through these steps:
 
 The vocabulary ships with the package: bpe_simple_vocab_16e6.txt.gz is OpenAI CLIP's merge
 list (MIT licence, copied from open-clip-torch), from which `builtin()` derives vocab and merges.
+
+The module does not need torch: `padded_ids` gives plain lists, which the ONNX runner
+(minisd/onnx_runner.py) uses without PyTorch; only calling the tokenizer makes a torch tensor.
 """
 
 import gzip
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE
+
+if TYPE_CHECKING:
+    import torch
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 MAX_LENGTH = 77  # CLIP's context length
@@ -138,13 +144,21 @@ class CLIPTokenizer:
         # The byte-level decoder leaves the "</w>" word ends in the text; each stands for a space.
         return self.backend.decode(ids, skip_special_tokens=False).replace("</w>", " ").strip()
 
-    def __call__(self, prompts: str | list[str]) -> torch.Tensor:
+    def padded_ids(self, prompts: str | list[str]) -> list[list[int]]:
+        """One row of max_length ids per prompt: <|startoftext|>, tokens (truncated), <|endoftext|>,
+        padding."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         keep = self.max_length - 2  # room for <|startoftext|> and <|endoftext|>
         rows = []
         for enc in self.backend.encode_batch(prompts, add_special_tokens=False):
             ids = [self.bos_id] + enc.ids[:keep] + [self.eos_id]
             rows.append(ids + [self.pad_id] * (self.max_length - len(ids)))
+        return rows
+
+    def __call__(self, prompts: str | list[str]) -> "torch.Tensor":
+        import torch  # here only: the ONNX runner tokenizes (padded_ids) where torch is not installed
+
+        rows = self.padded_ids(prompts)
         return torch.tensor(rows, dtype=torch.long).reshape(len(rows), self.max_length)
 
     def truncated(self, prompt: str) -> tuple[str, str] | None:

@@ -445,3 +445,54 @@ def test_commands_bad_input(inputs, capsys, module, argv, words):
     got, err = run(main, fill(argv, inputs), capsys)
     assert got == 2 and "Traceback" not in err, err
     assert "error:" in err and all(word in err for word in words), err
+
+
+# ---- python -m minisd.export
+# -------------------------------------------------------------------------------------
+
+EXPORT = [
+    ("onnx-missing", ["{model}", "{tmp}/onnx"], 2, ["onnx is not installed", "requirements-export.txt"]),
+    ("onnxruntime-missing", ["{model}", "{tmp}/onnx"], 2, ["onnxruntime is not installed",
+                                                           "requirements-export.txt"]),
+    ("out-exists", ["{model}", "{tmp}/other-run"], 2, ["other-run exists and is not empty", "--overwrite"]),
+    ("out-is-a-file", ["{model}", "{tmp}/prompts.csv"], 2, ["prompts.csv is a file"]),
+    ("family-unknown", ["{model}", "{tmp}/onnx", "--family", "v3"], 2, ["--family", "invalid choice: 'v3'"]),
+    ("unet-of-another-model", ["{tmp}/sdxl-like", "{tmp}/onnx"], 2,
+     ["U-Net config not supported", "addition_embed_type='text_time'"]),
+    ("model-missing", ["{tmp}/nothing", "{tmp}/onnx"], 2, ["not a file, a folder or a hub id"]),
+    ("opset-too-old", ["{model}", "{tmp}/onnx", "--opset", "13"], 2, ["--opset 13", "opsets 14 to 20"]),
+    ("height-alone", ["{model}", "{tmp}/onnx", "--height", "64"], 2, ["--height and --width together"]),
+    ("size-not-multiple-of-8", ["{model}", "{tmp}/onnx", "--height", "30", "--width", "32"], 2,
+     ["--height", "multiple of 8"]),
+    ("int8-of-fp16", ["{model}", "{tmp}/onnx", "--dtype", "fp16", "--quantize", "int8"], 2,
+     ["--quantize int8", "--dtype fp32"]),
+    ("lora-missing", ["{model}", "{tmp}/onnx", "--lora", "{tmp}/none.safetensors"], 2,
+     ["--lora", "none.safetensors", "no such file"]),
+    ("vae-missing", ["{model}", "{tmp}/onnx", "--vae", "{tmp}/none"], 2, ["--vae", "none", "no such folder"]),
+]
+
+
+@pytest.fixture(scope="module")
+def another_model(inputs):
+    """A folder that names a U-Net minisd does not build (SDXL's added time embedding)."""
+    shutil.copytree(TOY, inputs / "sdxl-like")
+    config = inputs / "sdxl-like" / "unet" / "config.json"
+    config.write_text(config.read_text().replace('"addition_embed_type": null',
+                                                 '"addition_embed_type": "text_time"'))
+    return inputs
+
+
+@pytest.mark.parametrize("argv, code, words", [row[1:] for row in EXPORT], ids=[row[0] for row in EXPORT])
+def test_export_bad_input(another_model, capsys, monkeypatch, argv, code, words, request):
+    import sys
+
+    from minisd import export
+
+    def work(*args, **kwargs):
+        raise AssertionError("work was done although the input is bad")
+    monkeypatch.setattr(export, "export_pipeline", work)
+    missing = {"onnx-missing": "onnx", "onnxruntime-missing": "onnxruntime"}.get(request.node.callspec.id)
+    if missing:
+        monkeypatch.setitem(sys.modules, missing, None)  # `import onnx` now raises ImportError
+    got, err = run(export.main, fill(argv, another_model), capsys)
+    check("python -m minisd.export", got, err, code, words, another_model)

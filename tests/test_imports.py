@@ -20,9 +20,10 @@ LAYERS = (
     {"blocks", "unet", "vae", "vae_tiny", "clip", "clip_vision", "tokenizer", "table", "images", "cli",
      "lora"},
     {"checkpoints"},                                                            # key layouts, files
-    {"pipeline", "schedulers", "convert", "minisd"},                            # sampling
+    {"pipeline", "schedulers", "convert", "minisd",                             # sampling
+     "export", "numpy_samplers", "onnx_runner"},                                # ONNX export, torch-free runner
     {"training", "distill", "kd_step", "data", "latent_cache", "evaluation", "metrics", "flops",  # users
-     "dreambooth", "dreambooth_data", "dreambooth_eval", "lcd_step"},
+     "dreambooth", "dreambooth_data", "dreambooth_eval", "lcd_step", "export_bench"},
     {"toy", "bench"},                                                           # leaf consumers
 )
 REFERENCE_LIBRARIES = ("accelerate", "diffusers", "open_clip", "peft", "transformers")

@@ -30,7 +30,8 @@ def test_wheel_holds_the_library_and_its_vocabulary(tmp_path):
     # --no-index --no-build-isolation: setuptools comes from the test environment, and no network is needed
     source = tmp_path / "source"
     source.mkdir()
-    for name in ["pyproject.toml", "requirements.txt", "requirements-test.txt", "README.md"]:
+    for name in ["pyproject.toml", "requirements.txt", "requirements-test.txt", "requirements-export.txt",
+                 "README.md"]:
         shutil.copy(ROOT / name, source / name)
     shutil.copytree(ROOT / "minisd", source / "minisd", ignore=shutil.ignore_patterns("__pycache__"))
     pip = [sys.executable, "-m", "pip", "wheel", "-q", "--no-index", "--no-deps", "--no-build-isolation"]
@@ -46,5 +47,7 @@ def test_wheel_holds_the_library_and_its_vocabulary(tmp_path):
     assert library <= names
     assert f"minisd/{VOCABULARY}" in names
     assert {n.split("/")[0] for n in names} == {"minisd", metadata.split("/")[0]}  # no tests, no scripts
-    assert requires == requirements("requirements.txt") + [
-        f'{r}; extra == "test"' for r in requirements("requirements-test.txt")]
+    extras = {f'{r}; extra == "{extra}"' for extra in ("test", "export")
+              for r in requirements(f"requirements-{extra}.txt")}
+    assert requires[:len(requirements("requirements.txt"))] == requirements("requirements.txt")
+    assert set(requires[len(requirements("requirements.txt")):]) == extras
