@@ -223,14 +223,12 @@ def main(argv=None) -> int:
     try:
         every = Every(args.max_steps, args.log_steps, args.save_steps,
                       args.validation_steps if args.validation_prompt else 0)
-        loop(state, step, every, saves, log, meter, row, probe(pipe, size), validate, device=device)
+        finished = loop(state, step, every, saves, log, meter, row, probe(pipe, size), validate,
+                        device=device)
     except TrainingError as e:
-        log.close()
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
-    log.close()
-    if state.step < args.max_steps:
-        print(f"stopped at step {state.step}: {checkpoints(args.out)[-1]}; run the same command to go on")
+    if not finished:
         return 0
 
     write_result(args, pipe, models, scheduler_class)

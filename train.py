@@ -256,14 +256,11 @@ def main(argv=None) -> int:
         every = Every(args.max_steps, args.log_steps, args.save_steps, args.valid_steps)
         check = probe(Pipeline(teacher.tokenizer, teacher.text_encoder, student, teacher.vae,
                                teacher.scheduler_config), args.resolution)
-        loop(state, step, every, saves, log, meter, row, check, validate, rank, world, device)
+        finished = loop(state, step, every, saves, log, meter, row, check, validate, rank, world, device)
     except TrainingError as e:
-        log.close()
         print(f"train.py: error: {e}", file=sys.stderr)
         return 1
-
-    log.close()
-    if rank == 0:
+    if finished and rank == 0:
         print(f"student after {state.step} steps: {checkpoints(args.out)[-1]} "
               f"(loss curves: {args.out / 'losses.png'})")
     if world > 1:

@@ -210,13 +210,11 @@ def main(argv=None) -> int:
     try:
         every = Every(args.max_steps, args.log_steps, args.save_steps, args.valid_steps)
         check = probe(shown, args.resolution)
-        loop(state, step, every, saves, log, meter, row, check, validate, rank, world, device)
+        finished = loop(state, step, every, saves, log, meter, row, check, validate, rank, world, device)
     except TrainingError as e:
-        log.close()
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
-    log.close()
-    if rank == 0 and state.step == args.max_steps:
+    if finished and rank == 0:
         write_result(args, student, target)
         print(f"LCM after {state.step} steps: {args.out}")
     if world > 1:

@@ -162,14 +162,11 @@ def main(argv=None) -> int:
 
     try:
         every = Every(args.max_steps, args.log_steps, args.save_steps)
-        loop(state, step, every, saves, log, meter, row, probe, device=device)
+        finished = loop(state, step, every, saves, log, meter, row, probe, device=device)
     except TrainingError as e:
-        log.close()
         print(f"train_vae.py: error: {e}", file=sys.stderr)
         return 1
-    log.close()
-    if state.step < args.max_steps:
-        print(f"stopped at step {state.step}: {checkpoints(args.out)[-1]}; run the same command to go on")
+    if not finished:
         return 0
 
     vae.eval()

@@ -4,7 +4,7 @@ same latents as in minisd and diffusers.
 
 The equations, their sources and diffusers' quirks are explained in the torch versions (pndm.py, dpm.py,
 lcm.py), which these follow line by line: the same config keys and defaults, the same timesteps, the same
-float32 arithmetic. tests/test_onnx_runner.py holds each to its torch twin. For all three samplers the U-Net
+float32 arithmetic. tests/test_numpy_samplers.py holds each to its torch twin. For all three samplers the U-Net
 sees x as it is (scale_model_input is the identity) and the first x is unit-variance noise.
 """
 

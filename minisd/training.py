@@ -499,8 +499,10 @@ class Every:
 
 
 def loop(state: TrainState, step, every: Every, saves: Checkpoints, log: RunLog, meter: LossMeter, row=None,
-         probe=None, validate=None, rank: int = 0, world: int = 1, device=torch.device("cpu")) -> None:
-    """The loop around a script's step, shared by train.py, train_vae.py and dreambooth.py.
+         probe=None, validate=None, rank: int = 0, world: int = 1, device=torch.device("cpu")) -> bool:
+    """The loop around a script's step, shared by train.py, train_vae.py, dreambooth.py and train_lcm.py.
+    True when it ran to `every.max_steps`: the script then writes its result. False when stopped early (the
+    way to go on is printed), and the log is closed either way.
 
     step(): one optimizer step (its micro-batches, backward, clipping, update), adding its loss terms to
     `meter`. Around it: the step count, a log row every `every.log_steps` (and at each save and the last
@@ -509,6 +511,16 @@ def loop(state: TrainState, step, every: Every, saves: Checkpoints, log: RunLog,
     `validate(step)` on rank 0 every `every.valid_steps`. Ctrl-C or SIGTERM finishes the step, logs, saves
     and returns: one process sees it at once, several agree at the next log step (an all-reduce). Raises
     TrainingError for a run that cannot go on."""
+    try:
+        run_steps(state, step, every, saves, log, meter, row, probe, validate, rank, world, device)
+    finally:
+        log.close()
+    if state.step < every.max_steps and rank == 0:
+        print(f"stopped at step {state.step}: {checkpoints(saves.out)[-1]}; run the same command to go on")
+    return state.step == every.max_steps
+
+
+def run_steps(state, step, every, saves, log, meter, row, probe, validate, rank, world, device) -> None:
     with stop_signals() as stop:
         while state.step < every.max_steps:
             step()

@@ -180,7 +180,7 @@ def test_signal_saves_and_resumes(teacher, data, tmp_path, sig):
     stopped = log_rows(out)[-1]["step"]
     assert stopped < 100_000
     assert checkpoints(out) == [out / f"checkpoint-{stopped:07d}"]
-    assert f"student after {stopped} steps" in stdout
+    assert f"stopped at step {stopped}: {out / f'checkpoint-{stopped:07d}'}; run the same command" in stdout
     assert read_training_state(checkpoints(out)[-1])["step"] == stopped
 
     assert train.main(flags(teacher, data, out, max_steps=stopped + 2)) == 0
