@@ -36,10 +36,10 @@ from minisd.toy.metric import ATTRIBUTES, evaluate_folder
 from minisd.unet import count_params
 
 LCM_STEPS = (1, 2, 4, 8)
-# The toy's LCD recipe: train_lcm.py's flags beyond its defaults (docs/few-step.md has the runs behind them).
-# The toy models sample at guidance 4 (configs.TOY_GUIDANCE), w = 3: the full form draws w around it rather
-# than in SD's [3, 15]; the LoRA form, with no w input, learns w = 3 alone. The learning rates are the
-# real-size defaults' 100x and 10x: at 1e-6 a few hundred steps leave a toy model as it was.
+# The toy's LCD recipe: train_lcm.py's flags beyond its defaults. The toy models sample at guidance 4
+# (configs.TOY_GUIDANCE), w = 3: the full form draws w around it rather than in SD's [3, 15]; the LoRA form,
+# with no w input, learns w = 3 alone. The learning rates are the real-size defaults' 100x and 10x, for runs
+# of a few hundred steps.
 FORMS = {
     "lcm": ["--w-min", "1", "--w-max", "5", "--lr", "1e-4"],
     "lcm-lora": ["--lora", "--rank", "16", "--alpha", "16", "--w-min", "3", "--w-max", "3", "--lr", "1e-3"],
