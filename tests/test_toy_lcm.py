@@ -9,10 +9,13 @@ import pytest
 from PIL import Image
 from safetensors import safe_open
 
+from minisd.data import read_metadata
+from minisd.evaluation import generate
 from minisd.pipeline import load_pipeline
 from minisd.toy.__main__ import main as toy
 from minisd.toy.dataset import write_dataset
 from minisd.toy.lcm import lcm_distill, run_lcm, sampled_rows
+from minisd.toy.metric import evaluate_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER = ROOT / "weights" / "toy-sd"
@@ -73,3 +76,29 @@ def test_lcm_command_refuses_a_missing_student(toy_data, tmp_path):
         toy(["lcm", "--teacher", str(TEACHER), "--data", str(toy_data), "--student", str(tmp_path / "none"),
              "--out", str(tmp_path / "out")])
     assert "model_index.json" in str(e.value)
+
+
+# The chain's distillation in small: full LCD of the shipped teacher (STEPS of 16; the teacher needs no
+# train.py run first, as the tiny student does), scored on PROMPTS held-out captions: the LCM in 4 steps against
+# the teacher in 4 and 25 PNDM steps with guidance. Measured with torch 2.14.1 on the CPU: caption accuracy
+# 18.8% (12 of 64) in 4 LCM steps, 4.7% (3) in 4 PNDM steps, 37.5% (24) in 25 PNDM steps: the LCM 14 points
+# above 4 PNDM steps, and at 50% of 25 steps. Bounds about half of each.
+STEPS, BATCH, PROMPTS = 100, 16, 64
+MARGIN, SHARE = 0.06, 0.25
+
+
+@pytest.mark.slow  # an LCD run and 3 x 64 images
+def test_lcd_4_step_accuracy(tmp_path):
+    data = tmp_path / "toy"
+    write_dataset(data, n=1024, seed=1, heldout=PROMPTS / 1024, workers=1)
+    lcm = lcm_distill(TEACHER, data, tmp_path / "teacher-lcm", "lcm", STEPS, BATCH, 0)
+    captions = read_metadata(data / "heldout" / "metadata.csv")
+    assert len(captions) == PROMPTS
+    accuracy = {}
+    for name, source, scheduler, steps in (("pndm-25", TEACHER, "pndm", 25), ("pndm-4", TEACHER, "pndm", 4),
+                                            ("lcm-4", lcm, "lcm", 4)):
+        generate(load_pipeline(source), captions, list(range(PROMPTS)), {tmp_path / name: None}, steps=steps,
+                 guidance=4.0, seed=0, scheduler=scheduler, batch_size=16, progress=False)
+        accuracy[name] = evaluate_folder(tmp_path / name, captions, workers=1)["caption_accuracy"]
+    assert accuracy["lcm-4"] >= accuracy["pndm-4"] + MARGIN, accuracy
+    assert accuracy["lcm-4"] >= SHARE * accuracy["pndm-25"], accuracy
