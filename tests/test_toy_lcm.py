@@ -80,9 +80,9 @@ def test_lcm_command_refuses_a_missing_student(toy_data, tmp_path):
 
 # The chain's distillation in small: full LCD of the shipped teacher (STEPS of 16; the teacher needs no
 # train.py run first, as the tiny student does), scored on PROMPTS held-out captions: the LCM in 4 steps
-# against the teacher in 4 and 25 PNDM steps with guidance. Measured with torch 2.14.1 on the CPU: caption accuracy
-# 18.8% (12 of 64) in 4 LCM steps, 4.7% (3) in 4 PNDM steps, 37.5% (24) in 25 PNDM steps: the LCM 14 points
-# above 4 PNDM steps, and at 50% of 25 steps. Bounds about half of each.
+# against the teacher in 4 and 25 PNDM steps with guidance. Measured with torch 2.14.1 on the CPU: caption
+# accuracy 18.8% (12 of 64) in 4 LCM steps, 4.7% (3) in 4 PNDM steps, 37.5% (24) in 25 PNDM steps: the LCM 14
+# points above 4 PNDM steps, and at 50% of 25 steps. Bounds about half of each.
 STEPS, BATCH, PROMPTS = 100, 16, 64
 MARGIN, SHARE = 0.06, 0.25
 
