@@ -1,5 +1,5 @@
 """The toy world's command line: write a data set, score images against their captions, set up a teacher's
-training, or run the distillation ablation.
+training, or run the distillation ablation and the few-step (LCM) table.
 
     python -m minisd.toy data --out data/toy --n 20000 --seed 0 --heldout 0.1
     python -m minisd.toy check --images data/toy/heldout
@@ -9,6 +9,7 @@ training, or run the distillation ablation.
         # random U-Net and text tower + the VAE
     python -m minisd.toy export --checkpoint weights/toy-teacher/checkpoint-0001500 --out weights/toy-sd
     python -m minisd.toy ablation --teacher weights/toy-sd --data data/toy --out results/toy-ablation
+    python -m minisd.toy lcm --teacher weights/toy-sd --data data/toy --out results/toy-lcm
 
 `check` prints the share of images whose stated colours, shapes, sizes, count and position or relation the
 pixel checker finds, and the share with all of them (caption accuracy). Images of any size are scaled to 64 px
@@ -73,10 +74,27 @@ def main(argv: list[str] | None = None) -> None:
     ablation.add_argument("--sample-steps", type=positive_int, default=25, help="PNDM steps")
     ablation.add_argument("--guidance", type=finite_float,
                           help="classifier-free guidance (default: configs.TOY_GUIDANCE)")
+    lcm = commands.add_parser("lcm", help="LCM-distill a tiny student (train_lcm.py), then sample, score and "
+                                          "tabulate it at 1-8 steps beside 25 PNDM steps (minisd/toy/lcm.py)")
+    lcm.add_argument("--teacher", type=Path, default=Path("weights/toy-sd"))
+    lcm.add_argument("--data", type=Path, default=Path("data/toy"),
+                     help="written by `data` (train/, heldout/)")
+    lcm.add_argument("--out", type=Path, default=Path("results/toy-lcm"))
+    lcm.add_argument("--student", type=Path,
+                     help="a tiny student made already (e.g. the ablation's OUT/tiny/checkpoint-0000250); "
+                          "default: train one as the ablation's tiny run")
+    lcm.add_argument("--steps", type=positive_int, default=200,
+                     help="training steps of each LCM distillation (their other flags: minisd/toy/lcm.py)")
+    lcm.add_argument("--batch-size", type=positive_int, default=32)
+    lcm.add_argument("--no-lora", action="store_true", help="leave out the LCM-LoRA")
+    lcm.add_argument("--teacher-lcm", action="store_true", help="LCM-distill the teacher too")
+    lcm.add_argument("--seed", type=int, default=0)
+    lcm.add_argument("--prompts", type=positive_int, default=100,
+                     help="held-out prompts each row is scored on")
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
-    if args.command in ("configs", "init", "export", "ablation"):
+    if args.command in ("configs", "init", "export", "ablation", "lcm"):
         return tools(args)
     if args.command == "data":
         if not 0 <= args.heldout < 1 or args.n < 1:
@@ -116,6 +134,19 @@ def tools(args) -> None:
     elif args.command == "export":
         require(args.checkpoint, "unet", "a train.py checkpoint folder (checkpoint-NNNNNNN)")
         print(f"exported {args.checkpoint}: {configs.export(args.checkpoint, args.out, args.dtype)}")
+    elif args.command == "lcm":
+        from minisd.toy.lcm import run_lcm
+
+        require(args.teacher, "model_index.json", "a pipeline folder, e.g. weights/toy-sd")
+        if args.student:
+            require(args.student, "model_index.json", "a pipeline folder (a train.py checkpoint)")
+        require(args.data, "heldout/metadata.csv", f"a toy data set (train/ and heldout/): write one with "
+                                                    f"python -m minisd.toy data --out {args.data}")
+        table = run_lcm(args.teacher, args.data, args.out, args.student, lcd_steps=args.steps,
+                        batch=args.batch_size, seed=args.seed, prompts=args.prompts, lora=not args.no_lora,
+                        teacher_lcm=args.teacher_lcm, guidance=configs.TOY_GUIDANCE)
+        print((args.out / "results.md").read_text())
+        print(f"{len(table)} rows scored; grid of samples: {args.out / 'grid.png'}")
     else:
         require(args.teacher, "model_index.json", "a pipeline folder, e.g. weights/toy-sd")
         require(args.data, "heldout/metadata.csv", f"a toy data set (train/ and heldout/): write one with "

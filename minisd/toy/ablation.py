@@ -19,6 +19,7 @@ OUT/grid.png one row per model (the teacher first, then the runs in the order ab
 and seeds.
 """
 
+import importlib
 import json
 from pathlib import Path
 
@@ -44,16 +45,15 @@ RUNS = {  # train.py flags of each run, beyond the shared ones
 }
 
 
-def train_script():
-    """train.py, the script at the repository root, imported as a module."""
+def train_script(name: str = "train"):
+    """train.py (or another training script at the repository root), imported as a module."""
     try:
-        import train
+        return importlib.import_module(name)
     except ModuleNotFoundError as e:
-        if e.name != "train":
+        if e.name != name:
             raise
-        raise ModuleNotFoundError("the toy ablation runs train.py's main(): run it from the repository root, "
-                                  "where train.py is (python -m minisd.toy ablation ...)") from None
-    return train
+        raise ModuleNotFoundError(f"the toy world's experiments run {name}.py's main(): run them from the "
+                                  f"repository root, where {name}.py is (python -m minisd.toy ...)") from None
 
 
 def train(teacher: Path, data: Path, out: Path, name: str, steps: int, batch: int, lr: float,
