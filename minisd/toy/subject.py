@@ -46,14 +46,14 @@ PATTERN = "yellow"  # the checker's second colour
 INSTANCE_PROMPT = f"a large red {IDENTIFIER} square in the center"
 CLASS_PROMPT = "a large red square in the center"
 MIN_SCORE = 0.5  # a subject scores ~1, a plain square ~0 (tests/test_toy_dreambooth.py measures both)
-NAMED = re.compile(rf"\b(large|big) red square\b", re.IGNORECASE)  # the subject's words in a caption
+NAMED = re.compile(r"\b(large|big) red square\b", re.IGNORECASE)  # the subject's words in a caption
 NEW_POSITIONS = tuple(p for p in POSITIONS if p != "center")  # the instance images are all centred
 MAIN, SECOND = list(PALETTE).index(SUBJECT.colour), list(PALETTE).index(PATTERN)
 
 
 def pattern_coverage(x: float, y: float, extent: float) -> np.ndarray:
-    """[SIZE, SIZE] in [0, 1]: the yellow quarters of the subject whose box is centred on (x, y): each a square
-    of half the side, top right and bottom left."""
+    """[SIZE, SIZE] in [0, 1]: the yellow quarters of the subject whose box is centred on (x, y): each a
+    square of half the side, top right and bottom left."""
     quarter, half = extent / 4, extent / 2
     return (coverage("square", x + quarter, y - quarter, half)
             + coverage("square", x - quarter, y + quarter, half))
@@ -70,8 +70,8 @@ def render_subject(scene: Scene) -> Image.Image:
 
 
 def subject_scene(rng: np.random.Generator, count: int, position: str | None = None) -> Scene:
-    """A scene with the subject: alone at `position` (default: drawn), or beside one other shape in a relation,
-    the other shape neither red nor yellow (so that the subject's colours belong to it alone)."""
+    """A scene with the subject: alone at `position` (default: drawn), or beside one other shape in a
+    relation, the other shape neither red nor yellow (so that the subject's colours belong to it alone)."""
     extent = float(rng.uniform(*EXTENTS[SUBJECT.size]))
     background = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
     texture = TEXTURES[rng.integers(len(TEXTURES))]
@@ -166,8 +166,8 @@ def unpatterned(image) -> np.ndarray:
 
 
 def check_subject_caption(image, text: str) -> dict[str, bool]:
-    """The toy checker's verdicts on a caption that names the subject, the subject judged by its colour, shape,
-    size and place with its pattern painted over; plus "subject" (the checker is there) and
+    """The toy checker's verdicts on a caption that names the subject, the subject judged by its colour,
+    shape, size and place with its pattern painted over; plus "subject" (the checker is there) and
     "subject_and_caption" (both)."""
     verdict = check(unpatterned(image), parse_caption(without_identifier(text)))
     verdict["subject"] = shows_subject(image)
