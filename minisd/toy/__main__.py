@@ -142,8 +142,6 @@ def tools(args) -> None:
 
         require(args.model, "model_index.json", "a pipeline folder, e.g. weights/toy-sd")
         require(Path("."), "dreambooth.py", "the repository root: run the toy DreamBooth from there")
-        if min(args.steps, args.prompts, args.repeats, args.class_images, args.sample_steps) < 1:
-            sys.exit("--steps, --prompts, --repeats, --class-images and --sample-steps must be at least 1")
         results = run_toy_dreambooth(args.model, args.out, args.steps, args.lr, args.lora_lr, args.seed,
                                      args.prompts, args.repeats, args.class_images, args.sample_steps,
                                      args.guidance or configs.TOY_GUIDANCE)

@@ -20,7 +20,9 @@ it (re-running skips a finished run). Every model, the one before fine-tuning fi
   how often the subject is drawn (subject.shows_subject) and the rest of the caption is right (the toy
   checker, the subject's pattern painted over);
 - class prompts: the same captions without the identifier; scored on caption accuracy (does the class
-  still work?) and on how often the subject's pattern shows in them (language drift).
+  still work?) and on how often the subject's pattern shows in them (language drift);
+- the instance prompt and the class prompt themselves, the latter the plainest test of drift.
+A first row, "rendered", scores the scenes the prompts describe as the world draws them: the upper bound.
 OUT/results.json and OUT/results.md hold the table, OUT/grid.png a row of samples per model.
 """
 
