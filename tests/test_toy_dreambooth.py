@@ -75,6 +75,7 @@ def test_caption_check_sees_through_the_pattern(rows):
         assert check_caption(image, plain)["caption_correct"] and subject_score(image) < MIN_SCORE
 
 
+@pytest.mark.slow  # 27 s: 300 images through the toy VAE
 def test_vae_keeps_large_subjects_and_loses_small_ones(rows):
     """The toy VAE's reconstructions cap what a model can draw. Measured on these 100 scenes: 96% of large
     subjects still pass the check (and 66% pass with the rest of the caption), no plain square does; the same
@@ -134,7 +135,7 @@ def test_markdown_table():
     assert "weights 0123456789ab" in text and "2026-12-02" in text
 
 
-@pytest.mark.slow  # four dreambooth.py processes (~15 s each to start) and 5 x 12 images
+@pytest.mark.slow  # four dreambooth.py processes (~15 s each to start) and 5 x 12 images: 1.8 min
 def test_command_end_to_end(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # it runs dreambooth.py from the repository root
     out = tmp_path / "db"
@@ -162,7 +163,7 @@ def test_command_end_to_end(tmp_path, monkeypatch):
     assert Image.open(out / "grid.png").size[1] == 6 * 128  # the rendered row, then one row per model
 
 
-@pytest.mark.slow  # 300 training steps and 3 x 24 images: about 3 minutes on one CPU thread
+@pytest.mark.slow  # 300 training steps and 2 x 24 images: 3.5 min on one CPU thread
 def test_full_fine_tuning_learns_the_subject_and_drifts_without_the_prior(tmp_path, monkeypatch):
     """The real pipeline, reduced to one run: before, the teacher never draws the subject; after 300 steps of
     full fine-tuning without prior preservation it draws it for the instance prompt, and for the class
