@@ -433,6 +433,11 @@ COMMANDS = [
     ("toy-heldout-nan", "minisd.toy", ["data", "--out", "{tmp}/toy-x", "--heldout", "nan"], ["--heldout"]),
     ("toy-n-0", "minisd.toy", ["data", "--out", "{tmp}/toy-x", "--n", "0"], ["--n", ">= 1"]),
     ("toy-lr-inf", "minisd.toy", ["ablation", "--out", "{tmp}/toy-x", "--lr", "inf"], ["--lr"]),
+    ("toy-heldout-1", "minisd.toy", ["data", "--out", "{tmp}/toy-x", "--heldout", "1"], ["--heldout < 1"]),
+    ("toy-ablation-no-data", "minisd.toy", ["ablation", "--data", "{tmp}/nothing"], ["nothing", "toy data set"]),
+    ("toy-lcm-no-teacher", "minisd.toy", ["lcm", "--teacher", "{tmp}/nothing"], ["nothing", "model_index.json"]),
+    ("toy-dreambooth-no-model", "minisd.toy", ["dreambooth", "--model", "{tmp}/nothing"],
+     ["nothing", "model_index.json"]),
     ("bench-peak-nan", "minisd.bench", ["sample", "--peak-tflops", "nan"], ["--peak-tflops"]),
     ("flops-steps-0", "minisd.flops", ["--steps", "0"], ["--steps", ">= 1"]),
 ]

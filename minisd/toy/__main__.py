@@ -1,5 +1,5 @@
 """The toy world's command line: write a data set, score images against their captions, set up a teacher's
-training, or run the distillation ablation and the few-step (LCM) table.
+training, or run the distillation ablation, the few-step (LCM) table or DreamBooth on the toy models.
 
     python -m minisd.toy data --out data/toy --n 20000 --seed 0 --heldout 0.1
     python -m minisd.toy check --images data/toy/heldout
@@ -10,6 +10,7 @@ training, or run the distillation ablation and the few-step (LCM) table.
     python -m minisd.toy export --checkpoint weights/toy-teacher/checkpoint-0001500 --out weights/toy-sd
     python -m minisd.toy ablation --teacher weights/toy-sd --data data/toy --out results/toy-ablation
     python -m minisd.toy lcm --teacher weights/toy-sd --data data/toy --out results/toy-lcm
+    python -m minisd.toy dreambooth --model weights/toy-sd --out results/toy-dreambooth
 
 `check` prints the share of images whose stated colours, shapes, sizes, count and position or relation the
 pixel checker finds, and the share with all of them (caption accuracy). Images of any size are scaled to 64 px
@@ -91,14 +92,34 @@ def main(argv: list[str] | None = None) -> None:
     lcm.add_argument("--seed", type=int, default=0)
     lcm.add_argument("--prompts", type=positive_int, default=100,
                      help="held-out prompts each row is scored on")
+    dreambooth = commands.add_parser("dreambooth",
+                                     help="DreamBooth on a subject the model has never drawn: full and LoRA, "
+                                          "with and without prior preservation, then sample, score and "
+                                          "tabulate them (minisd/toy/personalization.py)")
+    dreambooth.add_argument("--model", type=Path, default=Path("weights/toy-sd"),
+                            help="the toy pipeline folder to personalize (a teacher or a student)")
+    dreambooth.add_argument("--out", type=Path, default=Path("results/toy-dreambooth"))
+    dreambooth.add_argument("--steps", type=positive_int, default=300, help="training steps of every run")
+    dreambooth.add_argument("--lr", type=positive_float, default=2e-4, help="full fine-tuning's")
+    dreambooth.add_argument("--lora-lr", type=positive_float, default=5e-3,
+                            help="LoRA's (the best of 3e-4, 1e-3, 5e-3, 2e-2 on the toy teacher)")
+    dreambooth.add_argument("--seed", type=int, default=1234)
+    dreambooth.add_argument("--prompts", type=positive_int, default=32,
+                            help="new contexts each model draws, with and without the identifier")
+    dreambooth.add_argument("--repeats", type=positive_int, default=16,
+                            help="images each model draws of the instance prompt, and of the class prompt")
+    dreambooth.add_argument("--class-images", type=positive_int, default=50)
+    dreambooth.add_argument("--sample-steps", type=positive_int, default=25, help="PNDM steps")
+    dreambooth.add_argument("--guidance", type=finite_float,
+                            help="classifier-free guidance (default: configs.TOY_GUIDANCE)")
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
-    if args.command in ("configs", "init", "export", "ablation", "lcm"):
+    if args.command in ("configs", "init", "export", "ablation", "lcm", "dreambooth"):
         return tools(args)
     if args.command == "data":
         if not 0 <= args.heldout < 1 or args.n < 1:
-            sys.exit("need --n >= 1 and 0 <= --heldout < 1")
+            fail("need --n >= 1 and 0 <= --heldout < 1")
         info = write_dataset(args.out, args.n, args.seed, args.heldout, args.workers)
         print(f"wrote {info['counts']} to {args.out} in {time.perf_counter() - start:.1f} s; "
               f"held-out pairs {info['heldout_pairs']}")
@@ -147,6 +168,16 @@ def tools(args) -> None:
                         teacher_lcm=args.teacher_lcm, guidance=configs.TOY_GUIDANCE)
         print((args.out / "results.md").read_text())
         print(f"{len(table)} rows scored; grid of samples: {args.out / 'grid.png'}")
+    elif args.command == "dreambooth":
+        from minisd.toy.personalization import run_toy_dreambooth
+
+        require(args.model, "model_index.json", "a pipeline folder, e.g. weights/toy-sd")
+        require(Path("."), "dreambooth.py", "the repository root: run the toy DreamBooth from there")
+        results = run_toy_dreambooth(args.model, args.out, args.steps, args.lr, args.lora_lr, args.seed,
+                                     args.prompts, args.repeats, args.class_images, args.sample_steps,
+                                     args.guidance or configs.TOY_GUIDANCE)
+        print((args.out / "results.md").read_text())
+        print(f"{len(results['table'])} models scored; grid of samples: {args.out / 'grid.png'}")
     else:
         require(args.teacher, "model_index.json", "a pipeline folder, e.g. weights/toy-sd")
         require(args.data, "heldout/metadata.csv", f"a toy data set (train/ and heldout/): write one with "
@@ -160,7 +191,13 @@ def tools(args) -> None:
 
 def require(folder: Path, inside: str, what: str) -> None:
     if not (folder / inside).exists():
-        sys.exit(f"{folder} is not {what} (it has no {inside})")
+        fail(f"{folder} is not {what} (it has no {inside})")
+
+
+def fail(message: str) -> None:
+    """A bad input: one line, exit code 2, as every minisd command."""
+    print(f"python -m minisd.toy: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 if __name__ == "__main__":
