@@ -21,13 +21,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TEACHER = ROOT / "weights" / "toy-sd"
 
 
-@pytest.fixture(scope="module")
-def toy_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("toy")
-    write_dataset(root, n=64, seed=0, heldout=0.25, workers=1)
-    return root
-
-
 def test_sampled_rows():
     rows = sampled_rows(teacher_lcm=True, lora=True, guidance=4.0)
     names = [r["name"] for r in rows]

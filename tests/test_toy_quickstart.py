@@ -14,34 +14,26 @@ import train
 from evaluate import main as evaluate
 from minisd.data import read_metadata
 from minisd.toy.ablation import RUNS, run_ablation
-from minisd.toy.dataset import write_dataset
 from minisd.toy.metric import evaluate_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER = ROOT / "weights" / "toy-sd"
 
 
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    root = tmp_path_factory.mktemp("toy")
-    write_dataset(root, n=64, seed=0, heldout=0.25, workers=1)
-    return root
-
-
 @pytest.mark.slow
-def test_quick_start(toy, tmp_path):
+def test_quick_start(toy_data, tmp_path):
     out = tmp_path / "toy.png"
     assert sample.main(["a red circle above a blue square", "--model", str(TEACHER), "--guidance", "4",
                         "--steps", "5", "--num-images", "2", "--out", str(out), "--no-progress"]) == 0
     assert Image.open(tmp_path / "toy-00.png").size == (64, 64) and (tmp_path / "toy-grid.png").is_file()
 
-    assert train.main(["--variant", "tiny", "--teacher", str(TEACHER), "--data", str(toy / "train"),
+    assert train.main(["--variant", "tiny", "--teacher", str(TEACHER), "--data", str(toy_data / "train"),
                        "--out", str(tmp_path / "toy-tiny"), "--resolution", "64", "--no-flip", "--batch-size",
                        "4", "--global-batch", "4", "--max-steps", "3", "--lr", "5e-4", "--caption-dropout",
                        "0.1", "--num-workers", "0", "--save-steps", "3", "--valid-steps", "0"]) == 0
     student = tmp_path / "toy-tiny" / "checkpoint-0000003"
 
-    metadata = toy / "heldout" / "metadata.csv"
+    metadata = toy_data / "heldout" / "metadata.csv"
     results = tmp_path / "results"
     assert evaluate(["--model", str(student), "--prompts", str(metadata), "--out", str(results), "--num", "6",
                      "--guidance", "4", "--steps", "5", "--batch-size", "3", "--name", "toy-tiny",
@@ -49,7 +41,7 @@ def test_quick_start(toy, tmp_path):
     scores = json.loads((results / "scores.json").read_text())
     rows = read_metadata(metadata)[:6]
     assert Image.open(results / "im256" / rows[0][0]).size == (64, 64)  # scored at the toy world's own size
-    expected = evaluate_folder(results / "im256", rows, real_dir=toy / "heldout", workers=1)
+    expected = evaluate_folder(results / "im256", rows, real_dir=toy_data / "heldout", workers=1)
     assert scores["num_images"] == 6 and scores["guidance"] == 4
     assert scores["toy"].keys() == expected.keys()
     assert scores["toy"]["accuracy"] == expected["accuracy"]
@@ -61,9 +53,9 @@ def test_quick_start(toy, tmp_path):
 
 
 @pytest.mark.slow  # six train.py processes
-def test_ablation_command(toy, tmp_path):
-    table = run_ablation(TEACHER, toy, tmp_path / "ablation", steps=2, batch=4, lr=5e-4, seed=0, prompts=4,
-                         sample_steps=2, guidance=4.0)
+def test_ablation_command(toy_data, tmp_path):
+    table = run_ablation(TEACHER, toy_data, tmp_path / "ablation", steps=2, batch=4, lr=5e-4, seed=0,
+                         prompts=4, sample_steps=2, guidance=4.0)
     assert [r["model"] for r in table] == ["teacher", *RUNS]
     for name in RUNS:
         log = [json.loads(line) for line in open(tmp_path / "ablation" / name / "log.jsonl")]
