@@ -72,9 +72,6 @@ def main(argv: list[str] | None = None) -> None:
     ablation.add_argument("--seed", type=int, default=0)
     ablation.add_argument("--prompts", type=positive_int, default=200,
                           help="held-out prompts each model is scored on")
-    ablation.add_argument("--sample-steps", type=positive_int, default=25, help="PNDM steps")
-    ablation.add_argument("--guidance", type=finite_float,
-                          help="classifier-free guidance (default: configs.TOY_GUIDANCE)")
     lcm = commands.add_parser("lcm", help="LCM-distill a tiny student (train_lcm.py), then sample, score and "
                                           "tabulate it at 1-8 steps beside 25 PNDM steps (minisd/toy/lcm.py)")
     lcm.add_argument("--teacher", type=Path, default=Path("weights/toy-sd"))
@@ -109,9 +106,10 @@ def main(argv: list[str] | None = None) -> None:
     dreambooth.add_argument("--repeats", type=positive_int, default=16,
                             help="images each model draws of the instance prompt, and of the class prompt")
     dreambooth.add_argument("--class-images", type=positive_int, default=50)
-    dreambooth.add_argument("--sample-steps", type=positive_int, default=25, help="PNDM steps")
-    dreambooth.add_argument("--guidance", type=finite_float,
-                            help="classifier-free guidance (default: configs.TOY_GUIDANCE)")
+    for command in (ablation, dreambooth):  # both sample their models the same way
+        command.add_argument("--sample-steps", type=positive_int, default=25, help="PNDM steps")
+        command.add_argument("--guidance", type=finite_float,
+                             help="classifier-free guidance (default: configs.TOY_GUIDANCE)")
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
