@@ -8,6 +8,8 @@ so that an image takes 4 U-Net calls instead of 25 steps with guidance (50 calls
         --steps 4
     python sample.py "..." --model nota-ai/bk-sdm-small --lora weights/bk-small-lcm-lora --scheduler lcm
         --steps 4 --guidance 1
+    python train_lcm.py --teacher CompVis/stable-diffusion-v1-4 --student nota-ai/bk-sdm-tiny --data ...
+        --out weights/bk-tiny-lcm-from-sd
 
 Two forms (minisd/lcd_step.py has the step):
 - full LCD: the student is the teacher's U-Net with a guidance embedding added (diffusers'
@@ -18,6 +20,10 @@ Two forms (minisd/lcd_step.py has the step):
   distilled in at a w drawn per sample, and the student is its own target. `--out` ends with
   pytorch_lora_weights.safetensors (diffusers' layout), which sample.py --lora and diffusers'
   load_lora_weights read, and which adds to other LoRAs.
+--student starts the learning network from another model's U-Net instead of the teacher's: a smaller
+student that shares the teacher's VAE and text encoder (BK-SDM-Tiny beside SD-v1.4), which then learns the
+jump on the larger teacher's trajectories (the ODE solver's guided DDIM steps) rather than on its own. The
+result is the student's: the pipeline holds its U-Net, and the LoRA goes on it.
 Data, checkpoints, resume, stops and DDP are train.py's (minisd/training.py); the defaults are diffusers' LCM
 distillation examples': constant lr 1e-6 (1e-4 for LoRA, rank 64, alpha 64), pseudo-Huber loss (c 0.001), no
 weight decay, the DDIM solver over a 50-step skipping schedule (k = 20).
@@ -85,6 +91,8 @@ def parse_args(argv=None):
     p.add_argument("--teacher", required=True, help="the model to distill: any source sample.py takes")
     p.add_argument("--data", required=True, help="image folder with metadata.csv/jsonl, or tar shards")
     p.add_argument("--out", type=Path, required=True, help="the run folder")
+    p.add_argument("--student", help="start from this model's U-Net, not the teacher's: a smaller model with "
+                                     "the teacher's VAE and text encoder (default: the teacher itself)")
     p.add_argument("--lora", action="store_true", help="LCM-LoRA instead of full LCD")
     p.add_argument("--rank", type=positive_int, default=64)
     p.add_argument("--alpha", type=positive_float, default=64.0)
@@ -142,12 +150,13 @@ def main(argv=None) -> int:
         if rest or not accum:
             raise UsageError(f"--global-batch {global_batch} is not a multiple of --batch-size x processes "
                              f"({args.batch_size} x {world})")
-        config = dict(teacher=args.teacher, data=str(args.data), resolution=args.resolution, lora=args.lora)
+        config = dict(teacher=args.teacher, data=str(args.data), resolution=args.resolution, lora=args.lora,
+                      student=args.student)
         open_run(args.out, config, args.overwrite, RUN_OUTPUTS, write=rank == 0)
         data = open_data(args.data, args.resolution, args.batch_size, args.random_crop, not args.no_flip,
                          args.seed, args.cache_latents, rank, world)
         teacher = load_pipeline(args.teacher, device=device)
-        student = new_student(args, teacher.unet)
+        student = new_student(args, starting_unet(args, teacher, device))
         if rank == 0 and not args.lora:  # the checkpoints are pipelines sampled with LCM
             write_shared(lcm_scheduled(teacher, args.solver_steps), args.out)
         teacher.to(dtype=default_dtype(device, training=True))
@@ -222,20 +231,41 @@ def main(argv=None) -> int:
     return 0
 
 
-def new_student(args, teacher_unet: UNet) -> UNet:
-    """Full LCD: the teacher's U-Net with a guidance embedding added (its projection starts as nn.Linear
-    does, as diffusers' LCD script starts it), in fp32. --lora: a copy of the teacher's U-Net, frozen, with
-    fp32 LoRA layers on --lora-targets; the teacher stays as it is, for the teacher's predictions."""
-    device = next(teacher_unet.parameters()).device
+def starting_unet(args, teacher: Pipeline, device: torch.device) -> UNet:
+    """The U-Net the learning network starts from: the teacher's, or --student's. A student is trained on
+    the teacher's latents and text states and ends beside the teacher's VAE and text encoder, so it must
+    have those very ones: a student distilled from this teacher (train.py keeps them frozen)."""
+    if args.student is None:
+        return teacher.unet
+    other = load_pipeline(args.student, device=device)
+    for part in ("vae", "text_encoder"):
+        mine, theirs = getattr(other, part).state_dict(), getattr(teacher, part).state_dict()
+        if mine.keys() != theirs.keys() or any(not torch.equal(mine[k], theirs[k]) for k in mine):
+            raise UsageError(f"--student {args.student} has another {part} than --teacher {args.teacher}: "
+                             "give a student of this teacher, which shares its VAE and text encoder")
+    if other.unet.config.context_dim != teacher.unet.config.context_dim:
+        raise UsageError(f"--student {args.student}'s U-Net reads text states of width "
+                         f"{other.unet.config.context_dim}, the teacher's are "
+                         f"{teacher.unet.config.context_dim}: give a student of this teacher")
+    return other.unet
+
+
+def new_student(args, base: UNet) -> UNet:
+    """Full LCD: the base U-Net (the teacher's or --student's) with a guidance embedding added (its
+    projection starts as nn.Linear does, as diffusers' LCD script starts it), in fp32. --lora: a copy of the
+    base, frozen, with fp32 LoRA layers on --lora-targets; the teacher stays as it is, for the teacher's
+    predictions."""
+    device = next(base.parameters()).device
     if args.lora:
-        student = UNet(teacher_unet.config).to(device)
-        student.load_state_dict(teacher_unet.state_dict())
+        student = UNet(base.config).to(device)
+        student.load_state_dict(base.state_dict())
         student.float().requires_grad_(False).train()
         inject_lora(student, args.lora_targets, args.rank, args.alpha, dtype=torch.float32)
         return student
-    if teacher_unet.config.guidance_embed_dim:
-        raise UsageError(f"--teacher {args.teacher} has a guidance embedding already: it is an LCM")
-    return with_guidance_embedding(teacher_unet, args.guidance_embed_dim).float().train()
+    if base.config.guidance_embed_dim:
+        raise UsageError(f"--{'student' if args.student else 'teacher'} {args.student or args.teacher} has a "
+                         "guidance embedding already: it is an LCM")
+    return with_guidance_embedding(base, args.guidance_embed_dim).float().train()
 
 
 def lcm_scheduled(pipe: Pipeline, solver_steps: int) -> Pipeline:

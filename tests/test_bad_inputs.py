@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import dreambooth
 import evaluate
@@ -235,6 +236,9 @@ TRAIN_LCM = [
     ("resolution-not-multiple-of-8", ["--resolution", "30"], 2, ["--resolution 30", "multiple of 8"]),
     ("out-unwritable", ["--out", "/proc/minisd/lcm"], 2, ["--out", "cannot create the folder"]),
     ("out-holds-another-run", ["--out", "{tmp}/other-run"], 2, ["holds another run", "--overwrite"]),
+    ("student-missing", ["--student", "{tmp}/nothing"], 2, ["nothing", "not a file, a folder or a hub id"]),
+    ("student-with-another-vae", ["--student", "{tmp}/other-vae-model"], 2,
+     ["--student", "has another vae than --teacher", "a student of this teacher"]),
 ]
 
 CONVERT = [
@@ -283,8 +287,10 @@ def inputs(tmp_path_factory):
     whole = (tmp / "cut-checkpoint" / "training_state.pt").read_bytes()
     (tmp / "cut-checkpoint" / "training_state.pt").write_bytes(whole[:200])
 
-    for name in ("truncated", "binary-config", "mismatch", "bad-vocab"):
+    for name in ("truncated", "binary-config", "mismatch", "bad-vocab", "other-vae-model"):
         shutil.copytree(TOY, tmp / name)
+    vae = tmp / "other-vae-model" / "vae" / "diffusion_pytorch_model.safetensors"
+    save_file({k: v + 0.01 for k, v in load_file(vae).items()}, vae)
     vocab = (tmp / "bad-vocab" / "tokenizer" / "vocab.json").read_bytes()
     (tmp / "bad-vocab" / "tokenizer" / "vocab.json").write_bytes(vocab[:1000])
     config = (tmp / "truncated" / "unet" / "config.json").read_text()

@@ -3,6 +3,7 @@ a hand computation from the LCM paper's formulas on the same draws, a run resume
 as a pipeline that samples with LCM, and an LCM-LoRA made by minisd gives diffusers' image."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +13,13 @@ from diffusers import LCMScheduler, StableDiffusionPipeline
 from safetensors.torch import load_file
 
 import train_lcm
+from minisd.checkpoints.diffusers import save_unet
 from minisd.data import collate
+from minisd.distill import student_from_teacher
 from minisd.lcd_step import LCDRecipe, lcd_draws, lcd_step
 from minisd.pipeline import load_pipeline
 from minisd.schedulers import NoiseSchedule
+from minisd.table import variant
 from minisd.toy.dataset import write_dataset
 from minisd.training import open_data
 from minisd.unet import UNet, with_guidance_embedding
@@ -110,6 +114,33 @@ def test_full_lcd_resumes_exactly_and_samples_with_lcm(scenes, tmp_path):
     assert scheduler["_class_name"] == "LCMScheduler"
     image = pipe("a red circle", steps=4, seed=0, progress=False, output="np")
     assert np.isfinite(image).all() and image.std() > 0.01
+
+
+@pytest.mark.slow
+def test_full_lcd_of_a_smaller_student_on_the_teachers_trajectories(scenes, tmp_path):
+    """--student: the learning network starts from a BK-SDM-Tiny student of the toy teacher (its VAE and text
+    encoder), the teacher takes the guided solver steps, and the result is the student's U-Net with the
+    guidance embedding."""
+    teacher = load_pipeline(TOY)
+    tiny = student_from_teacher(teacher.unet, variant(teacher.unet.config, "tiny"))
+    student = tmp_path / "tiny"
+    shutil.copytree(TOY, student)
+    shutil.rmtree(student / "unet")
+    save_unet(tiny, student / "unet")
+    out = tmp_path / "lcm"
+    assert train_lcm.main([*flags(scenes, out, max_steps=2), "--student", str(student)]) == 0
+    pipe = load_pipeline(out)
+    assert pipe.unet.config.guidance_embed_dim == 16
+    assert pipe.unet.config.name != teacher.unet.config.name  # the tiny table, not the teacher's
+    learned = sum(p.numel() for p in pipe.unet.parameters())
+    embedding = sum(p.numel() for n, p in pipe.unet.named_parameters() if "guidance" in n)
+    assert learned - embedding == sum(p.numel() for p in tiny.parameters())
+    image = pipe("a red circle", steps=4, seed=0, progress=False, output="np")
+    assert np.isfinite(image).all() and image.std() > 0.01
+    # a re-run with another --student is another run
+    with pytest.raises(SystemExit) as refused:
+        train_lcm.main(flags(scenes, out, max_steps=4))
+    assert refused.value.code == 2
 
 
 @pytest.mark.slow

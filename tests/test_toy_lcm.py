@@ -25,17 +25,17 @@ def test_sampled_rows():
     rows = sampled_rows(teacher_lcm=True, lora=True, guidance=4.0)
     names = [r["name"] for r in rows]
     assert names[:4] == ["teacher pndm-25", "tiny pndm-25", "tiny pndm-4", "tiny lcm-4"]
-    assert names[4:] == [f"tiny-lcm lcm-{s}" for s in (1, 2, 4, 8)] + \
+    assert names[4:] == [f"tiny-lcm lcm-{s}" for s in (1, 2, 4, 8)] + ["tiny-lcm-self lcm-4"] + \
         [f"tiny-lcm-lora lcm-{s}" for s in (1, 2, 4, 8)] + ["teacher-lcm lcm-4"]
     calls = {r["name"]: r["unet_calls"] for r in rows}
     # CFG doubles the calls of a plain U-Net; an LCM takes w as an input, an LCM-LoRA is sampled without CFG
     assert calls["tiny pndm-25"] == 50 and calls["tiny lcm-4"] == 8 and calls["tiny-lcm lcm-4"] == 4
     assert calls["tiny-lcm-lora lcm-4"] == 4 and calls["teacher-lcm lcm-4"] == 4
     assert all(r["guidance"] == 1.0 for r in rows if r["model"] == "tiny-lcm-lora")
-    assert len(sampled_rows(teacher_lcm=False, lora=False, guidance=4.0)) == 8
+    assert len(sampled_rows(teacher_lcm=False, lora=False, guidance=4.0, self_lcm=False)) == 8
 
 
-@pytest.mark.slow  # four training runs and 13 rows sampled
+@pytest.mark.slow  # five training runs and 14 rows sampled
 def test_lcm_command(toy_data, tmp_path):
     out = tmp_path / "lcm"
     table = run_lcm(TEACHER, toy_data, out, student_steps=2, lcd_steps=2, batch=4, prompts=4, lora=True,
@@ -46,12 +46,21 @@ def test_lcm_command(toy_data, tmp_path):
         assert len(list((out / "images" / r["name"].replace(" ", "-")).glob("*.png"))) == 4, r["name"]
     lcm = load_pipeline(out / "tiny-lcm")  # a pipeline sampled with LCM by default, w as an input
     assert lcm.unet.config.guidance_embed_dim and lcm.scheduler_config["_class_name"] == "LCMScheduler"
+    # tiny-lcm learnt on the teacher's trajectories, tiny-lcm-self on its own: both the student's U-Net
+    for name in ("tiny-lcm", "tiny-lcm-self"):
+        run = json.loads((out / name / "run.json").read_text())
+        assert (run["teacher"], run["student"]) == ((str(TEACHER), str(out / "tiny" / "checkpoint-0000002"))
+                                                    if name == "tiny-lcm" else
+                                                    (str(out / "tiny" / "checkpoint-0000002"), None))
+        unet = load_pipeline(out / name).unet
+        assert sum(p.numel() for n, p in unet.named_parameters() if "guidance" not in n) == \
+            sum(p.numel() for p in load_pipeline(out / "tiny" / "checkpoint-0000002").unet.parameters())
     with safe_open(out / "tiny-lcm-lora" / "pytorch_lora_weights.safetensors", "pt") as f:
         assert any(k.startswith("unet.") and "lora" in k for k in f.keys())
     assert (out / "teacher-lcm" / "model_index.json").is_file()
     record = json.loads((out / "results.json").read_text())
     assert record["rows"][1]["name"] == "tiny pndm-25"
-    assert set(record["seconds"]) == {"tiny", "tiny-lcm", "tiny-lcm-lora", "teacher-lcm",
+    assert set(record["seconds"]) == {"tiny", "tiny-lcm", "tiny-lcm-self", "tiny-lcm-lora", "teacher-lcm",
                                       "sampling and scoring", "all"}
     lines = (out / "results.md").read_text().splitlines()
     assert sum(line.startswith("| ") for line in lines) == 1 + len(table)  # the header, a line per row

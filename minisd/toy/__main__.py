@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> None:
                      help="training steps of each LCM distillation (their other flags: minisd/toy/lcm.py)")
     lcm.add_argument("--batch-size", type=positive_int, default=32)
     lcm.add_argument("--no-lora", action="store_true", help="leave out the LCM-LoRA")
+    lcm.add_argument("--no-self", action="store_true",
+                     help="leave out the student's LCD on its own trajectories (tiny-lcm-self)")
     lcm.add_argument("--teacher-lcm", action="store_true", help="LCM-distill the teacher too")
     lcm.add_argument("--seed", type=int, default=0)
     lcm.add_argument("--prompts", type=positive_int, default=100,
@@ -163,7 +165,8 @@ def tools(args) -> None:
                                                     f"python -m minisd.toy data --out {args.data}")
         table = run_lcm(args.teacher, args.data, args.out, args.student, lcd_steps=args.steps,
                         batch=args.batch_size, seed=args.seed, prompts=args.prompts, lora=not args.no_lora,
-                        teacher_lcm=args.teacher_lcm, guidance=configs.TOY_GUIDANCE)
+                        self_lcm=not args.no_self, teacher_lcm=args.teacher_lcm,
+                        guidance=configs.TOY_GUIDANCE)
         print((args.out / "results.md").read_text())
         print(f"{len(table)} rows scored; grid of samples: {args.out / 'grid.png'}")
     elif args.command == "dreambooth":

@@ -10,7 +10,10 @@ process, as the ablation does (minisd/toy/ablation.py). The runs, each in OUT/<r
 (re-running resumes; a finished run is reused):
 - tiny: the ablation's `tiny` run (train.py, output and feature KD from the teacher), unless `student` names
   one made already;
-- tiny-lcm: full LCD of it (a guidance embedding, an EMA target);
+- tiny-lcm: full LCD of it (a guidance embedding, an EMA target) on the teacher's trajectories: the teacher
+  takes the guided solver steps (train_lcm.py --student);
+- tiny-lcm-self (unless `self_lcm` is off): full LCD of it on its own trajectories, the student as its own
+  solver, as train_lcm.py distills any one model;
 - tiny-lcm-lora: LCM-LoRA of it, sampled with guidance 1 (no CFG pass);
 - teacher-lcm (on request): full LCD of the teacher itself.
 Every table row draws the same first `prompts` held-out captions (prompt i from seed i) into
@@ -58,10 +61,12 @@ def since(start: tuple[float, float]) -> dict:
     return {"wall": now[0] - start[0], "cpu": now[1] - start[1]}
 
 
-def lcm_distill(teacher: Path, data: Path, out: Path, form: str, steps: int, batch: int, seed: int) -> Path:
+def lcm_distill(teacher: Path, data: Path, out: Path, form: str, steps: int, batch: int, seed: int,
+                student: Path | None = None) -> Path:
     """One run of train_lcm.py on the toy data; returns its result: the pipeline folder (full LCD) or the LoRA
-    file (LCM-LoRA)."""
+    file (LCM-LoRA). student: the model that learns, on the teacher's trajectories (default: the teacher)."""
     argv = [*FORMS[form], "--teacher", str(teacher), "--data", str(data / "train"), "--out", str(out),
+            *(["--student", str(student)] if student else []),
             "--resolution", "64", "--no-flip", "--batch-size", str(batch), "--global-batch", str(batch),
             "--max-steps", str(steps), "--seed", str(seed), "--num-workers", "1", "--save-steps",
             str(max(1, steps // 2)), "--keep", "1", "--valid-steps", "0", "--log-steps", "25"]
@@ -74,7 +79,7 @@ def lcm_distill(teacher: Path, data: Path, out: Path, form: str, steps: int, bat
     return out if form == "lcm" else result
 
 
-def sampled_rows(teacher_lcm: bool, lora: bool, guidance: float) -> list[dict]:
+def sampled_rows(teacher_lcm: bool, lora: bool, guidance: float, self_lcm: bool = True) -> list[dict]:
     """The table's rows: which model, sampled how. The teacher and the student with 25 PNDM steps and CFG, as
     the toy models are sampled everywhere else; the student in 4 steps with PNDM and with the LCM sampler
     alone (CFG, no distillation), to show what the distillation adds; then the LCMs."""
@@ -83,6 +88,8 @@ def sampled_rows(teacher_lcm: bool, lora: bool, guidance: float) -> list[dict]:
             dict(model="tiny", scheduler="pndm", steps=4, guidance=guidance),
             dict(model="tiny", scheduler="lcm", steps=4, guidance=guidance),
             *(dict(model="tiny-lcm", scheduler="lcm", steps=s, guidance=guidance) for s in LCM_STEPS)]
+    if self_lcm:
+        rows += [dict(model="tiny-lcm-self", scheduler="lcm", steps=4, guidance=guidance)]
     if lora:  # guidance distilled in, without a w input: sampled without CFG
         rows += [dict(model="tiny-lcm-lora", scheduler="lcm", steps=s, guidance=1.0) for s in LCM_STEPS]
     if teacher_lcm:
@@ -97,7 +104,7 @@ def sampled_rows(teacher_lcm: bool, lora: bool, guidance: float) -> list[dict]:
 def run_lcm(teacher: Path, data: Path, out: Path, student: Path | None = None, student_steps: int = 250,
             student_lr: float = 5e-4, lcd_steps: int = 200, batch: int = 32, seed: int = 0,
             prompts: int = 100, guidance: float = 4.0, lora: bool = True, teacher_lcm: bool = False,
-            grid_prompts: int = 8, workers: int = 1) -> list[dict]:
+            grid_prompts: int = 8, workers: int = 1, self_lcm: bool = True) -> list[dict]:
     """Makes the runs (module docstring), then samples and scores each of sampled_rows() on the first
     `prompts` held-out captions. Returns the table's rows. workers: the toy metric's processes (1: this one,
     which for a few hundred images is quicker than starting new ones that each import torch)."""
@@ -107,17 +114,19 @@ def run_lcm(teacher: Path, data: Path, out: Path, student: Path | None = None, s
         student = train(teacher, data, out, "tiny", student_steps, batch, student_lr, seed)
         seconds["tiny"] = since(begin)
     models = {"teacher": (teacher, None), "tiny": (student, None)}
-    runs = [("tiny-lcm", student, "lcm")] + [("tiny-lcm-lora", student, "lcm-lora")] * lora + \
-        [("teacher-lcm", teacher, "lcm")] * teacher_lcm
-    for name, source, form in runs:
+    # (run, solver teacher, learning model or None for the teacher itself, form)
+    runs = [("tiny-lcm", teacher, student, "lcm")] + [("tiny-lcm-self", student, None, "lcm")] * self_lcm + \
+        [("tiny-lcm-lora", student, None, "lcm-lora")] * lora + \
+        [("teacher-lcm", teacher, None, "lcm")] * teacher_lcm
+    for name, solver, learner, form in runs:
         start = clock()
-        result = lcm_distill(source, data, out / name, form, lcd_steps, batch, seed)
-        models[name] = (result, None) if form == "lcm" else (source, result)  # an LCM-LoRA goes on its base
+        result = lcm_distill(solver, data, out / name, form, lcd_steps, batch, seed, learner)
+        models[name] = (result, None) if form == "lcm" else (solver, result)  # an LCM-LoRA goes on its base
         seconds[name] = since(start)
 
     start = clock()
     captions = read_metadata(data / "heldout" / "metadata.csv")[:prompts]
-    table, sheets, rows = [], [], sampled_rows(teacher_lcm, lora, guidance)
+    table, sheets, rows = [], [], sampled_rows(teacher_lcm, lora, guidance, self_lcm)
     for row, pipe in zip(rows, pipelines(rows, models)):
         folder = out / "images" / row["name"].replace(" ", "-")
         # image i from seed + i; every image made again (resume=False), so that s/image times this model
