@@ -5,11 +5,12 @@ and up [out, r] (the paper's A and B, sec. 4.1). up starts at zero, so training 
 model. The scale alpha / r is there so that the learning rate needs less retuning when r changes (sec. 4.1).
 
 Two uses:
-- training: `inject_lora` wraps chosen Linear layers in `LoRALinear`, whose down/up are all that trains
-  (`lora_parameters`). `merge_lora` folds each update into its weight, so sampling runs at full speed;
-  `unmerge_lora` gives the exact weights back, and `remove_lora` the plain model.
+- training: `inject_lora` wraps chosen Linear layers in `LoRALinear` and Conv2d layers in
+  `LoRAConv2d`, whose down/up are all that trains (`lora_parameters`). `merge_lora` folds each update into
+  its weight, so sampling runs at full speed; `unmerge_lora` gives the exact weights back, and
+  `remove_lora` the plain model.
 - files: a LoRA file holds, per layer, a `LowRank` (down, up, alpha). `lora_layers` reads them off a model
-  with LoRALinear layers; `add_low_ranks` adds a file's updates to a model's weights, each file with its own
+  with LoRA layers; `add_low_ranks` adds a file's updates to a model's weights, each file with its own
   strength. Files for SD also update 1x1 and 3x3 convs (SD-v1's proj_in/proj_out, ResBlock convs), whose down
   and up are conv weights [r, in, kh, kw] and [out, r, 1, 1]: the same product, read as a conv weight.
 
@@ -43,11 +44,14 @@ class LoRALinear(nn.Module):
         self.scale = self.alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         kwargs = dict(bias=False, device=base.weight.device, dtype=dtype or base.weight.dtype)
-        self.down = nn.Linear(base.in_features, rank, **kwargs)
-        self.up = nn.Linear(rank, base.out_features, **kwargs)
+        self.down, self.up = self.factors(base, rank, kwargs)
         nn.init.zeros_(self.up.weight)
         # while merged: the base weight as it was, so that unmerging restores it bit for bit
         self.register_buffer("unmerged_weight", None, persistent=False)
+
+    @staticmethod
+    def factors(base: nn.Linear, rank: int, kwargs: dict) -> tuple[nn.Module, nn.Module]:
+        return nn.Linear(base.in_features, rank, **kwargs), nn.Linear(rank, base.out_features, **kwargs)
 
     @property
     def merged(self) -> bool:
@@ -76,6 +80,19 @@ class LoRALinear(nn.Module):
         if self.merged:
             self.base.weight.data = self.unmerged_weight
             self.unmerged_weight = None
+
+
+class LoRAConv2d(LoRALinear):
+    """The same update on a Conv2d (LoCon, as kohya's tools and peft adapt ResBlock convs): down is a conv
+    with the base's kernel, stride and padding into `rank` channels, up a 1x1 conv out of them, so that
+    up(down(x)) is one conv whose weight is up @ down [out, in, kh, kw]: mergeable like a Linear's."""
+
+    @staticmethod
+    def factors(base: nn.Conv2d, rank: int, kwargs: dict) -> tuple[nn.Module, nn.Module]:
+        if base.groups != 1 or base.dilation != (1, 1) or base.padding_mode != "zeros":
+            raise ValueError("LoRA wraps plain convs only (groups 1, no dilation, zero padding)")
+        down = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding, **kwargs)
+        return down, nn.Conv2d(rank, base.out_channels, 1, **kwargs)
 
 
 @dataclass
@@ -117,8 +134,8 @@ def matches(name: str, targets: Iterable[str]) -> bool:
 
 
 def adaptable_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """The layers a LoRA can update, by name: every Linear and Conv2d, and every LoRALinear as one layer (not
-    the Linears inside it)."""
+    """The layers a LoRA can update, by name: every Linear and Conv2d, and every LoRA layer as one layer (not
+    the Linears or convs inside it)."""
     wrapped = [name + "." for name, m in model.named_modules() if isinstance(m, LoRALinear)]
     return {name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d, LoRALinear))
             and not any(name.startswith(w) for w in wrapped)}
@@ -130,22 +147,25 @@ def layer_weight(layer: nn.Module) -> torch.Tensor:
 
 def inject_lora(model: nn.Module, targets: Iterable[str], rank: int, alpha: float | None = None,
                 dropout: float = 0.0, dtype: torch.dtype | None = None) -> list[str]:
-    """Wrap every Linear whose name ends with one of `targets` (see `matches`) in a LoRALinear, in place.
+    """Wrap every Linear whose name ends with one of `targets` (see `matches`) in a LoRALinear, and every such
+    Conv2d in a LoRAConv2d, in place.
 
-    Returns the wrapped layers' names. The wrapped Linears are frozen; the model's other parameters are left
+    Returns the wrapped layers' names. The wrapped layers are frozen; the model's other parameters are left
     as they are: freeze the model first (model.requires_grad_(False)) to train the LoRA alone.
     """
     targets = [targets] if isinstance(targets, str) else list(targets)
     names = [name for name, m in adaptable_layers(model).items()
-             if type(m) is nn.Linear and matches(name, targets)]
+             if type(m) in (nn.Linear, nn.Conv2d) and matches(name, targets)]
     if not names:
-        raise ValueError(f"no Linear layer of the model is named ...{' or ...'.join(targets)} (names are "
-                         "minisd's: U-Net attention to_q/to_k/to_v/to_out, the text encoder's attn.to_q ..., "
-                         "fc1, fc2); were they given LoRA layers already?")
+        raise ValueError(f"no Linear or Conv2d layer of the model is named ...{' or ...'.join(targets)} "
+                         "(names are minisd's: U-Net attention to_q/to_k/to_v/to_out, ResBlock conv1/conv2, "
+                         "the text encoder's attn.to_q ..., fc1, fc2); were they given LoRA layers already?")
     for name in names:
         parent, _, attr = name.rpartition(".")
         owner = model.get_submodule(parent)
-        setattr(owner, attr, LoRALinear(getattr(owner, attr), rank, alpha, dropout, dtype))
+        layer = getattr(owner, attr)
+        wrapper = LoRAConv2d if isinstance(layer, nn.Conv2d) else LoRALinear
+        setattr(owner, attr, wrapper(layer, rank, alpha, dropout, dtype))
     return names
 
 
@@ -154,7 +174,7 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters LoRA trains: every LoRALinear's down and up weights."""
+    """The parameters LoRA trains: every LoRA layer's down and up weights."""
     return [p for m in lora_modules(model).values() for p in (m.down.weight, m.up.weight)]
 
 
@@ -166,12 +186,12 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def lora_layers(model: nn.Module) -> dict[str, LowRank]:
-    """What a LoRA file holds for this model: each LoRALinear's down, up and alpha, by layer name."""
+    """What a LoRA file holds for this model: each LoRA layer's down, up and alpha, by layer name."""
     return {name: m.low_rank() for name, m in lora_modules(model).items()}
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every LoRALinear's update into its base weight: the forward pass is then the plain layer's."""
+    """Fold every LoRA layer's update into its base weight: the forward pass is then the plain layer's."""
     for m in lora_modules(model).values():
         m.merge()
     return model
@@ -185,8 +205,8 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
 
 
 def remove_lora(model: nn.Module) -> nn.Module:
-    """Put every LoRALinear's base Linear back in its place, its weight exactly as before the LoRA (merged
-    or not): the plain model, without the LoRA."""
+    """Put every LoRA layer's base layer back in its place, its weight exactly as before the LoRA (merged or
+    not): the plain model, without the LoRA."""
     for name, m in lora_modules(model).items():
         m.unmerge()
         parent, _, attr = name.rpartition(".")

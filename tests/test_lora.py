@@ -1,6 +1,6 @@
-"""LoRA (minisd/lora.py) and LoRA files (minisd/checkpoints/lora_*.py): LoRALinear by hand, merging and
-removing exactly, and files in diffusers' and kohya's layouts against diffusers on random-weight SD-v1 and
-SD-v2 models (docs/sampling.md, "LoRA")."""
+"""LoRA (minisd/lora.py) and LoRA files (minisd/checkpoints/lora_*.py): LoRALinear and LoRAConv2d by
+hand, merging and removing exactly, and files in diffusers' and kohya's layouts against diffusers on
+random-weight SD-v1 and SD-v2 models (docs/sampling.md, "LoRA")."""
 
 import math
 import re
@@ -26,6 +26,7 @@ from minisd.checkpoints.lora_files import open_lora, read_lora, write_lora
 from minisd.checkpoints.remap import CheckpointError
 from minisd.clip import CLIPTextConfig, CLIPTextEncoder
 from minisd.lora import (
+    LoRAConv2d,
     LoRALinear,
     LowRank,
     inject_lora,
@@ -65,6 +66,32 @@ def test_lora_linear_by_hand():
     layer.unmerge()
     assert base.weight.tolist() == [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]
     assert [p for p in layer.parameters() if p.requires_grad] == [layer.down.weight, layer.up.weight]
+
+
+@pytest.mark.parametrize("stride", [1, 2])  # a ResBlock's conv, a downsampler's
+def test_lora_conv_by_hand(stride):
+    """A conv's update: down with the base's kernel, stride and padding, then a 1x1 up; merged, one conv whose
+    weight is W + scale * up @ down."""
+    torch.manual_seed(0)
+    base = nn.Conv2d(3, 5, 3, stride=stride, padding=1)
+    layer = LoRAConv2d(base, rank=2, alpha=4.0)  # scale 2
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(layer(x), base(x))
+    down, up = torch.randn(2, 3, 3, 3), torch.randn(5, 2, 1, 1)
+    with torch.no_grad():
+        layer.down.weight.copy_(down), layer.up.weight.copy_(up)
+        inner = nn.functional.conv2d(x, down, stride=stride, padding=1)
+        by_hand = base(x) + 2.0 * nn.functional.conv2d(inner, up)
+        assert rel_diff(layer(x), by_hand) <= 1e-6
+        weight = base.weight.clone()
+        layer.merge()
+        merged = weight + 2.0 * torch.einsum("or,rikl->oikl", up[:, :, 0, 0], down)
+        assert torch.allclose(base.weight, merged, atol=1e-6) and rel_diff(layer(x), by_hand) <= 1e-5
+        layer.unmerge()
+        assert torch.equal(base.weight, weight)
+    assert layer.low_rank().down.shape == (2, 3, 3, 3) and layer.low_rank().up.shape == (5, 2, 1, 1)
+    with pytest.raises(ValueError, match="plain convs only"):
+        LoRAConv2d(nn.Conv2d(4, 4, 3, groups=2), rank=2)
 
 
 def test_dropout_only_in_training():
@@ -143,7 +170,7 @@ def test_training_reaches_only_the_lora():
 
 
 def test_inject_names_no_layer():
-    with pytest.raises(ValueError, match="no Linear layer of the model is named ...q_proj"):
+    with pytest.raises(ValueError, match="no Linear or Conv2d layer of the model is named ...q_proj"):
         inject_lora(CLIPTextEncoder(TEXT), ["q_proj"], rank=2)
 
 
@@ -417,6 +444,33 @@ def test_with_peft_itself(family, tmp_path):
         other = StableDiffusionPipeline.from_pretrained(path)
         other.load_lora_weights(str(tmp_path / f"{layout}.safetensors"))
         assert_same_outputs(other, pipe)
+
+
+# the ResBlock, resampler and transformer-projection convs, beside attention: diffusers' LCM-LoRA targets
+CONV_TARGETS = ["to_q", "conv1", "conv2", "conv_shortcut", "downsample.conv", "upsample.conv", "proj_in"]
+
+
+def test_conv_lora_trained_by_minisd_loads_in_diffusers(family, tmp_path):
+    """LoRA layers that minisd injects into convs and Linears (as dreambooth.py and train_lcm.py train them),
+    written in diffusers' and kohya's layouts, give the same U-Net output in diffusers' load_lora_weights as
+    minisd's unmerged layers, and as they give merged."""
+    name, path, _ = family
+    pipe = minisd.load_pipeline(path)
+    names = inject_lora(pipe.unet.requires_grad_(False), CONV_TARGETS, rank=2, alpha=3.0)
+    assert any(n.endswith("res.conv1") for n in names) and any(n.endswith("downsample.conv") for n in names)
+    assert any(isinstance(m, LoRAConv2d) for m in pipe.unet.modules())
+    randomize_lora_(pipe.unet)
+    models = dict(unet=pipe.unet)
+    plain = assert_same_outputs(reference_models(path), minisd.load_pipeline(path))
+    for layout in ("diffusers", "kohya"):
+        out = tmp_path / f"{layout}.safetensors"
+        write_lora(out, {"unet": lora_layers(pipe.unet)}, models, layout)
+        ref = StableDiffusionPipeline.from_pretrained(path)
+        ref.load_lora_weights(str(out))
+        trained = assert_same_outputs(ref, pipe)
+        assert rel_diff(trained, plain) > 1e-2
+    merge_lora(pipe.unet)
+    assert rel_diff(assert_same_outputs(ref, pipe), trained) <= 1e-5
 
 
 # ---- what does not fit -------------------------------------------------------------------------------------

@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     lcm.add_argument("--student", type=Path,
                      help="a tiny student made already (e.g. the ablation's OUT/tiny/checkpoint-0000250); "
                           "default: train one as the ablation's tiny run")
-    lcm.add_argument("--steps", type=positive_int, default=200,
+    lcm.add_argument("--steps", type=positive_int, default=400,
                      help="training steps of each LCM distillation (their other flags: minisd/toy/lcm.py)")
     lcm.add_argument("--batch-size", type=positive_int, default=32)
     lcm.add_argument("--no-lora", action="store_true", help="leave out the LCM-LoRA")

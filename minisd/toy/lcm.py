@@ -102,7 +102,7 @@ def sampled_rows(teacher_lcm: bool, lora: bool, guidance: float, self_lcm: bool 
 
 
 def run_lcm(teacher: Path, data: Path, out: Path, student: Path | None = None, student_steps: int = 250,
-            student_lr: float = 5e-4, lcd_steps: int = 200, batch: int = 32, seed: int = 0,
+            student_lr: float = 5e-4, lcd_steps: int = 400, batch: int = 32, seed: int = 0,
             prompts: int = 100, guidance: float = 4.0, lora: bool = True, teacher_lcm: bool = False,
             grid_prompts: int = 8, workers: int = 1, self_lcm: bool = True) -> list[dict]:
     """Makes the runs (module docstring), then samples and scores each of sampled_rows() on the first
