@@ -79,8 +79,9 @@ from minisd.unet import UNet, with_guidance_embedding
 PROG = "train_lcm.py"
 RUN_OUTPUTS = ("checkpoint-*", ".tmp-checkpoint-*", *SHARED, "unet", "model_index.json", "log.jsonl",
                "losses.png", "samples", "run.json", f"{LORA_WEIGHTS}.safetensors")
-# LCM-LoRA's layers in minisd's names (diffusers' list, but for the convs, which LoRALinear does not wrap)
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out", "proj_in", "proj_out", "ff.proj", "ff.out", "time_emb_proj"]
+# LCM-LoRA's layers in minisd's names: diffusers' list (its LCM-LoRA scripts'), ResBlock and resampler convs too
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out", "proj_in", "proj_out", "ff.proj", "ff.out", "conv1", "conv2",
+                "conv_shortcut", "downsample.conv", "upsample.conv", "time_emb_proj"]
 VALID_PROMPTS = ["a black vase holding a bouquet of roses", "a golden retriever on a beach at sunset",
                  "an astronaut riding a horse, oil painting", "a bowl of ramen, studio photo"]
 

@@ -14,6 +14,7 @@ from minisd.evaluation import generate
 from minisd.pipeline import load_pipeline
 from minisd.toy.__main__ import main as toy
 from minisd.toy.dataset import write_dataset
+from minisd.toy import lcm as toy_lcm
 from minisd.toy.lcm import lcm_distill, run_lcm, sampled_rows
 from minisd.toy.metric import evaluate_folder
 
@@ -104,3 +105,21 @@ def test_lcd_4_step_accuracy(tmp_path):
         accuracy[name] = evaluate_folder(tmp_path / name, captions, workers=1)["caption_accuracy"]
     assert accuracy["lcm-4"] >= accuracy["pndm-4"] + MARGIN, accuracy
     assert accuracy["lcm-4"] >= SHARE * accuracy["pndm-25"], accuracy
+
+
+def test_a_stopped_run_is_not_taken_for_finished(tmp_path, monkeypatch):
+    """A run finished at 2 steps, asked for 4 and stopped (train_lcm.py returns 0 on a stop) before step 4,
+    still holds the 2-step result: the toy chain must say so, not go on with it."""
+    out = tmp_path / "tiny-lcm"
+    (out / "checkpoint-0000002").mkdir(parents=True)
+    (out / "model_index.json").write_text("{}")
+
+    class Stopped:
+        @staticmethod
+        def main(argv):
+            return 0
+
+    monkeypatch.setattr(toy_lcm, "train_script", lambda name: Stopped)
+    assert lcm_distill(TEACHER, tmp_path, out, "lcm", 2, 4, 0) == out  # finished: reused
+    with pytest.raises(RuntimeError, match="stopped run tiny-lcm before step 4"):
+        lcm_distill(TEACHER, tmp_path, out, "lcm", 4, 4, 0)

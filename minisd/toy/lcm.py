@@ -70,10 +70,12 @@ def lcm_distill(teacher: Path, data: Path, out: Path, form: str, steps: int, bat
             "--resolution", "64", "--no-flip", "--batch-size", str(batch), "--global-batch", str(batch),
             "--max-steps", str(steps), "--seed", str(seed), "--num-workers", "1", "--save-steps",
             str(max(1, steps // 2)), "--keep", "1", "--valid-steps", "0", "--log-steps", "25"]
-    result = out / RESULTS[form]
-    if not (result.is_file() and (out / f"checkpoint-{steps:07d}").is_dir()):  # else finished before
+    result, last = out / RESULTS[form], out / f"checkpoint-{steps:07d}"
+    if not (result.is_file() and last.is_dir()):  # else finished before
         status = train_script("train_lcm").main(argv)
-        if status or not result.is_file():
+        # a stopped run that goes on from a shorter finished one still holds that one's result: the last
+        # checkpoint tells
+        if status or not (result.is_file() and last.is_dir()):
             raise RuntimeError(f"train_lcm.py stopped run {out.name} before step {steps}; run the command "
                                "again to resume")
     return out if form == "lcm" else result
