@@ -31,6 +31,7 @@ import torch
 
 from minisd.checkpoints.diffusers import model_index, save_text_encoder, save_unet, write_json
 from minisd.cli import (
+    UsageError,
     bad_input_exits,
     check_device,
     finite_float,
@@ -51,7 +52,7 @@ from minisd.dreambooth import (
 from minisd.checkpoints.lora_files import WEIGHT_NAME as LORA_WEIGHTS
 from minisd.checkpoints.lora_files import write_lora
 from minisd.kd_step import KDRecipe, kd_step
-from minisd.lora import inject_lora, lora_layers, lora_parameters, merge_lora, unmerge_lora
+from minisd.lora import inject_lora, lora_layers, lora_parameters, merge_lora, targeted, unmerge_lora
 from minisd.pipeline import default_dtype, load_pipeline
 from minisd.schedulers import SAMPLERS, NoiseSchedule
 from minisd.training import (
@@ -157,6 +158,8 @@ def main(argv=None) -> int:
                       train_text_encoder=args.train_text_encoder, lora=args.lora)
         open_run(args.out, config, args.overwrite, RUN_OUTPUTS)
         pipe = load_pipeline(args.model, device=device, dtype=default_dtype(device))
+        if args.lora:
+            check_lora_targets(args, pipe)
         size = args.resolution or pipe.native_size
         data = prompted_folder(args.instance_data, args.instance_prompt, "--instance-data", size,
                                args.center_crop, args.seed)
@@ -234,6 +237,18 @@ def main(argv=None) -> int:
     write_result(args, pipe, models, scheduler_class)
     print(f"personalized after {state.step} steps: {args.out}")
     return 0
+
+
+def check_lora_targets(args, pipe) -> None:
+    """Before any class image is drawn: every model that gets LoRA layers has layers of those names (conv
+    targets alone name none of the text encoder's)."""
+    for name in ("unet", "text_encoder") if args.train_text_encoder else ("unet",):
+        if not targeted(getattr(pipe, name), args.lora_targets):
+            fix = "its attention layers are to_q/to_k/to_v/to_out, its ResBlock convs conv1/conv2"
+            if name == "text_encoder":
+                fix = "add some of its own (to_q to_v), or give --no-train-text-encoder"
+            raise UsageError(f"--lora-targets {' '.join(args.lora_targets)} name no layer of the "
+                             f"{name.replace('_', ' ')}: {fix}")
 
 
 def learners(args, pipe) -> tuple[dict, list]:

@@ -145,6 +145,13 @@ def layer_weight(layer: nn.Module) -> torch.Tensor:
     return layer.base.weight if isinstance(layer, LoRALinear) else layer.weight
 
 
+def targeted(model: nn.Module, targets: Iterable[str]) -> list[str]:
+    """The plain Linear and Conv2d layers whose names end with one of `targets`: what inject_lora wraps."""
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    return [name for name, m in adaptable_layers(model).items()
+            if type(m) in (nn.Linear, nn.Conv2d) and matches(name, targets)]
+
+
 def inject_lora(model: nn.Module, targets: Iterable[str], rank: int, alpha: float | None = None,
                 dropout: float = 0.0, dtype: torch.dtype | None = None) -> list[str]:
     """Wrap every Linear whose name ends with one of `targets` (see `matches`) in a LoRALinear, and every such
@@ -153,10 +160,9 @@ def inject_lora(model: nn.Module, targets: Iterable[str], rank: int, alpha: floa
     Returns the wrapped layers' names. The wrapped layers are frozen; the model's other parameters are left
     as they are: freeze the model first (model.requires_grad_(False)) to train the LoRA alone.
     """
-    targets = [targets] if isinstance(targets, str) else list(targets)
-    names = [name for name, m in adaptable_layers(model).items()
-             if type(m) in (nn.Linear, nn.Conv2d) and matches(name, targets)]
+    names = targeted(model, targets)
     if not names:
+        targets = [targets] if isinstance(targets, str) else list(targets)
         raise ValueError(f"no Linear or Conv2d layer of the model is named ...{' or ...'.join(targets)} "
                          "(names are minisd's: U-Net attention to_q/to_k/to_v/to_out, ResBlock conv1/conv2, "
                          "the text encoder's attn.to_q ..., fc1, fc2); were they given LoRA layers already?")

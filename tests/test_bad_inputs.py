@@ -220,6 +220,8 @@ DREAMBOOTH = [
     ("out-holds-another-run", ["--out", "{tmp}/other-run"], 2, ["holds another run", "--overwrite"]),
     ("export-kohya-without-lora", ["--export-kohya"], 2, ["--export-kohya", "needs --lora"]),
     ("lora-rank-0", ["--lora", "--rank", "0"], 2, ["--rank", ">= 1"]),
+    ("lora-targets-the-text-encoder-lacks", ["--lora", "--lora-targets", "conv1"], 2,
+     ["--lora-targets conv1 name no layer of the text encoder", "--no-train-text-encoder"]),
 ]
 
 # train_lcm.py: the toy model as the teacher, 4 toy scenes
