@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     lcm.add_argument("--prompts", type=positive_int, default=100,
                      help="held-out prompts each row is scored on")
     dreambooth = commands.add_parser("dreambooth",
-                                     help="DreamBooth on a subject the model has never drawn: full and LoRA, "
+                                     help="DreamBooth on a subject the model has never drawn: full, LoRA and LoCon, "
                                           "with and without prior preservation, then sample, score and "
                                           "tabulate them (minisd/toy/personalization.py)")
     dreambooth.add_argument("--model", type=Path, default=Path("weights/toy-sd"),
@@ -100,8 +100,8 @@ def main(argv: list[str] | None = None) -> None:
     dreambooth.add_argument("--out", type=Path, default=Path("results/toy-dreambooth"))
     dreambooth.add_argument("--steps", type=positive_int, default=300, help="training steps of every run")
     dreambooth.add_argument("--lr", type=positive_float, default=2e-4, help="full fine-tuning's")
-    dreambooth.add_argument("--lora-lr", type=positive_float, default=5e-3,
-                            help="LoRA's (the best of 3e-4, 1e-3, 5e-3, 2e-2 on the toy teacher)")
+    dreambooth.add_argument("--lora-lr", type=positive_float, default=2e-3,
+                            help="LoRA's and LoCon's (docs/personalization.md: how it was chosen)")
     dreambooth.add_argument("--seed", type=int, default=1234)
     dreambooth.add_argument("--prompts", type=positive_int, default=32,
                             help="new contexts each model draws, with and without the identifier")

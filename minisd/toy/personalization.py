@@ -1,13 +1,15 @@
 """DreamBooth in the toy world (Ruiz et al., arXiv 2208.12242): personalize a toy model on a subject it has
 never drawn (minisd/toy/subject.py: a large red square checkered with yellow, "a large red sks square") in
-four settings of dreambooth.py, all with the same instance images, class images, steps and seed, then measure
+six settings of dreambooth.py, all with the same instance images, class images, steps and seed, then measure
 what each learnt and what it forgot. docs/personalization.md holds the results.
 
     run             dreambooth.py
     full            full fine-tuning of the U-Net and text tower, with prior preservation
     full-no-prior   full fine-tuning, without
-    lora            LoRA on the U-Net's and text tower's to_q/to_v, with prior preservation
+    lora            LoRA on the U-Net's and text tower's to_q/to_v (BK-SDM's recipe), with prior preservation
     lora-no-prior   LoRA, without
+    locon           LoRA on to_q/to_v and on the U-Net's ResBlock convs conv1/conv2 (LoCon), with
+    locon-no-prior  LoCon, without
 
     python -m minisd.toy dreambooth --model weights/toy-sd --out results/toy-dreambooth
 
@@ -57,11 +59,14 @@ from minisd.toy.subject import (
 )
 from minisd.toy.world import render
 
+LOCON = ["to_q", "to_v", "conv1", "conv2"]  # BK-SDM's attention layers, and the ResBlocks' 3x3 convs
 RUNS = {  # dreambooth.py flags of each run, beyond the shared ones
     "full": [],
     "full-no-prior": ["--no-with-prior-preservation"],
     "lora": ["--lora"],
     "lora-no-prior": ["--lora", "--no-with-prior-preservation"],
+    "locon": ["--lora", "--lora-targets", *LOCON],
+    "locon-no-prior": ["--lora", "--lora-targets", *LOCON, "--no-with-prior-preservation"],
 }
 SCRIPT = Path("dreambooth.py")
 
