@@ -169,7 +169,7 @@ def test_fine_tuning_learns_the_subject_and_drifts_without_the_prior(tmp_path, m
     full fine-tuning or of LoCon without prior preservation it draws it for the instance prompt, and for the
     class prompt too (language drift). Measured on their first 8 seeds (the runs of docs/personalization.md's
     full-no-prior and locon-no-prior): 0/8 before; full 8/8 for the instance prompt and 8/8 for the class
-    prompt after, LoCon 4/8 and 4/8."""
+    prompt after, LoCon 5/8 and 5/8."""
     monkeypatch.chdir(ROOT)
     results = run_toy_dreambooth(TEACHER, tmp_path / "db", steps=300, lr=2e-4, lora_lr=2e-3, seed=1234,
                                  num_prompts=4, repeats=8, class_images=2, sample_steps=25, guidance=4.0,
