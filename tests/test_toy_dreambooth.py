@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from minisd.pipeline import load_pipeline
 from minisd.toy.__main__ import main as toy_main
@@ -135,7 +136,7 @@ def test_markdown_table():
     assert "weights 0123456789ab" in text and "2026-12-02" in text
 
 
-@pytest.mark.slow  # four dreambooth.py processes (~15 s each to start) and 5 x 12 images: 1.8 min
+@pytest.mark.slow  # six dreambooth.py processes (~15 s each to start) and 7 x 12 images: 2.5 min
 def test_command_end_to_end(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # it runs dreambooth.py from the repository root
     out = tmp_path / "db"
@@ -143,7 +144,7 @@ def test_command_end_to_end(tmp_path, monkeypatch):
               "--repeats", "2", "--class-images", "2", "--sample-steps", "2"])
     results = json.loads((out / "results.json").read_text())
     assert [r["model"] for r in results["table"]] == ["rendered", "before", *RUNS]
-    assert [r["prior"] for r in results["table"]] == [None, None, True, False, True, False]
+    assert [r["prior"] for r in results["table"]] == [None, None, True, False, True, False, True, False]
     assert all(0 <= r[key] <= 1 for r in results["table"] for _, key in COLUMNS)
     for r in results["table"]:
         assert (r["model"] in ("rendered", "before")) != ("peak_rss_mib" in r and r["seconds"] > 0)
@@ -159,8 +160,12 @@ def test_command_end_to_end(tmp_path, monkeypatch):
     assert (out / "full" / "model_index.json").is_file()
     assert not (out / "full-no-prior" / "class_images").exists()
     assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    # LoCon's file holds the ResBlock convs' factors (4-dimensional), plain LoRA's only Linears'
+    for run, convs in (("lora", False), ("locon", True)):
+        factors = load_file(out / run / "pytorch_lora_weights.safetensors")
+        assert any(".resnets." in k and v.ndim == 4 for k, v in factors.items()) == convs, run
     assert sorted(p.name for p in (out / "lora" / "subject").iterdir()) == [f"{i:03d}.png" for i in range(4)]
-    assert Image.open(out / "grid.png").size[1] == 6 * 128  # the rendered row, then one row per model
+    assert Image.open(out / "grid.png").size[1] == 8 * 128  # the rendered row, then one row per model
 
 
 @pytest.mark.slow  # 2 x 300 training steps and 3 x 24 images: 5 min on one CPU thread
