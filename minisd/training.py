@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from PIL import Image, ImageDraw
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 from minisd.checkpoints.diffusers import (
@@ -250,6 +251,22 @@ def save_checkpoint(out: Path, state: TrainState, keep: int, run: dict, schedule
     return final
 
 
+# What a failed write raises: the OS's error; safetensors' writer, which reports the OS error in its message
+# ("... I/O error: No space left on device (os error 28)"); torch.save's zip writer, a RuntimeError
+WRITE_ERRORS = (OSError, SafetensorError, RuntimeError)
+
+
+def write_failure(e: Exception, out: Path) -> str | None:
+    """The reason a checkpoint write failed, in one line, or None if `e` is not a failed write (a
+    RuntimeError from anything but torch.save's writer is a bug, not a full disk)."""
+    if isinstance(e, OSError):
+        return f"{e.strerror or e} ({e.filename or out})"
+    text = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    if isinstance(e, SafetensorError) or "PytorchStreamWriter" in str(e) or "file write failed" in str(e):
+        return text
+    return None
+
+
 class Checkpoints:
     """A run's saves: only from healthy weights, and a failed one is retried once before the run gives up.
 
@@ -282,9 +299,11 @@ class Checkpoints:
                                 "--lr, or --max-grad-norm.")
         try:
             save_checkpoint(self.out, state, self.keep, self.run, self.scheduler_class)
-        except OSError as e:
-            where = f"checkpoint-{state.step:07d} in {self.out}: {e.strerror or e} ({e.filename or self.out})"
-            if e.errno == errno.ENOSPC:
+        except WRITE_ERRORS as e:
+            if not (failure := write_failure(e, self.out)):
+                raise
+            where = f"checkpoint-{state.step:07d} in {self.out}: {failure}"
+            if "No space left" in failure or f"os error {errno.ENOSPC}" in failure:
                 where += "; free some space there"
             if self.failed:
                 raise TrainingError(f"could not save {where}, again: stopped. The last good checkpoint is "

@@ -20,6 +20,7 @@ import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
 from reference import VAE_SMALL, reduced_config, reference_parts, rel_diff, save_hub_layout, text_config
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 import train
@@ -429,27 +430,42 @@ def test_huge_lr_saves_nothing_and_names_no_good_checkpoint(teacher, data, tmp_p
     assert checkpoints(out) == [] and not list(out.glob(".tmp-checkpoint-*"))
 
 
-def no_space_left(times: int, real):
+# a full disk as each writer reports it: the OS; safetensors (in 0.8's words); torch.save's zip writer
+FULL_DISK = {
+    "os": lambda folder: OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder)),
+    "safetensors": lambda folder: SafetensorError(
+        "Error while serializing: I/O error: No space left on device (os error 28)"),
+    "torch.save": lambda folder: RuntimeError(
+        "[enforce fail at inline_container.cc:664] . unexpected pos 512 vs 447\nPytorchStreamWriter failed "
+        "writing file data/0: file write failed"),
+}
+
+
+def no_space_left(times: int, real, writer: str = "os"):
     """A stand-in for save_unet that fails with a full disk `times` times, then saves."""
     calls = []
 
     def save(model, folder):
         calls.append(folder)
         if len(calls) <= times:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder))
+            raise FULL_DISK[writer](folder)
         real(model, folder)
     return save
 
 
-def test_a_failed_save_is_retried_at_the_next(teacher, data, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("writer", list(FULL_DISK))
+def test_a_failed_save_is_retried_at_the_next(teacher, data, tmp_path, capsys, monkeypatch, writer):
     """The disk is full at step 1's save: the run says so, keeps its state in memory, and step 2's save is
     the retry that works. No temporary folder is left behind."""
-    monkeypatch.setitem(training.SAVE, "unet", no_space_left(1, training.SAVE["unet"]))
+    monkeypatch.setitem(training.SAVE, "unet", no_space_left(1, training.SAVE["unet"], writer))
     out = tmp_path / "run"
     assert train.main(flags(teacher, data, out, save_steps=1, max_steps=2)) == 0
     err = capsys.readouterr().err
-    assert "could not save checkpoint-0000001" in err and "No space left on device" in err
-    assert "kept in memory" in err
+    assert "could not save checkpoint-0000001" in err and "kept in memory" in err
+    if writer == "torch.save":
+        assert "PytorchStreamWriter failed writing file data/0: file write failed" in err
+    else:
+        assert "No space left on device" in err and "free some space" in err
     assert checkpoints(out) == [out / "checkpoint-0000002"] and not list(out.glob(".tmp-checkpoint-*"))
 
 
@@ -464,6 +480,15 @@ def test_a_second_failed_save_stops_the_run(teacher, data, tmp_path, capsys, mon
     assert len(lines) == 1 and "No space left on device" in lines[0] and "again" in lines[0], lines
     assert str(out / "checkpoint-0000001") in lines[0]
     assert checkpoints(out) == [out / "checkpoint-0000001"] and not list(out.glob(".tmp-checkpoint-*"))
+
+
+def test_a_bug_while_saving_is_not_taken_for_a_full_disk(teacher, data, tmp_path, monkeypatch):
+    """Only write failures are retried: any other error while saving is raised as it is."""
+    def broken(model, folder):
+        raise RuntimeError("a bug")
+    monkeypatch.setitem(training.SAVE, "unet", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        train.main(flags(teacher, data, tmp_path / "run", save_steps=1, max_steps=1))
 
 
 def test_out_holding_another_run_is_refused_unless_overwrite(teacher, data, tmp_path, capsys):
