@@ -160,9 +160,9 @@ def inject_lora(model: nn.Module, targets: Iterable[str], rank: int, alpha: floa
     Returns the wrapped layers' names. The wrapped layers are frozen; the model's other parameters are left
     as they are: freeze the model first (model.requires_grad_(False)) to train the LoRA alone.
     """
+    targets = [targets] if isinstance(targets, str) else list(targets)
     names = targeted(model, targets)
     if not names:
-        targets = [targets] if isinstance(targets, str) else list(targets)
         raise ValueError(f"no Linear or Conv2d layer of the model is named ...{' or ...'.join(targets)} "
                          "(names are minisd's: U-Net attention to_q/to_k/to_v/to_out, ResBlock conv1/conv2, "
                          "the text encoder's attn.to_q ..., fc1, fc2); were they given LoRA layers already?")

@@ -257,14 +257,17 @@ WRITE_ERRORS = (OSError, SafetensorError, RuntimeError)
 
 
 def write_failure(e: Exception, out: Path) -> str | None:
-    """The reason a checkpoint write failed, in one line, or None if `e` is not a failed write (a
-    RuntimeError from anything but torch.save's writer is a bug, not a full disk)."""
+    """The reason a checkpoint write failed, in one line (with what to do when the disk is full), or None if
+    `e` is not a failed write (a RuntimeError from anything but torch.save's writer is a bug, not a full
+    disk)."""
     if isinstance(e, OSError):
-        return f"{e.strerror or e} ({e.filename or out})"
-    text = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-    if isinstance(e, SafetensorError) or "PytorchStreamWriter" in str(e) or "file write failed" in str(e):
-        return text
-    return None
+        reason, full = f"{e.strerror or e} ({e.filename or out})", e.errno == errno.ENOSPC
+    elif isinstance(e, SafetensorError) or "PytorchStreamWriter" in str(e) or "file write failed" in str(e):
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        full = f"(os error {errno.ENOSPC})" in reason
+    else:
+        return None
+    return reason + ("; free some space there" if full else "")
 
 
 class Checkpoints:
@@ -303,8 +306,6 @@ class Checkpoints:
             if not (failure := write_failure(e, self.out)):
                 raise
             where = f"checkpoint-{state.step:07d} in {self.out}: {failure}"
-            if "No space left" in failure or f"os error {errno.ENOSPC}" in failure:
-                where += "; free some space there"
             if self.failed:
                 raise TrainingError(f"could not save {where}, again: stopped. The last good checkpoint is "
                                     f"{self.last()}.") from None

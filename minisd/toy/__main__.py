@@ -92,9 +92,9 @@ def main(argv: list[str] | None = None) -> None:
     lcm.add_argument("--prompts", type=positive_int, default=100,
                      help="held-out prompts each row is scored on")
     dreambooth = commands.add_parser("dreambooth",
-                                     help="DreamBooth on a subject the model has never drawn: full, LoRA and LoCon, "
-                                          "with and without prior preservation, then sample, score and "
-                                          "tabulate them (minisd/toy/personalization.py)")
+                                     help="DreamBooth on a subject the model has never drawn: full, LoRA "
+                                          "and LoCon, with and without prior preservation, then sample, "
+                                          "score and tabulate them (minisd/toy/personalization.py)")
     dreambooth.add_argument("--model", type=Path, default=Path("weights/toy-sd"),
                             help="the toy pipeline folder to personalize (a teacher or a student)")
     dreambooth.add_argument("--out", type=Path, default=Path("results/toy-dreambooth"))
