@@ -6,6 +6,12 @@ photographs; for small synthetic domains such as the toy world, reconstruction +
     python train_vae.py --data data/toy/train --config toy_vae.json --out weights/toy-vae --resolution 64
     python train_vae.py --data data/toy/train --init weights/toy-vae --out weights/toy-vae-2 --max-steps 2000
         # re-run: resumes from its last checkpoint
+    python train_vae.py --data data/toy/train --init weights/toy-sd/vae --decoder-only --out data/toy-vae-ft
+        # a sharper decoder for latents a U-Net was already trained on
+
+--decoder-only is how Stability's sd-vae-ft-mse improved SD's decoder after SD was trained: the encoder (and
+so the latent space, its scaling factor included) stays as it is, and only the decoder learns, so the new VAE
+drops into any pipeline trained on the old one.
 
 At the end the latents' scaling factor is set to 1 / their standard deviation on the data (LDM's
 `scale_by_std`), so that the U-Net sees latents of about unit variance, as SD's 0.18215 does for SD.
@@ -77,6 +83,9 @@ def parse_args(argv=None):
                    help="adds this times the squared error: it weighs the few large errors (a small shape's "
                         "wrong colour) above the many small ones that L1 spends its gradient on (a texture's "
                         "noise)")
+    p.add_argument("--decoder-only", action="store_true",
+                   help="with --init: train the decoder alone; the encoder, its latents and their scaling "
+                        "factor stay as they are, so the VAE still fits a U-Net trained on them")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-workers", type=nonnegative_int, default=2)
     p.add_argument("--log-steps", type=positive_int, default=50,
@@ -87,6 +96,8 @@ def parse_args(argv=None):
                    help="start --out afresh when it holds another run; without it such an --out is refused")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    if args.decoder_only and not args.init:
+        p.error("--decoder-only keeps an encoder that is already trained: give it with --init, not --config")
     if args.resolution % 8:
         p.error(f"--resolution {args.resolution}: the VAE halves the size 3 times; give a multiple of 8")
     return args
@@ -116,14 +127,19 @@ def main(argv=None) -> int:
                              "new --out (the model it starts from is never written to)")
         data = open_data(args.data, args.resolution, args.batch_size, flip=False, seed=args.seed)
         config = dict(data=str(args.data), resolution=args.resolution,
-                      start=f"--config {args.config}" if args.config else f"--init {args.init}")
+                      start=f"--config {args.config}" if args.config else f"--init {args.init}",
+                      decoder_only=args.decoder_only)
         open_run(args.out, config, args.overwrite, RUN_OUTPUTS)
         if args.config:
             vae = AutoencoderKL(VAEConfig.from_diffusers(read_json(args.config))).to(device)
         else:
             vae = load_vae(args.init, device=device)
         vae.train().requires_grad_(True)
-        optimizer = torch.optim.AdamW(vae.parameters(), lr=args.lr, betas=(0.5, 0.9))  # LDM's autoencoder's
+        if args.decoder_only:  # eval(): the encoder is a fixed function (it has no dropout or batch norm)
+            for frozen in (vae.encoder, vae.quant_conv):
+                frozen.eval().requires_grad_(False)
+        trained = [p for p in vae.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trained, lr=args.lr, betas=(0.5, 0.9))  # LDM's autoencoder's
         state = TrainState({"vae": vae}, optimizer)
         if found := checkpoints(args.out):  # a re-run goes on from the last checkpoint
             state.restore(found[-1], read_training_state(found[-1]))
@@ -170,7 +186,8 @@ def main(argv=None) -> int:
         return 0
 
     vae.eval()
-    vae = with_scaling_factor(vae, loader, device)
+    if not args.decoder_only:  # a kept encoder keeps its scaling factor, which the U-Net was trained with
+        vae = with_scaling_factor(vae, loader, device)
     save_vae(vae, args.out)
     print(f"VAE after {state.step} steps: {args.out} (scaling_factor {vae.scaling_factor:.5f})")
     return 0

@@ -92,3 +92,24 @@ def test_vae_huge_lr_overwrites_nothing(scenes, tmp_path, capsys):
     assert {p.name: p.read_bytes() for p in start.iterdir() if p.is_file()} == before
     assert not list(out.glob("*checkpoint-*")) and not (out / "config.json").exists()
     assert train_vae(argv) == 1 and [r["step"] for r in rows(out)] == [1]
+
+
+def test_decoder_only_keeps_the_encoder_and_its_scaling_factor(scenes, tmp_path):
+    """--decoder-only from --init V: the encoder (so the latents a U-Net was trained on) and V's scaling
+    factor stay exactly as they were; the decoder learns. Without --init it is refused."""
+    start = tmp_path / "start"
+    assert train_vae(vae_flags(scenes / "toy" / "train", start, max_steps=2) +
+                     ["--config", str(scenes / "vae.json")]) == 0
+    out = tmp_path / "ft"
+    assert train_vae(vae_flags(scenes / "toy" / "train", out) + ["--init", str(start), "--decoder-only"]) == 0
+    before, after = (load_file(p / "diffusion_pytorch_model.safetensors") for p in (start, out))
+    encoder = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    decoder = [k for k in before if k.startswith(("decoder.", "post_quant_conv."))]
+    assert encoder and decoder and len(encoder) + len(decoder) == len(before)
+    assert all(torch.equal(before[k], after[k]) for k in encoder)
+    assert sum(not torch.equal(before[k], after[k]) for k in decoder) > len(decoder) // 2
+    assert load_vae(out).scaling_factor == load_vae(start).scaling_factor
+    with pytest.raises(SystemExit) as stop:
+        train_vae(vae_flags(scenes / "toy" / "train", tmp_path / "bad") +
+                  ["--config", str(scenes / "vae.json"), "--decoder-only"])
+    assert stop.value.code == 2
