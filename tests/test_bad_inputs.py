@@ -446,6 +446,9 @@ COMMANDS = [
     ("toy-lcm-no-teacher", "minisd.toy", ["lcm", "--teacher", "{tmp}/nothing"], ["nothing", "model_index.json"]),
     ("toy-dreambooth-no-model", "minisd.toy", ["dreambooth", "--model", "{tmp}/nothing"],
      ["nothing", "model_index.json"]),
+    ("toy-probe-no-data", "minisd.toy", ["probe", "--model", "{tmp}/nothing", "--data", "{tmp}/nothing"],
+     ["nothing", "scenes.jsonl"]),
+    ("toy-probe-both", "minisd.toy", ["probe", "--model", "a", "--vae", "b", "--data", "c"], ["not allowed"]),
     ("bench-peak-nan", "minisd.bench", ["sample", "--peak-tflops", "nan"], ["--peak-tflops"]),
     ("flops-steps-0", "minisd.flops", ["--steps", "0"], ["--steps", ">= 1"]),
 ]

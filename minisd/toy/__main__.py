@@ -11,6 +11,9 @@ training, or run the distillation ablation, the few-step (LCM) table or DreamBoo
     python -m minisd.toy ablation --teacher weights/toy-sd --data data/toy --out results/toy-ablation
     python -m minisd.toy lcm --teacher weights/toy-sd --data data/toy --out results/toy-lcm
     python -m minisd.toy dreambooth --model weights/toy-sd --out results/toy-dreambooth
+    python -m minisd.toy probe --model weights/toy-sd --data data/toy/train    # does it read position words?
+    python -m minisd.toy probe --vae weights/toy-sd/vae --data data/toy/heldout --out results/toy-vae
+        # its reconstructions' caption accuracy
 
 `check` prints the share of images whose stated colours, shapes, sizes, count and position or relation the
 pixel checker finds, and the share with all of them (caption accuracy). Images of any size are scaled to 64 px
@@ -108,6 +111,20 @@ def main(argv: list[str] | None = None) -> None:
     dreambooth.add_argument("--repeats", type=positive_int, default=16,
                             help="images each model draws of the instance prompt, and of the class prompt")
     dreambooth.add_argument("--class-images", type=positive_int, default=50)
+    probe = commands.add_parser("probe", help="without sampling: how much a model's denoising loss rises "
+                                              "when its captions' position words are swapped, or how "
+                                              "often a VAE's reconstructions pass the caption check "
+                                              "(minisd/toy/probes.py)")
+    probed = probe.add_mutually_exclusive_group(required=True)
+    probed.add_argument("--model", type=Path, help="a toy pipeline folder (or train.py checkpoint)")
+    probed.add_argument("--vae", type=Path, help="a VAE folder")
+    probe.add_argument("--data", type=Path, required=True,
+                       help="a split written by `data` (train/ for --model, heldout/ for --vae)")
+    probe.add_argument("--count", type=positive_int, default=256, help="images of the split")
+    probe.add_argument("--timesteps", type=positive_int, nargs="+", default=[961, 850, 700, 500],
+                       help="with --model")
+    probe.add_argument("--out", type=Path, default=Path("results/toy-vae"),
+                       help="with --vae: where the reconstructions go")
     for command in (ablation, dreambooth):  # both sample their models the same way
         command.add_argument("--sample-steps", type=positive_int, default=25, help="PNDM steps")
         command.add_argument("--guidance", type=finite_float,
@@ -115,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
-    if args.command in ("configs", "init", "export", "ablation", "lcm", "dreambooth"):
+    if args.command in ("configs", "init", "export", "ablation", "lcm", "dreambooth", "probe"):
         return tools(args)
     if args.command == "data":
         if not 0 <= args.heldout < 1 or args.n < 1:
@@ -179,6 +196,8 @@ def tools(args) -> None:
                                      args.guidance or configs.TOY_GUIDANCE)
         print((args.out / "results.md").read_text())
         print(f"{len(results['table'])} models scored; grid of samples: {args.out / 'grid.png'}")
+    elif args.command == "probe":
+        probe(args)
     else:
         require(args.teacher, "model_index.json", "a pipeline folder, e.g. weights/toy-sd")
         require(args.data, "heldout/metadata.csv", f"a toy data set (train/ and heldout/): write one with "
@@ -188,6 +207,36 @@ def tools(args) -> None:
                                       args.guidance or configs.TOY_GUIDANCE)
         print((args.out / "results.md").read_text())
         print(f"{len(table)} models scored; grid of samples: {args.out / 'grid.png'}")
+
+
+def probe(args) -> None:
+    from minisd.toy import probes
+
+    require(args.data, "scenes.jsonl",
+            "a split written by python -m minisd.toy data (its train/ or heldout/)")
+    if args.vae:
+        from minisd.checkpoints.diffusers import load_vae
+
+        require(args.vae, "config.json", "a VAE folder")
+        vae = load_vae(args.vae).float().eval()
+        scores = probes.vae_reconstructions(vae, args.data, args.out, args.count)
+        print(f"{scores['images']} reconstructions in {args.out}: caption accuracy "
+              f"{scores['caption_accuracy']:.1%}; " +
+              ", ".join(f"{name} {value:.1%}" for name, value in scores["accuracy"].items()))
+        return
+    import torch
+
+    from minisd.pipeline import load_pipeline
+
+    require(args.model, "unet", "a pipeline folder or train.py checkpoint")
+    pipe = load_pipeline(args.model)
+    pipe.to(dtype=torch.float32)  # fp16 weights are upcast, as sampling does on the CPU
+    print(f"{'t':>5} {'loss':>8} {'swapped':>8} {'other':>8} {'empty':>8}"
+          "   (rise over the loss with the captions' own words)")
+    for row in probes.caption_use(pipe, args.data, tuple(args.timesteps), args.count):
+        print(f"{row['t']:5d} {row['loss']:8.5f} " +
+              " ".join(f"{row[name]:+8.1%}" for name in ("swapped", "other", "empty")))
+    print(f"over {row['images']} images whose captions state a position or relation")
 
 
 def require(folder: Path, inside: str, what: str) -> None:
