@@ -446,6 +446,8 @@ COMMANDS = [
     ("toy-lcm-no-teacher", "minisd.toy", ["lcm", "--teacher", "{tmp}/nothing"], ["nothing", "model_index.json"]),
     ("toy-dreambooth-no-model", "minisd.toy", ["dreambooth", "--model", "{tmp}/nothing"],
      ["nothing", "model_index.json"]),
+    ("toy-init-widths", "minisd.toy", ["init", "--vae", "{tmp}/nothing", "--out", "{tmp}/x", "--widths", "16",
+                                       "32", "64", "72"], ["--widths", "multiples of 16"]),
     ("toy-probe-no-data", "minisd.toy", ["probe", "--model", "{tmp}/nothing", "--data", "{tmp}/nothing"],
      ["nothing", "scenes.jsonl"]),
     ("toy-probe-both", "minisd.toy", ["probe", "--model", "a", "--vae", "b", "--data", "c"], ["not allowed"]),

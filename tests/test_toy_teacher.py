@@ -128,3 +128,21 @@ def test_train_text_encoder_jointly(tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3] and all(np.isfinite(r["sd"]) for r in rows)
     pipe = load_pipeline(tmp_path / "run" / "checkpoint-0000003")
     assert pipe.text_encoder.token_embedding.weight.shape == (49408, 64)
+
+
+def test_initial_pipeline_of_other_tables(tmp_path):
+    """`toy init --widths --text-layers --prediction-type`: a random pipeline of those tables, which loads
+    in minisd and whose U-Net diffusers reads with the same output."""
+    from minisd.toy.__main__ import main as toy
+
+    toy(["init", "--vae", str(TEACHER / "vae"), "--out", str(tmp_path / "init"), "--widths", "32", "64", "96",
+         "96", "--text-layers", "3", "--prediction-type", "v_prediction"])
+    pipe = load_pipeline(tmp_path / "init")
+    assert [s.channels for s in pipe.unet.config.stages] == [32, 64, 96, 96]
+    assert [s.heads for s in pipe.unet.config.stages] == [2, 4, 6, 6]
+    assert pipe.text_encoder.config.layers == 3 and pipe.scheduler_config["prediction_type"] == "v_prediction"
+    reference = UNet2DConditionModel.from_pretrained(tmp_path / "init" / "unet").eval()
+    x, context = torch.randn(1, 4, 16, 16), torch.randn(1, 77, 64)
+    with torch.no_grad():
+        assert torch.allclose(pipe.unet(x, torch.tensor([500]), context),
+                              reference(x, torch.tensor([500]), context).sample, atol=1e-4)

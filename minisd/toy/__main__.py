@@ -56,6 +56,12 @@ def main(argv: list[str] | None = None) -> None:
     init.add_argument("--vae", type=Path, required=True, help="the trained toy VAE (train_vae.py --out)")
     init.add_argument("--out", type=Path, required=True)
     init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--widths", type=positive_int, nargs=4, metavar="C",
+                      help="the U-Net's four stage widths, multiples of 16 (default: the shipped "
+                           "16 32 64 64)")
+    init.add_argument("--text-layers", type=positive_int, help="the text tower's depth (default: 2)")
+    init.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default="epsilon",
+                      help="what the U-Net learns to predict: the noise (SD-v1) or the velocity (SD-v2)")
     export = commands.add_parser("export", help="a checkpoint of train.py as a standalone pipeline folder")
     export.add_argument("--checkpoint", type=Path, required=True)
     export.add_argument("--out", type=Path, required=True)
@@ -164,11 +170,15 @@ def tools(args) -> None:
         write_json(args.out / "text_encoder.json", configs.TOY_TEXT.to_transformers())
         print(f"wrote vae.json, unet.json and text_encoder.json to {args.out}")
     elif args.command == "init":
+        if args.widths and any(w % configs.HEAD_WIDTH for w in args.widths):
+            fail(f"--widths {' '.join(map(str, args.widths))}: give multiples of {configs.HEAD_WIDTH} "
+                 "(the attention heads are 16 wide)")
         require(args.vae, "config.json",
                 "a VAE folder: train one with train_vae.py --config data/toy-configs/vae.json "
                                           "(see weights/toy-sd/README.md)")
-        print(f"random toy pipeline with the VAE of {args.vae}: "
-              f"{configs.initial_pipeline(args.vae, args.out, args.seed)}")
+        folder = configs.initial_pipeline(args.vae, args.out, args.seed, args.widths and tuple(args.widths),
+                                          args.text_layers, args.prediction_type)
+        print(f"random toy pipeline with the VAE of {args.vae}: {folder}")
     elif args.command == "export":
         require(args.checkpoint, "unet", "a train.py checkpoint folder (checkpoint-NNNNNNN)")
         print(f"exported {args.checkpoint}: {configs.export(args.checkpoint, args.out, args.dtype)}")

@@ -13,6 +13,7 @@ the shipped weights.
         # random U-Net and text tower, trained VAE
 """
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -29,10 +30,18 @@ from minisd.unet import UNet
 # 320/640/1280/1280 -> 16/32/64/64 and heads sized for a head width of 16. Most of the compute is in the outer
 # two stages (16x16 and 8x8), as in SD. BK-SDM students of it: base 1,483,812, small 1,235,812, tiny 836,644
 # params.
+HEAD_WIDTH = 16
+
+
+def toy_stages(widths: tuple[int, ...]) -> tuple[Stage, ...]:
+    """SD-v1's four stages (attention in the outer three) at these widths, with heads HEAD_WIDTH wide."""
+    return tuple(Stage(c, a, c // HEAD_WIDTH, down=(0, 1), up=(0, 1, 2))
+                 for c, a in zip(widths, (True, True, True, False)))
+
+
 TOY_UNET = UNetTable(
     "toy",
-    tuple(Stage(c, a, h, down=(0, 1), up=(0, 1, 2))
-          for c, a, h in zip((16, 32, 64, 64), (True, True, True, False), (1, 2, 4, 4))),
+    toy_stages((16, 32, 64, 64)),
     mid=True,
     context_dim=64,  # the text tower's width
     groups=8,  # GroupNorm groups: SD's 32 would leave the 16-wide stage with none to normalise over
@@ -56,18 +65,25 @@ TOY_TEXT = CLIPTextConfig(width=64, layers=2, heads=4, mlp_width=256)
 TOY_GUIDANCE = 4.0  # classifier-free guidance for the toy models
 
 
-def initial_pipeline(vae: str | Path, out: str | Path, seed: int = 0) -> Path:
+def initial_pipeline(vae: str | Path, out: str | Path, seed: int = 0, widths: tuple[int, ...] | None = None,
+                     text_layers: int | None = None, prediction_type: str = "epsilon") -> Path:
     """A pipeline folder to train a toy teacher from (train.py --plain --teacher OUT --train-text-encoder): a
     random U-Net and text tower of the tables above, the trained VAE in `vae`, CLIP's tokenizer and SD's PNDM
     schedule (the scaled-linear betas, which suit latents scaled to unit variance as train_vae.py scales
-    them)."""
+    them). `widths` (four stage widths, multiples of 16), `text_layers` and `prediction_type` ("epsilon" as
+    SD-v1, or "v_prediction" as SD-v2) change those tables for a new teacher."""
+    if widths is not None and (len(widths) != 4 or any(w <= 0 or w % HEAD_WIDTH for w in widths)):
+        raise ValueError(f"widths {widths}: give four stage widths, each a positive multiple of {HEAD_WIDTH}")
+    unet_table = TOY_UNET if widths is None else dataclasses.replace(TOY_UNET, stages=toy_stages(widths))
+    text_table = TOY_TEXT if text_layers is None else dataclasses.replace(TOY_TEXT, layers=text_layers)
     torch.manual_seed(seed)
     vae_model = load_vae(vae)
     if vae_model.config.latent_channels != TOY_UNET.in_channels:
         raise ValueError(f"{vae} has {vae_model.config.latent_channels} latent channels; the toy U-Net takes "
                          f"{TOY_UNET.in_channels}: train it with train_vae.py --config holding TOY_VAE")
-    components = dict(unet=UNet(TOY_UNET), vae=vae_model, text_encoder=CLIPTextEncoder(TOY_TEXT),
-                      tokenizer=CLIPTokenizer.builtin(), scheduler_config=dict(SD_SCHEDULER))
+    components = dict(unet=UNet(unet_table), vae=vae_model, text_encoder=CLIPTextEncoder(text_table),
+                      tokenizer=CLIPTokenizer.builtin(),
+                      scheduler_config=dict(SD_SCHEDULER, prediction_type=prediction_type))
     save_folder(components, out)
     return Path(out)
 
