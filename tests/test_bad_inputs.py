@@ -448,6 +448,8 @@ COMMANDS = [
      ["nothing", "model_index.json"]),
     ("toy-init-widths", "minisd.toy", ["init", "--vae", "{tmp}/nothing", "--out", "{tmp}/x", "--widths", "16",
                                        "32", "64", "72"], ["--widths", "multiples of 16"]),
+    ("toy-export-no-vae", "minisd.toy", ["export", "--checkpoint", str(TOY), "--out", "{tmp}/x", "--vae",
+                                         "{tmp}/nothing"], ["nothing", "config.json"]),
     ("toy-probe-no-data", "minisd.toy", ["probe", "--model", "{tmp}/nothing", "--data", "{tmp}/nothing"],
      ["nothing", "scenes.jsonl"]),
     ("toy-probe-both", "minisd.toy", ["probe", "--model", "a", "--vae", "b", "--data", "c"], ["not allowed"]),

@@ -146,3 +146,28 @@ def test_initial_pipeline_of_other_tables(tmp_path):
     with torch.no_grad():
         assert torch.allclose(pipe.unet(x, torch.tensor([500]), context),
                               reference(x, torch.tensor([500]), context).sample, atol=1e-4)
+
+
+def test_export_ships_a_fine_tuned_decoder(tmp_path, capsys):
+    """`toy export --vae`: the exported pipeline carries the given VAE when only its decoder differs from the
+    run's, and is refused (exit 2, naming the weight) when its encoder differs, as its latents would."""
+    from minisd.checkpoints.diffusers import load_vae, save_vae
+    from minisd.toy.__main__ import main as toy
+
+    def variant(part: str):
+        vae = load_vae(TEACHER / "vae")
+        with torch.no_grad():
+            getattr(vae, part).conv_in.weight.add_(0.01)
+        save_vae(vae, tmp_path / part)
+        return vae
+
+    decoder = variant("decoder")
+    toy(["export", "--checkpoint", str(TEACHER), "--out", str(tmp_path / "out"),
+         "--vae", str(tmp_path / "decoder")])
+    shipped = load_vae(tmp_path / "out" / "vae")
+    assert torch.equal(shipped.decoder.conv_in.weight, decoder.decoder.conv_in.weight.half().float())
+    variant("encoder")
+    with pytest.raises(SystemExit) as exit_:
+        toy(["export", "--checkpoint", str(TEACHER), "--out", str(tmp_path / "bad"),
+             "--vae", str(tmp_path / "encoder")])
+    assert exit_.value.code == 2 and "encoder.conv_in.weight differs" in capsys.readouterr().err

@@ -67,6 +67,9 @@ def main(argv: list[str] | None = None) -> None:
     export.add_argument("--out", type=Path, required=True)
     export.add_argument("--dtype", choices=["fp16", "fp32"], default="fp16",
                         help="weights as stored (fp16: half)")
+    export.add_argument("--vae", type=Path,
+                        help="ship this VAE instead of the run's: a decoder fine-tuned from it "
+                             "(train_vae.py --decoder-only); its encoder must be the run's")
     ablation = commands.add_parser("ablation",
                                    help="train base/small/tiny students and the KD ablation, then "
                                                     "sample, score and tabulate them "
@@ -181,7 +184,13 @@ def tools(args) -> None:
         print(f"random toy pipeline with the VAE of {args.vae}: {folder}")
     elif args.command == "export":
         require(args.checkpoint, "unet", "a train.py checkpoint folder (checkpoint-NNNNNNN)")
-        print(f"exported {args.checkpoint}: {configs.export(args.checkpoint, args.out, args.dtype)}")
+        if args.vae:
+            require(args.vae, "config.json", "a VAE folder (train_vae.py --out)")
+        try:
+            folder = configs.export(args.checkpoint, args.out, args.dtype, args.vae)
+        except ValueError as error:
+            fail(str(error))
+        print(f"exported {args.checkpoint}: {folder}")
     elif args.command == "lcm":
         from minisd.toy.lcm import run_lcm
 

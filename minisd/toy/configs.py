@@ -88,12 +88,33 @@ def initial_pipeline(vae: str | Path, out: str | Path, seed: int = 0, widths: tu
     return Path(out)
 
 
-def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp16") -> Path:
+def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp16",
+           vae: str | Path | None = None) -> Path:
     """A train.py checkpoint (whose vae/, tokenizer/ and scheduler/ link to its run folder) as a standalone
     pipeline folder, in half precision by default: the toy models sample the same in fp16 weights upcast to
-    fp32."""
+    fp32.
+
+    `vae` ships another VAE in place of the run's: a decoder fine-tuned afterwards (train_vae.py
+    --decoder-only). Its encoder must be the run's, weight for weight, with the same scaling factor: the U-Net
+    learnt that encoder's latents, and any other encoder's would be foreign to it.
+    """
     pipe = load_pipeline(checkpoint)
+    if vae is not None:
+        pipe.vae = same_latents(pipe.vae, load_vae(vae), vae)
     if dtype == "fp16":
         pipe.to(dtype=torch.float16)
     save_folder(pipe.components(), out)
     return Path(out)
+
+
+def same_latents(old: torch.nn.Module, new: torch.nn.Module, where) -> torch.nn.Module:
+    """`new` if it makes the latents `old` makes (same encoder, quant_conv, scaling factor); else raises."""
+    latent_side = ("encoder.", "quant_conv.")
+    old_weights, new_weights = old.state_dict(), new.state_dict()
+    differ = [k for k in old_weights if k.startswith(latent_side)
+              and (k not in new_weights or not torch.equal(old_weights[k].float(), new_weights[k].float()))]
+    if differ or old.scaling_factor != new.scaling_factor:
+        raise ValueError(f"the VAE in {where} encodes other latents than the run's "
+                         f"({differ[0] if differ else 'scaling_factor'} differs): give a VAE whose decoder "
+                         "alone was fine-tuned from the run's (train_vae.py --decoder-only --init <its vae>)")
+    return new
