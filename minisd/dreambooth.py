@@ -85,7 +85,8 @@ def make_class_images(load, prompt: str, folder: Path, count: int, seed: int, st
     """Fill `folder` up to `count` images of `prompt` (class-NNNNN.png; images already there count too), and
     return how many were made now. Image i comes from seed + i, and each is written under a temporary name and
     renamed, so an interrupted run leaves no half image and a re-run makes only the missing ones, the same as
-    one run would have. `load()` gives the pipeline, called only when an image is missing."""
+    one run would have (up to a pixel level of float rounding where a batch of another size runs other
+    kernels). `load()` gives the pipeline, called only when an image is missing."""
     folder.mkdir(parents=True, exist_ok=True)
     have = {p.name for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
     todo = [i for i in range(count) if f"class-{i:05d}.png" not in have][:max(0, count - len(have))]

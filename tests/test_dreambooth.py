@@ -73,7 +73,8 @@ def test_prior_preservation_loss_is_the_sum_of_the_halves(photos):
 
 def test_class_images_are_made_resumably(photos, tmp_path):
     """Missing class images are generated, image i from seed + i: a re-run after one was lost makes only that
-    one, with the same pixels."""
+    one, with the same pixels up to one level of rounding (its batch of 1 computes in another order than the
+    first run's batch of 3, and some CPUs round a pixel differently for it)."""
     calls = []
 
     def load():
@@ -87,7 +88,8 @@ def test_class_images_are_made_resumably(photos, tmp_path):
     (folder / "class-00001.png").unlink()
     assert make_class_images(load, "a red circle", folder, 3, seed=7, steps=2, guidance=3.0, size=64,
                              progress=False) == 1
-    assert np.array_equal(np.asarray(Image.open(folder / "class-00001.png")), first)
+    again = np.asarray(Image.open(folder / "class-00001.png"))
+    assert np.abs(again.astype(int) - first).max() <= 1 and (again != first).mean() < 0.01
     assert make_class_images(load, "a red circle", folder, 3, seed=7, steps=2, guidance=3.0, size=64,
                              progress=False) == 0
     assert len(calls) == 2  # the pipeline loads only when an image is missing
