@@ -136,7 +136,7 @@ def main(argv=None) -> int:
             vae = load_vae(args.init, device=device)
         vae.train().requires_grad_(True)
         if args.decoder_only:  # eval(): the encoder is a fixed function (it has no dropout or batch norm)
-            for frozen in (vae.encoder, vae.quant_conv):
+            for frozen in vae.encoding_modules().values():
                 frozen.eval().requires_grad_(False)
         trained = [p for p in vae.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trained, lr=args.lr, betas=(0.5, 0.9))  # LDM's autoencoder's

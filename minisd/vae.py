@@ -233,5 +233,9 @@ class AutoencoderKL(nn.Module):
     def encode(self, images: torch.Tensor) -> DiagonalGaussian:
         return DiagonalGaussian(self.quant_conv(self.encoder(images)))
 
+    def encoding_modules(self) -> dict[str, nn.Module]:
+        """The modules `encode` runs, by attribute name: they alone decide the latents a U-Net learns."""
+        return {"encoder": self.encoder, "quant_conv": self.quant_conv}
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.post_quant_conv(latents))

@@ -25,6 +25,7 @@ from minisd.pipeline import load_pipeline
 from minisd.table import Stage, UNetTable
 from minisd.tokenizer import CLIPTokenizer
 from minisd.unet import UNet
+from minisd.vae import AutoencoderKL
 
 # The U-Net: 2,202,932 params, 77 M MACs per 16x16 latent. SD-v1's table (minisd/table.py, SD_V1) with widths
 # 320/640/1280/1280 -> 16/32/64/64 and heads sized for a head width of 16. Most of the compute is in the outer
@@ -107,12 +108,14 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp16",
     return Path(out)
 
 
-def same_latents(old: torch.nn.Module, new: torch.nn.Module, where) -> torch.nn.Module:
+def same_latents(old: AutoencoderKL, new: AutoencoderKL, where) -> AutoencoderKL:
     """`new` if it makes the latents `old` makes (same encoder, quant_conv, scaling factor); else raises."""
-    latent_side = ("encoder.", "quant_conv.")
-    old_weights, new_weights = old.state_dict(), new.state_dict()
-    differ = [k for k in old_weights if k.startswith(latent_side)
-              and (k not in new_weights or not torch.equal(old_weights[k].float(), new_weights[k].float()))]
+    new_modules = new.encoding_modules()
+    differ = []
+    for name, module in old.encoding_modules().items():
+        new_weights = new_modules[name].state_dict()
+        differ += [f"{name}.{k}" for k, w in module.state_dict().items()
+                   if k not in new_weights or not torch.equal(w.float(), new_weights[k].float())]
     if differ or old.scaling_factor != new.scaling_factor:
         raise ValueError(f"the VAE in {where} encodes other latents than the run's "
                          f"({differ[0] if differ else 'scaling_factor'} differs): give a VAE whose decoder "
