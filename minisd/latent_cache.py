@@ -182,8 +182,11 @@ def posterior_moments(batch: dict, teacher, device) -> tuple[torch.Tensor, torch
 
 
 def cached_text_states(batch: dict, texts: list[str], teacher, device) -> torch.Tensor:
-    """The cached text states [B, 77, D]; where caption dropout emptied a caption, the empty prompt's."""
-    context = batch["context"].to(device, non_blocking=True)
+    """The cached text states [B, 77, D] in the teacher's dtype; where caption dropout emptied a caption, the
+    empty prompt's."""
+    # a cache written in another precision (an fp32 run on the CPU, say) must still feed the teacher what its
+    # own text encoder would: a bf16 U-Net refuses fp32 keys and values
+    context = batch["context"].to(device, teacher.dtype, non_blocking=True)
     dropped = [i for i, text in enumerate(texts) if text == "" and batch["text"][i] != ""]
     if dropped:
         empty = teacher.text_encoder(teacher.tokenizer([""]).to(device)).to(context.dtype)

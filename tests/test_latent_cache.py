@@ -9,7 +9,11 @@ from test_train import flags, log_rows, write_images, write_metadata
 
 import train
 from minisd import latent_cache
+from minisd.distill import feature_pairs, student_from_teacher
+from minisd.kd_step import kd_step
 from minisd.pipeline import load_pipeline
+from minisd.schedulers import NoiseSchedule
+from minisd.table import variant
 
 
 @pytest.fixture(scope="module")
@@ -100,3 +104,18 @@ def test_refusals(teacher, data, tmp_path, capsys):
     (tmp_path / "shards").mkdir()
     with pytest.raises(ValueError, match="needs an image folder"):
         latent_cache.build(pipe, tmp_path / "shards", tmp_path / "d", 32, 4, 0)
+
+
+def test_text_states_cached_in_another_precision_reach_the_teacher_in_its_own(teacher):
+    """A bf16 teacher (as on CUDA) given text states cached in fp32 (as a CPU run writes them): the cache is
+    cast to the teacher's dtype, since a bf16 U-Net refuses fp32 keys and values."""
+    pipe = load_pipeline(teacher).to(dtype=torch.bfloat16)
+    student = student_from_teacher(pipe.unet, variant(pipe.unet.config, "small"))
+    with torch.no_grad():
+        context = pipe.text_encoder(pipe.tokenizer(["a red circle", "a blue square"])).float()
+    moments = torch.zeros(2, 4, 4, 4)
+    batch = {"mean": moments, "std": moments + 1, "context": context, "text": ["a red circle", "a blue square"],
+             "seed": torch.arange(2)}
+    losses = kd_step(batch, pipe, pipe.unet, student, NoiseSchedule.from_config(pipe.scheduler_config),
+                     feature_pairs(student.config, pipe.unet.config))
+    assert torch.isfinite(losses["loss"]) and losses["feat"] > 0

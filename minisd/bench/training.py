@@ -64,8 +64,9 @@ def run_one(args, name: str, b: int, device: torch.device, dtype: torch.dtype) -
     flops = {cached: kd_step_flops(variant(teacher.unet.config, name), teacher.unet.config, size, cached,
                                    teacher.vae.config, teacher.text_encoder.config)["total"]
              for cached in (False, True)}
-    images, cached = make_batches(teacher, b, size)
     ours = MinisdKD(teacher, name, compile=compile, checkpointing=args.gradient_checkpointing)
+    # after MinisdKD cast the teacher to its training dtype, so the cached batch is what train.py's cache holds
+    images, cached = make_batches(teacher, b, size)
     if args.memory_probe:
         return [dict(common, lib="minisd", **probe(ours, images, device))]
     steps = {"minisd": lambda: ours.step(images), "minisd (cached)": lambda: ours.step(cached)}
