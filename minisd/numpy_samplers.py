@@ -71,6 +71,9 @@ class Schedule:
         self.prediction_type = config.get("prediction_type", "epsilon")
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"scheduler config prediction_type={self.prediction_type!r} is not supported")
+        if config.get("rescale_betas_zero_snr"):  # not silently sampled on the schedule it was not trained on
+            raise ValueError("scheduler config rescale_betas_zero_snr=True (zero terminal SNR) is not supported "
+                             "by the ONNX runner; sample such a model with sample.py")
         if config.get("trained_betas") is not None:
             betas = np.asarray(config["trained_betas"], dtype=np.float32)
         else:

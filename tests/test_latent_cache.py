@@ -114,8 +114,8 @@ def test_text_states_cached_in_another_precision_reach_the_teacher_in_its_own(te
     with torch.no_grad():
         context = pipe.text_encoder(pipe.tokenizer(["a red circle", "a blue square"])).float()
     moments = torch.zeros(2, 4, 4, 4)
-    batch = {"mean": moments, "std": moments + 1, "context": context, "text": ["a red circle", "a blue square"],
-             "seed": torch.arange(2)}
+    batch = {"mean": moments, "std": moments + 1, "context": context,
+             "text": ["a red circle", "a blue square"], "seed": torch.arange(2)}
     losses = kd_step(batch, pipe, pipe.unet, student, NoiseSchedule.from_config(pipe.scheduler_config),
                      feature_pairs(student.config, pipe.unet.config))
     assert torch.isfinite(losses["loss"]) and losses["feat"] > 0

@@ -92,3 +92,6 @@ def test_unknown_sampler_and_settings_are_refused():
         numpy_samplers.make_sampler("pndm", dict(SD_SCHEDULER, beta_schedule="squaredcos_cap_v2"))
     with pytest.raises(ValueError, match="original_inference_steps = 50"):
         numpy_samplers.make_sampler("lcm", SD_SCHEDULER).set_timesteps(60)
+    with pytest.raises(ValueError, match="rescale_betas_zero_snr=True"):
+        numpy_samplers.make_sampler("dpm", dict(SD_SCHEDULER, rescale_betas_zero_snr=True,
+                                                prediction_type="v_prediction"))

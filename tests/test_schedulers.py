@@ -340,3 +340,51 @@ def test_bad_names_and_steps():
         make_sampler("lms", SD_V1)
     with pytest.raises(ValueError, match="steps"):
         make_sampler("ddim", SD_V1).set_timesteps(0)
+
+
+# a zero-terminal-SNR model (Lin et al. 2023): v-prediction, rescaled betas, sampled from t = T
+ZERO_SNR = dict(SD_V1, prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                timestep_spacing="trailing")
+
+
+def test_zero_terminal_snr_schedule_matches_diffusers():
+    """The rescaled betas are DDPM's to the bit: alpha_bar_T is exactly 0 and alpha_bar_0 unchanged; the
+    sigma-based samplers raise alpha_bar_T to 2^-24 where diffusers' Euler and DPM-Solver do."""
+    schedule, ref = NoiseSchedule.from_config(ZERO_SNR), DDPMScheduler.from_config(ZERO_SNR)
+    assert torch.equal(schedule.betas, ref.betas) and torch.equal(schedule.alphas_cumprod, ref.alphas_cumprod)
+    assert schedule.alphas_cumprod[-1] == 0 and schedule.zero_terminal_snr
+    plain = NoiseSchedule.from_config(SD_V1)
+    assert schedule.alphas_cumprod[0] == pytest.approx(float(plain.alphas_cumprod[0]), rel=1e-6)
+    assert not plain.zero_terminal_snr
+    x0, noise = initial(1), initial(2)
+    assert torch.equal(schedule.add_noise(x0, noise, torch.tensor([999])), noise)  # pure noise at t = T
+    assert torch.equal(schedule.velocity(x0, noise, torch.tensor([999])), -x0)
+    for name in ("euler", "dpm"):
+        ours, theirs = make_sampler(name, ZERO_SNR).schedule, REFERENCE[name].from_config(ZERO_SNR)
+        assert torch.equal(ours.alphas_cumprod, theirs.alphas_cumprod) and ours.alphas_cumprod[-1] == 2.0**-24
+
+
+@pytest.mark.parametrize("spacing", ["trailing", "leading"])
+@pytest.mark.parametrize("name", [name for name in SAMPLERS if name != "pndm"])
+def test_zero_terminal_snr_loop_matches_diffusers(name, spacing):
+    check_run(name, dict(ZERO_SNR, timestep_spacing=spacing), 25)
+
+
+def test_zero_terminal_snr_pndm():
+    """diffusers' PNDM ignores rescale_betas_zero_snr; minisd's follows it, so it matches diffusers' PNDM
+    given the rescaled betas. A run that would start where alpha_bar = 0 (trailing spacing) is refused."""
+    config = dict(ZERO_SNR, timestep_spacing="leading")
+    betas = NoiseSchedule.from_config(config).betas
+    sampler = make_sampler("pndm", config)
+    ref = PNDMScheduler.from_config(dict(config, trained_betas=betas.tolist()))
+    sampler.set_timesteps(25)
+    ref.set_timesteps(25)
+    x = initial()
+    assert_same_latents(minisd_loop(sampler, x), reference_loop(ref, x, ref.timesteps))
+    with pytest.raises(ValueError, match="PNDM cannot start at timestep 999"):
+        make_sampler("pndm", ZERO_SNR).set_timesteps(25)
+
+
+def test_zero_terminal_snr_needs_v_prediction():
+    with pytest.raises(ValueError, match="needs prediction_type 'v_prediction'"):
+        NoiseSchedule.from_config(dict(ZERO_SNR, prediction_type="epsilon"))

@@ -53,8 +53,8 @@ PARTS = [  # the goals first, cheap ones first; then the scripts' own runs
     Part("tiny-memory", "Peak memory of BK-SDM-Tiny sampling, fp16, batch 1", 30, 10),
     Part("sample-b16", "Sampling at batch 16: BK-SDM-Small, images/s and % of peak", 45, 20),
     Part("lcm", "BK-SDM-Tiny, 4 LCM steps with TAESD, against SD-v1.4 at 25 PNDM steps with CFG", 35, 15),
-    # caps measured on an H200 (2026-12-04): kd's compiles took about 165 s cold (180 s did not hold the part),
-    # and dreambooth's first, compiling step was not done after 120 s
+    # caps from an H200 (2026-12-04): kd's cold compiles took about 165 s (a cap of 180 s did not hold the
+    # part), and dreambooth's first, compiling step was not done after 120 s
     Part("kd", "Distillation step at 512 px, batch 32: BK-SDM-Small from SD-v1.4 against BK-SDM's step",
          260, 200),
     Part("sample-compiled", "Sampling, compiled with CUDA graphs, batch 1: BK-SDM-Small against diffusers",

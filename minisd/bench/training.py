@@ -65,7 +65,7 @@ def run_one(args, name: str, b: int, device: torch.device, dtype: torch.dtype) -
                                    teacher.vae.config, teacher.text_encoder.config)["total"]
              for cached in (False, True)}
     ours = MinisdKD(teacher, name, compile=compile, checkpointing=args.gradient_checkpointing)
-    # after MinisdKD cast the teacher to its training dtype, so the cached batch is what train.py's cache holds
+    # after MinisdKD cast the teacher to its training dtype: the cached batch is what train.py's cache holds
     images, cached = make_batches(teacher, b, size)
     if args.memory_probe:
         return [dict(common, lib="minisd", **probe(ours, images, device))]

@@ -65,11 +65,12 @@ class Sampler:
     """
 
     init_noise_sigma = 1.0  # the std of x at the first timestep, for data of unit variance
+    finite_sigmas = False  # True where steps divide by Karras' sigma (schedule.NoiseSchedule.from_config)
 
     def __init__(self, config: dict, spacing_default: str):
         """spacing_default: the timestep_spacing that the reproduced diffusers class defaults to, used
         where the config lacks the key (SD-v1's PNDM config does: Euler and DPM then space "linspace")."""
-        self.schedule = NoiseSchedule.from_config(config)
+        self.schedule = NoiseSchedule.from_config(config, self.finite_sigmas)
         self.spacing = option(config, "timestep_spacing", SPACINGS, default=spacing_default)
         self.steps_offset = config.get("steps_offset", 0)
         self.timesteps: torch.Tensor | None = None

@@ -44,6 +44,8 @@ def half_log_snr(alpha_t: torch.Tensor, sigma_t: torch.Tensor) -> torch.Tensor:
 
 
 class DPMSolver(Sampler):
+    finite_sigmas = True
+
     def __init__(self, config: dict):
         super().__init__(config, spacing_default="linspace")
         for key, supported in SUPPORTED.items():

@@ -24,6 +24,8 @@ EULER_SUPPORTED = {"interpolation_type": ("linear",), "use_karras_sigmas": (Fals
 class KarrasSampler(Sampler):
     """What Euler and Euler ancestral share: sigmas, input scaling, noising, the x0 estimate."""
 
+    finite_sigmas = True
+
     def __init__(self, config: dict):
         super().__init__(config, spacing_default="linspace")
         self.sigmas = None  # [steps + 1] float32, on the CPU: sigma at each timestep, then 0

@@ -48,6 +48,12 @@ class PNDM(Sampler):
 
     def set_timesteps(self, steps: int, device="cpu") -> None:
         t = self.spaced(steps).round().astype(np.int64)
+        if self.schedule.alphas_cumprod[t[0]] == 0:
+            # its step divides by sqrt(alpha_bar). (diffusers' PNDM ignores rescale_betas_zero_snr and samples
+            # such a model on the schedule it was not trained on; minisd's follows the config.)
+            raise ValueError(f"PNDM cannot start at timestep {t[0]}, where this zero-terminal-SNR schedule "
+                             "has no signal; use 'leading' timestep spacing or another sampler (ddim, euler, "
+                             "dpm)")
         t = np.concatenate([t[:2], t[1:]])  # t1 twice: call 1 redoes the first step
         self.timesteps = torch.from_numpy(t).to(device)
         # the step arithmetic reads these host copies: reading `timesteps` on a GPU would make the

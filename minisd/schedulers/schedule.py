@@ -6,6 +6,12 @@ share of signal left at step t (eq. 4). SD trains with the "scaled_linear" betas
 beta_t is linear in sqrt between 0.00085 and 0.012 (configs/stable-diffusion/v1-inference.yaml).
 Betas are computed exactly as diffusers computes them (float32 linspace), so that timesteps index
 the same alphas in both.
+
+SD's schedule never reaches pure noise: alpha_bar_T = 0.0047, so the noisiest training input still
+holds a trace of the image (its layout, its mean colour), which the sampler's pure-noise start does
+not. Lin et al. 2023 (arXiv 2305.08891) rescale the betas so that alpha_bar_T = 0 ("zero terminal
+SNR"); diffusers' configs say so with rescale_betas_zero_snr. Such a model must predict v (at
+alpha_bar = 0 an epsilon model cannot tell x0 at all) and is sampled from t = T ("trailing" spacing).
 """
 
 import torch
@@ -14,6 +20,9 @@ import torch
 DEFAULT_NUM_TRAIN_TIMESTEPS = 1000
 DEFAULT_BETA_START, DEFAULT_BETA_END = 0.0001, 0.02
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+# what diffusers' sigma-based samplers (Euler, DPM-Solver) put in place of a zero terminal alpha_bar, so
+# that sigma_T is finite (4096): float16's smallest subnormal
+FINITE_TERMINAL_ALPHA_BAR = 2.0**-24
 
 
 def option(config: dict, key: str, supported: tuple, default=None):
@@ -39,12 +48,28 @@ def explicit(config: dict) -> dict:
     return {key: value for key, value in config.items() if key not in defaults}
 
 
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Betas whose alpha_bar_T is 0 (Lin et al. 2023, Algorithm 1): sqrt(alpha_bar) is shifted so that its
+    last value is 0 and scaled so that its first is unchanged, then turned back into betas."""
+    root = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * (first / (first - last))  # this order of operations rounds as diffusers'
+    alpha_bar = root**2
+    alphas = torch.cat([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])  # undo the running product
+    return 1 - alphas
+
+
 class NoiseSchedule:
     """betas [T] and alphas_cumprod [T] (float32), and the model's prediction type."""
 
-    def __init__(self, betas: torch.Tensor, prediction_type: str = "epsilon"):
+    def __init__(self, betas: torch.Tensor, prediction_type: str = "epsilon",
+                 terminal_alpha_bar: float | None = None):
+        """terminal_alpha_bar: replaces alphas_cumprod[-1] (a sigma-based sampler's floor for a zero terminal
+        SNR)."""
         self.betas = betas
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        if terminal_alpha_bar is not None:
+            self.alphas_cumprod[-1] = terminal_alpha_bar
         self.prediction_type = prediction_type
         # Karras et al. 2022 (arXiv 2206.00364) view the same process as x0 + sigma * eps: dividing
         # x_t by sqrt(alpha_bar_t) gives sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t)
@@ -52,22 +77,33 @@ class NoiseSchedule:
         self.on_device: dict[tuple, torch.Tensor] = {}  # alphas_cumprod per (device, dtype), copied once
 
     @classmethod
-    def from_config(cls, config: dict) -> "NoiseSchedule":
-        """From a diffusers scheduler_config.json dict (any scheduler class); unknown keys are ignored."""
+    def from_config(cls, config: dict, finite_sigmas: bool = False) -> "NoiseSchedule":
+        """From a diffusers scheduler_config.json dict (any scheduler class); unknown keys are ignored.
+
+        finite_sigmas: for the samplers that work in Karras' sigma, which is infinite at alpha_bar = 0: a zero
+        terminal alpha_bar is raised to FINITE_TERMINAL_ALPHA_BAR, as diffusers' Euler and DPM-Solver do.
+        """
         config = explicit(config)
-        option(config, "rescale_betas_zero_snr", (False,))
+        zero_snr = option(config, "rescale_betas_zero_snr", (False, True))
         prediction_type = option(config, "prediction_type", PREDICTION_TYPES)
+        if zero_snr and prediction_type == "epsilon":
+            raise ValueError("scheduler config rescale_betas_zero_snr=True needs prediction_type "
+                             "'v_prediction': at zero terminal SNR an epsilon model cannot estimate the "
+                             "image")
         if config.get("trained_betas") is not None:  # diffusers lets explicit betas override beta_schedule
-            return cls(torch.tensor(config["trained_betas"], dtype=torch.float32), prediction_type)
-        schedule = option(config, "beta_schedule", ("linear", "scaled_linear"))
-        start = config.get("beta_start", DEFAULT_BETA_START)
-        end = config.get("beta_end", DEFAULT_BETA_END)
-        steps = config.get("num_train_timesteps", DEFAULT_NUM_TRAIN_TIMESTEPS)
-        if schedule == "linear":
-            betas = torch.linspace(start, end, steps, dtype=torch.float32)
-        else:  # "scaled_linear": linear in sqrt(beta), then squared (the LDM repo's "linear")
-            betas = torch.linspace(start**0.5, end**0.5, steps, dtype=torch.float32) ** 2
-        return cls(betas, prediction_type)
+            betas = torch.tensor(config["trained_betas"], dtype=torch.float32)
+        else:
+            schedule = option(config, "beta_schedule", ("linear", "scaled_linear"))
+            start = config.get("beta_start", DEFAULT_BETA_START)
+            end = config.get("beta_end", DEFAULT_BETA_END)
+            steps = config.get("num_train_timesteps", DEFAULT_NUM_TRAIN_TIMESTEPS)
+            if schedule == "linear":
+                betas = torch.linspace(start, end, steps, dtype=torch.float32)
+            else:  # "scaled_linear": linear in sqrt(beta), then squared (the LDM repo's "linear")
+                betas = torch.linspace(start**0.5, end**0.5, steps, dtype=torch.float32) ** 2
+        if zero_snr:
+            betas = rescale_zero_terminal_snr(betas)
+        return cls(betas, prediction_type, FINITE_TERMINAL_ALPHA_BAR if zero_snr and finite_sigmas else None)
 
     @property
     def num_train_timesteps(self) -> int:
@@ -100,13 +136,18 @@ class NoiseSchedule:
         signal, noise_scale = self.scales(t, x0)
         return signal * noise - noise_scale * x0
 
+    @property
+    def zero_terminal_snr(self) -> bool:
+        return bool(self.alphas_cumprod[-1] == 0)
+
     def min_snr_weights(self, t: torch.Tensor, gamma: float) -> torch.Tensor:
         """[B] loss weights of Min-SNR-gamma (Hang et al. 2023, arXiv 2303.09556, eq. 7), as diffusers'
         train_text_to_image.py --snr_gamma applies them: min(SNR_t, gamma) / SNR_t for an epsilon target,
         / (SNR_t + 1) for v. SNR_t = alpha_bar_t / (1 - alpha_bar_t). Uniform timesteps spend most of the
         gradient on the nearly clean steps (SNR up to ~1000), where the noise is easy to see and a caption
         barely matters; capping the weight there leaves more of it to the noisy steps that lay out the
-        scene."""
+        scene. (At zero terminal SNR the v weight at t = T is 0, which drops the one step where the layout
+        can come from the caption alone.)"""
         alpha_bar = self.alpha_bar(t, t.device)
         snr = alpha_bar / (1 - alpha_bar)
         capped = snr.clamp(max=gamma)
