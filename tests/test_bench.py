@@ -1,4 +1,4 @@
-"""python -m minisd.bench on the CPU at reduced size: both subcommands run and write sane JSON,
+"""python -m minisd.bench on the CPU at reduced size: its subcommands run and write sane JSON,
 Markdown and PNG (no timing is asserted), and minisd's KD step reads no device value on the host."""
 
 import json
@@ -10,6 +10,7 @@ from PIL import Image
 
 from minisd.bench.__main__ import main
 from minisd.bench.kd_steps import MinisdKD
+from minisd.bench.layout import REFERENCE_ATTENTION
 from minisd.bench.models import random_pipeline
 from minisd.bench.training import make_batches
 
@@ -59,6 +60,24 @@ def test_sample_few_step_settings(tmp_path):
     # per image: LCM runs one latent a step (no CFG pair)
     assert flops["v1-tiny-reduced lcm-1"] < flops["v1-tiny-reduced"]
     assert all(positive(r["images_per_s"], r["unet_its"]) for r in rows)
+
+
+def test_layout_smoke(tmp_path):
+    """`layout`: every level and variant gets a row, the reference row is 1x, the others relative to it."""
+    assert main(["layout", "--config", "tiny", "--small", "--size", "32", "--repeats", "1", "--threads", "1",
+                 "--variants", "plain", "fused", "channels_last", "fused + channels_last",
+                 "--out", str(tmp_path)]) == 0
+    rows = rows_of(tmp_path / "layout-cpu-tiny-32-reduced.json")
+    variants = ["minisd plain", "minisd fused", "minisd channels_last", "minisd fused + channels_last",
+                "diffusers"]
+    assert [r["variant"] for r in rows if r["level"] == "unet"] == variants
+    assert [r["variant"] for r in rows if r["level"] == "transformer"] == variants
+    assert len([r for r in rows if r["level"] == "attention"]) == 3
+    for r in rows:
+        assert positive(r["seconds"], r["vs_reference"])
+        if r["variant"] in ("diffusers", REFERENCE_ATTENTION):
+            assert r["vs_reference"] == 1.0
+    assert "| unet | tiny | minisd plain |" in (tmp_path / "layout-cpu-tiny-32-reduced.md").read_text()
 
 
 @pytest.mark.slow

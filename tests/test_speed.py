@@ -54,6 +54,27 @@ def test_fused_qkv_gives_the_same_outputs_and_checkpoints(pipe, tmp_path):
         assert rel_diff(plain(x, t, context), other(x, t, context)) < 1e-6
 
 
+def test_cpu_attention_copies_change_no_bit():
+    """On the CPU, Attention hands SDPA contiguous q/k/v (faster there); the result is that of the transposed
+    views, to the bit, for self- and cross-attention, fused or not."""
+    import torch.nn.functional as F
+
+    from minisd.blocks import Attention
+
+    gen = torch.Generator().manual_seed(0)
+    x, context = torch.randn(2, 256, 64, generator=gen), torch.randn(2, 77, 32, generator=gen)
+    for attention, ctx in ((Attention(64, 4), None), (Attention(64, 4, context_dim=32), context)):
+        source = x if ctx is None else ctx
+        q, k, v = (layer(s).unflatten(-1, (4, -1)).transpose(1, 2)
+                   for layer, s in ((attention.to_q, x), (attention.to_k, source), (attention.to_v, source)))
+        expected = attention.to_out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+        with torch.no_grad():
+            assert torch.equal(attention(x, ctx), expected.detach())
+            if ctx is None:
+                attention.fuse_qkv()
+                assert rel_diff(attention(x), expected.detach()) < 1e-6  # one matmul instead of three
+
+
 def test_fast_paths_give_the_plain_image(pipe):
     expected = pipe("a red square", **KWARGS)
     fast = copy.deepcopy(pipe).fuse_qkv().channels_last()

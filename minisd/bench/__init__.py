@@ -8,6 +8,8 @@
         # smoke run
     python -m minisd.bench sample --config sd tiny --scheduler pndm lcm --vae sd tiny --batch 1 8
         # few-step BK-SDM: 25 PNDM steps with CFG beside 4 LCM steps, SD's decoder beside TAESD
+    python -m minisd.bench layout --config sd tiny --threads 1
+        # the U-Net, its transformer and attention alone, minisd's layouts against diffusers, 512 px, CPU
     python -m minisd.bench gpu-check --out DIR
         # every GPU goal in one command, under 8 minutes (--dry-run: the same on a CPU, reduced)
 

@@ -1,11 +1,11 @@
-"""python -m minisd.bench {sample,train,gpu-check,gpu-wheels}: see minisd/bench/__init__.py.
+"""python -m minisd.bench {sample,train,layout,gpu-check,gpu-wheels}: see minisd/bench/__init__.py.
 
 Only a dispatcher, importing nothing at its top: gpu-check starts on a machine that may hold torch alone,
 and installs minisd's other requirements before anything imports them (minisd/bench/wheels.py)."""
 
 import sys
 
-GPU_COMMANDS = ("gpu-check", "gpu-wheels")  # gpu_check.py; sample and train: commands.py
+GPU_COMMANDS = ("gpu-check", "gpu-wheels")  # gpu_check.py; sample, train and layout: commands.py
 
 
 def main(argv=None) -> int:

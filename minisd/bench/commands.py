@@ -1,4 +1,4 @@
-"""python -m minisd.bench {sample,train}: their arguments, and the run that writes their files (see
+"""python -m minisd.bench {sample,train,layout}: their arguments, and the run that writes their files (see
 minisd/bench/__init__.py). gpu-check runs the same measurements through measure() below."""
 
 import argparse
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from minisd.bench import report, sampling, training
+from minisd.bench import layout, report, sampling, training
 from minisd.bench.measure import device_peak, environment
 from minisd.cli import nonnegative_int, positive_float, positive_int
 from minisd.pipeline import DTYPES, default_dtype
@@ -68,6 +68,20 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="torch.compile backend for both libraries; eager: dynamo traces the U-Net as one "
                         "graph and runs it as traced, without generating code (gpu-check's dry run on a CPU)")
     s.add_argument("--unet-calls", type=positive_int, default=20, help="U-Net calls per timed block for it/s")
+    lay = sub.add_parser("layout", help="the U-Net, its transformer and attention alone, minisd's layouts "
+                                        "against diffusers, at 512 px on the CPU")
+    lay.add_argument("--config", nargs="+", choices=sorted(VARIANTS), default=["sd", "tiny"])
+    lay.add_argument("--small", action="store_true", help="reduced-size models: smoke runs")
+    lay.add_argument("--size", type=positive_int, default=512, help="pixels (the latent is size / 8)")
+    lay.add_argument("--variants", nargs="+", choices=list(layout.VARIANTS),
+                     default=["plain", "fused + channels_last"],
+                     help="minisd's layouts timed on the whole U-Net (each but plain holds a copy of it); "
+                          "the transformer level times all four")
+    lay.add_argument("--repeats", type=positive_int, default=5, help="timed calls per variant (median kept)")
+    lay.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch")
+    lay.add_argument("--out", type=Path, default=Path("bench"), help="folder for the JSON and Markdown")
+    lay.add_argument("--tag", default=None, help="file name tag (default: cpu and configs)")
+    lay.add_argument("--no-reference", action="store_true", help="minisd alone")
     t = sub.choices["train"]
     t.add_argument("--steps", type=positive_int, default=5, help="steps per timed block")
     t.add_argument("--warmup", type=nonnegative_int, default=3, help="untimed steps per library first")
@@ -95,15 +109,15 @@ def main(argv=None) -> int:
 
 
 def run(args, argv: list[str]) -> int:
+    if args.command == "layout":
+        return run_layout(args, argv)
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         print("minisd.bench: error: --device cuda, but torch sees no GPU; use --device cpu", file=sys.stderr)
         return 2
     try:
         rows, peak = measure(args)
     except ImportError as e:
-        print(f"minisd.bench: error: the reference side needs diffusers and transformers "
-              f"(pip install -r requirements-test.txt): {e}", file=sys.stderr)
-        return 2
+        return no_reference(e)
     device = torch.device(args.device)
     settings = ([s for s in args.scheduler if s != "pndm"] + ["taesd" for v in args.vae if v == "tiny"]
                 if args.command == "sample" else [])
@@ -111,6 +125,25 @@ def run(args, argv: list[str]) -> int:
                        + ("-reduced" if args.small else ""))
     kind = "probe" if args.command == "train" and args.memory_probe else args.command
     paths = report.write(kind, rows, environment(device, argv), peak, args.out, tag)
+    print(paths[1].read_text())
+    print("\n".join(map(str, paths)))
+    return 0
+
+
+def no_reference(e: ImportError) -> int:
+    print(f"minisd.bench: error: the reference side needs diffusers and transformers "
+          f"(pip install -r requirements-test.txt): {e}", file=sys.stderr)
+    return 2
+
+
+def run_layout(args, argv: list[str]) -> int:
+    try:
+        rows = layout.run(args)
+    except ImportError as e:
+        return no_reference(e)
+    env = environment(torch.device("cpu"), argv)
+    tag = args.tag or f"cpu-{'-'.join(args.config)}-{args.size}" + ("-reduced" if args.small else "")
+    paths = report.write("layout", rows, env, None, args.out, tag)
     print(paths[1].read_text())
     print("\n".join(map(str, paths)))
     return 0

@@ -22,6 +22,11 @@ PROBE_COLUMNS = [("config", "config", "{}"), ("batch", "batch", "{}"),
 COLOURS = ["#1f77b4", "#ff7f0e", "#0b3d91", "#d62728", "#2ca02c", "#9467bd", "#8c564b", "#e377c2"]
 
 
+LAYOUT_COLUMNS = [("level", "level", "{}"), ("config", "config", "{}"), ("variant", "variant", "{}"),
+                  ("seconds", "s per call (median)", "{:.4f}"),
+                  ("vs_reference", "speed against diffusers (= 1)", "{:.3f}x")]
+
+
 def table(rows: list[dict], columns: list[tuple]) -> str:
     def cell(row, key, fmt):
         return "n/a" if row.get(key) is None else fmt.format(row[key])
@@ -48,11 +53,13 @@ def ratios(rows: list[dict], ours: str, theirs: str, keys: list[tuple[str, str]]
 
 def header(env: dict, peak: tuple[float, str]) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
-    return (f"- date: {env['date']}\n- device: {env['device']}; peak {peak[0]:.3g} TFLOP/s ({peak[1]})\n"
+    device = env["device"] + ("" if peak is None else f"; peak {peak[0]:.3g} TFLOP/s ({peak[1]})")
+    return (f"- date: {env['date']}\n- device: {device}\n"
             f"- software: {versions}\n- command: `{env['command']}`\n")
 
 
-def write(kind: str, rows: list[dict], env: dict, peak: tuple[float, str], out: Path, tag: str) -> list[Path]:
+def write(kind: str, rows: list[dict], env: dict, peak: tuple[float, str] | None, out: Path,
+          tag: str) -> list[Path]:
     """bench-{kind}-{tag}.json and .md (and .png for sampling) under out; returns the paths."""
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"{kind}-{tag}"
@@ -65,6 +72,8 @@ def write(kind: str, rows: list[dict], env: dict, peak: tuple[float, str], out: 
                        ("config", "compiled", "batch")))
         paths = [stem.with_suffix(".json"), stem.with_suffix(".md"), stem.with_suffix(".png")]
         plot(rows, stem.with_suffix(".png"), f"images/s against batch size on {env['device']}")
+    elif kind == "layout":
+        md, paths = table(rows, LAYOUT_COLUMNS), [stem.with_suffix(".json"), stem.with_suffix(".md")]
     elif kind == "probe":
         md, paths = table(rows, PROBE_COLUMNS), [stem.with_suffix(".json"), stem.with_suffix(".md")]
     else:
