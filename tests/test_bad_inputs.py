@@ -273,6 +273,7 @@ def inputs(tmp_path_factory):
     (tmp / "binary.csv").write_bytes(bytes(range(128, 256)) * 4)
     (tmp / "nul.csv").write_bytes(b"file_name,text\na.png,a\0b\n")
     (tmp / "header.csv").write_text("image,caption\na.png,a\n")
+    (tmp / "uncheckable.csv").write_text("file_name,text\n0.png,a red circle above a blue square\n")
     np.savez(tmp / "s256.npz", mu=np.zeros(3), sigma=np.eye(3), size=256)
     write_dataset(tmp / "toy", n=4, seed=0, heldout=0.0, workers=1)
     for name, metadata in (("data-header", "image,caption\n0.png,a\n"), ("data-empty", "file_name,text\n")):
@@ -452,6 +453,9 @@ COMMANDS = [
                                          "{tmp}/nothing"], ["nothing", "config.json"]),
     ("toy-probe-no-data", "minisd.toy", ["probe", "--model", "{tmp}/nothing", "--data", "{tmp}/nothing"],
      ["nothing", "scenes.jsonl"]),
+    ("toy-check-caption", "minisd.toy", ["check", "--images", "{tmp}/toy/train", "--metadata",
+                                         "{tmp}/uncheckable.csv", "--workers", "1"],
+     ["0.png", "cannot read its caption", "two of different colours", "grammar"]),
     ("toy-probe-both", "minisd.toy", ["probe", "--model", "a", "--vae", "b", "--data", "c"], ["not allowed"]),
     ("bench-peak-nan", "minisd.bench", ["sample", "--peak-tflops", "nan"], ["--peak-tflops"]),
     ("flops-steps-0", "minisd.flops", ["--steps", "0"], ["--steps", ">= 1"]),

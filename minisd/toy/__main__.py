@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from minisd.cli import finite_float, nonnegative_float, positive_float, positive_int
+from minisd.toy.captions import parse_caption
 from minisd.toy.checker import check_folder
 from minisd.toy.dataset import write_dataset
 
@@ -153,6 +154,12 @@ def main(argv: list[str] | None = None) -> None:
     from minisd.data import read_metadata  # not above: spawned workers import this module again, torch-free
 
     rows = read_metadata(args.metadata or args.images / "metadata.csv")
+    for file_name, text in rows:  # here, not in a worker: a caption the checker cannot read is a bad input
+        try:
+            parse_caption(text)
+        except ValueError as e:
+            fail(f"{file_name}: the checker cannot read its caption ({e}); give captions in the toy world's "
+                 "grammar, e.g. 'a big red circle above a small blue square'")
     totals = check_folder(args.images, rows, args.workers)
     for name in ("colour", "shape", "size", "count", "position", "relation", "caption_correct"):
         right, judged = totals.get(name, (0, 0))

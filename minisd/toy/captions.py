@@ -85,8 +85,8 @@ RELATION = re.compile(rf"\b{alternation(RELATION_WORDS)}\b")
 def parse_caption(text: str) -> Attributes:
     """The attributes a caption states; ValueError if it does not follow a template. With two items, the
     relation's subject is the colour named last before the relation phrase and its object the first named
-    after it, which reads every template ("a red circle above a blue square", "..., the blue one under the red
-    one")."""
+    after it, which reads every template ("a big red circle above a small blue square", "..., the blue one
+    under the red one"). Every item needs its size word: the templates always give one."""
     text = text.lower()
     items = [Item(m[2], meaning(SHAPE_WORDS, m[3]), meaning(SIZE_WORDS, m[1])) for m in ITEM.finditer(text)]
     if len(items) == 1:
