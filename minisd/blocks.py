@@ -130,6 +130,14 @@ class Attention(nn.Module):
         return self.to_out(out.transpose(1, 2).flatten(2))  # -> [B, N, heads*head_dim]
 
 
+def fuse_all_qkv(module: nn.Module) -> None:
+    """Fuse the q/k/v projections of every self-attention inside `module` (Attention.fuse_qkv): a U-Net, or
+    one of its blocks alone."""
+    for m in module.modules():
+        if isinstance(m, Attention):
+            m.fuse_qkv()
+
+
 def _split_qkv(module: Attention, state_dict: dict, prefix: str, local_metadata) -> None:
     """state_dict hook of a fused Attention: to_qkv.{weight,bias} -> to_q, to_k, to_v (the standard keys)."""
     for kind in ("weight", "bias"):

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from minisd.blocks import (Attention, Downsample, ResBlock, SpatialTransformer, Upsample, group_norm,
+from minisd.blocks import (Downsample, ResBlock, SpatialTransformer, Upsample, fuse_all_qkv, group_norm,
                            guidance_embedding, timestep_embedding)
 from minisd.table import LCM_GUIDANCE_EMBED_DIM, TEACHERS, VARIANTS, Stage, UNetTable, variant
 
@@ -126,9 +126,7 @@ class UNet(nn.Module):
     def fuse_qkv(self) -> "UNet":
         """Fuse every self-attention's q/k/v projections into one Linear (blocks.Attention.fuse_qkv):
         the same outputs, fewer kernels; state_dict() and saved checkpoints keep the standard keys."""
-        for module in self.modules():
-            if isinstance(module, Attention):
-                module.fuse_qkv()
+        fuse_all_qkv(self)
         return self
 
     def run(self, block: nn.Module, *args, **kwargs):

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from minisd.bench.measure import alternate, median
 from minisd.bench.models import random_pipeline
+from minisd.blocks import SpatialTransformer, fuse_all_qkv
 
 VARIANTS = {"plain": (False, False), "fused": (True, False), "channels_last": (False, True),
             "fused + channels_last": (True, True)}  # name -> (fuse_qkv, channels_last)
@@ -28,13 +29,11 @@ REFERENCE_ATTENTION = "views of three Linears (diffusers)"
 
 
 def prepared(module: torch.nn.Module, fused: bool, channels_last: bool) -> torch.nn.Module:
-    """A copy of a minisd module with its layout options applied as Pipeline.fuse_qkv/channels_last apply
-    them."""
+    """A copy of a minisd module (a U-Net or one of its blocks) with its layout options applied as
+    Pipeline.fuse_qkv/channels_last apply them."""
     module = copy.deepcopy(module)
     if fused:
-        for m in module.modules():
-            if hasattr(m, "fuse_qkv"):
-                m.fuse_qkv()
+        fuse_all_qkv(module)
     return module.to(memory_format=torch.channels_last) if channels_last else module
 
 
@@ -80,8 +79,6 @@ def transformer_level(unet, ref_unet, x, context, repeats: int) -> dict[str, flo
 
 
 def first_transformer(unet) -> torch.nn.Module:
-    from minisd.blocks import SpatialTransformer
-
     return next(m for m in unet.modules() if isinstance(m, SpatialTransformer))
 
 
