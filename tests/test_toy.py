@@ -124,6 +124,20 @@ def test_captions_parse_back_to_their_scenes():
         parse_caption("a red fox jumping over a fence")
 
 
+def test_captions_without_size_words_parse_and_are_not_judged_on_size():
+    assert parse_caption("a red circle above a blue square") == Attributes(
+        (Item("red", "circle", None), Item("blue", "square", None)), relation="above")
+    assert parse_caption("A blue square under a big red circle").items == (Item("red", "circle", "large"),
+                                                                           Item("blue", "square", None))
+    for scene, _ in scenes(40, key=5):
+        unsized = replace(scene.attributes, items=tuple(replace(i, size=None) for i in scene.attributes.items))
+        flipped = replace(scene.attributes, items=tuple(
+            replace(i, size="small" if i.size == "large" else "large") for i in scene.attributes.items))
+        verdict = check(render(scene), unsized)
+        assert "size" not in verdict and verdict["caption_correct"]
+        assert not check(render(scene), flipped)["caption_correct"]  # a stated wrong size still fails
+
+
 def accuracy(pairs, transform=lambda image, rng: image):
     rng = np.random.default_rng(0)
     verdicts = [check_caption(transform(render(scene), rng), text) for scene, text in pairs]

@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
             parse_caption(text)
         except ValueError as e:
             fail(f"{file_name}: the checker cannot read its caption ({e}); give captions in the toy world's "
-                 "grammar, e.g. 'a big red circle above a small blue square'")
+                 "grammar, e.g. 'a big red circle above a small blue square' (size words may be left out)")
     totals = check_folder(args.images, rows, args.workers)
     for name in ("colour", "shape", "size", "count", "position", "relation", "caption_correct"):
         right, judged = totals.get(name, (0, 0))

@@ -2,7 +2,9 @@
 with synonyms, `parse_caption` reads any of them back to exactly those attributes.
 
 Every caption states each item's size, colour and shape, and the position (one item) or relation (two items),
-as the checker judges all of them; a trailing background phrase is optional and is not judged. Two items read
+as the checker judges all of them; a trailing background phrase is optional and is not judged. The parser also
+reads an item without its size word ("a red circle", as a user types a prompt): its size is then None, and the
+checker does not judge it. Two items read
 in either order ("a red circle above a blue square", "a blue square below a red circle"): the parser returns
 the canonical relation ("above" or "left of") with the items in its order, the form `Attributes` keeps.
 """
@@ -75,7 +77,7 @@ def meaning(table: dict, phrase: str) -> str:
     return next(key for key, phrases in table.items() if phrase in phrases)
 
 
-ITEM = re.compile(rf"\b{alternation(SIZE_WORDS)} {alternation({c: (c,) for c in PALETTE})} "
+ITEM = re.compile(rf"\b(?:{alternation(SIZE_WORDS)} )?{alternation({c: (c,) for c in PALETTE})} "
                   rf"{alternation(SHAPE_WORDS)}\b")
 COLOUR = re.compile(rf"\b{alternation({c: (c,) for c in PALETTE})}\b")
 POSITION = re.compile(rf"\b{alternation(POSITION_WORDS)}\b")
@@ -86,9 +88,10 @@ def parse_caption(text: str) -> Attributes:
     """The attributes a caption states; ValueError if it does not follow a template. With two items, the
     relation's subject is the colour named last before the relation phrase and its object the first named
     after it, which reads every template ("a big red circle above a small blue square", "..., the blue one
-    under the red one"). Every item needs its size word: the templates always give one."""
+    under the red one"). An item's size word may be left out: its size is then None."""
     text = text.lower()
-    items = [Item(m[2], meaning(SHAPE_WORDS, m[3]), meaning(SIZE_WORDS, m[1])) for m in ITEM.finditer(text)]
+    items = [Item(m[2], meaning(SHAPE_WORDS, m[3]), m[1] and meaning(SIZE_WORDS, m[1]))
+             for m in ITEM.finditer(text)]
     if len(items) == 1:
         if not (found := POSITION.search(text)):
             raise ValueError(f"no position in {text!r}")

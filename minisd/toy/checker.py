@@ -151,17 +151,19 @@ def find_blobs(image) -> tuple[dict[str, Blob], int]:
 
 
 def check(image, attributes: Attributes) -> dict[str, bool]:
-    """Per-attribute verdicts: colour (each stated colour has a blob), shape, size, position or relation,
-    count (as many blobs as items: nothing missing, nothing extra), and caption_correct (all of them). An item
-    whose colour is missing fails every attribute."""
+    """Per-attribute verdicts: colour (each stated colour has a blob), shape, size (of the items whose size is
+    stated; no verdict when none is), position or relation, count (as many blobs as items: nothing missing,
+    nothing extra), and caption_correct (all of them). An item whose colour is missing fails every attribute."""
     blobs, count = find_blobs(image)
     found = [blobs.get(item.colour) for item in attributes.items]
     verdict = {
         "colour": all(found),
         "shape": all(b is not None and b.shape == item.shape for b, item in zip(found, attributes.items)),
-        "size": all(b is not None and b.size == item.size for b, item in zip(found, attributes.items)),
         "count": count == len(attributes.items),
     }
+    sized = [(b, item) for b, item in zip(found, attributes.items) if item.size is not None]
+    if sized:  # a caption without size words is not judged on size
+        verdict["size"] = all(b is not None and b.size == item.size for b, item in sized)
     if attributes.position is not None:
         verdict["position"] = found[0] is not None and found[0].position == attributes.position
     else:

@@ -57,7 +57,7 @@ class Item:
     """What a caption states about one shape."""
     colour: str
     shape: str
-    size: str  # "small" | "large"
+    size: str | None  # "small" | "large"; None: a caption that does not say (the world always does)
 
 
 @dataclass(frozen=True)
