@@ -101,7 +101,9 @@ def test_bad_arguments(capsys):
     for argv, message in ((["sample", "--batch", "0"], "--batch: 0 is not a whole number >= 1"),
                           (["sample", "--size", "50"], "--size must be a positive multiple of 16"),
                           (["train", "--memory-probe", "--device", "cpu"],
-                           "--memory-probe measures GPU memory")):
+                           "--memory-probe measures GPU memory"),
+                          (["train", "--reference-only", "--no-reference"],
+                           "--reference-only times the reference step alone")):
         with pytest.raises(SystemExit) as stop:
             main(argv)
         assert stop.value.code == 2 and message in capsys.readouterr().err

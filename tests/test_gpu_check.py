@@ -34,17 +34,19 @@ def test_dry_run_runs_every_part(tmp_path):
     assert [r["lib"] for r in parts["tiny-memory"]["rows"]] == ["minisd"]
     assert {r["batch"] for r in parts["sample-b16"]["rows"]} == {2}
     assert parts["lcm"]["rows"][0]["config"] == "v1-tiny-reduced lcm-1 taesd"
-    assert [r["lib"] for r in parts["kd"]["rows"]] == ["minisd", "minisd (cached)", "BK-SDM reference"]
+    assert [r["lib"] for r in parts["kd"]["rows"]] == ["BK-SDM reference"]  # train.py is minisd's side
     assert all(r["compiled"] for r in parts["sample-compiled"]["rows"])
-    trained = parts["train-script"]["figures"]
+    trained = parts["kd"]["figures"]
     assert trained["train_exit"] == 0 and trained["sample_exit"] == 0 and trained["image"] == "32x32"
     assert trained["checkpoint"].startswith("checkpoint-") and trained["steps"] == 1
     personalized = parts["dreambooth"]["figures"]
     assert personalized["dreambooth_exit"] == 0 and personalized["steps_per_s"] > 0
     assert personalized["lora_mb"] > 0
     assert "**Dry run**" in md and "## Goals" in md and md.count("\n### ") == len(parts)
-    goal = "train.py runs 20 steps on the GPU and writes a checkpoint that sample.py loads"
+    goal = "train.py runs on the GPU and writes a checkpoint that sample.py loads"
     assert f"| {goal} | ran | runs | (dry run) met |" in md
+    assert "| KD samples/s, train.py / BK-SDM's reference step | " in md
+    assert "train.py's step runs " in md and "x the reference step's samples/s" in md
 
 
 def test_budget_skips_and_a_killed_part_is_reported(tmp_path):
@@ -53,7 +55,7 @@ def test_budget_skips_and_a_killed_part_is_reported(tmp_path):
     code, data, md = check(tmp_path, "--budget", "1", "--parts", "kd", "dreambooth")
     assert code == 0 and data["order"] == ["kd", "dreambooth"]
     assert all(p["status"] == "skipped" and "--parts" in p["reason"] for p in data["parts"].values())
-    assert "skipped: " in md and "| KD samples/s, minisd / BK-SDM's reference step | n/a |" in md
+    assert "skipped: " in md and "| KD samples/s, train.py / BK-SDM's reference step | n/a |" in md
 
     data["parts"]["kd"].update(status="running", reason=None)
     (tmp_path / "gpu-check.json").write_text(json.dumps(data))

@@ -130,9 +130,10 @@ def test_captions_without_size_words_parse_and_are_not_judged_on_size():
     assert parse_caption("A blue square under a big red circle").items == (Item("red", "circle", "large"),
                                                                            Item("blue", "square", None))
     for scene, _ in scenes(40, key=5):
-        unsized = replace(scene.attributes, items=tuple(replace(i, size=None) for i in scene.attributes.items))
+        items = scene.attributes.items
+        unsized = replace(scene.attributes, items=tuple(replace(i, size=None) for i in items))
         flipped = replace(scene.attributes, items=tuple(
-            replace(i, size="small" if i.size == "large" else "large") for i in scene.attributes.items))
+            replace(i, size="small" if i.size == "large" else "large") for i in items))
         verdict = check(render(scene), unsized)
         assert "size" not in verdict and verdict["caption_correct"]
         assert not check(render(scene), flipped)["caption_correct"]  # a stated wrong size still fails

@@ -89,7 +89,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="minisd's student with activation checkpointing")
     t.add_argument("--memory-probe", action="store_true",
                    help="CUDA: minisd's step alone at each --batch: fits or out of memory, and its peak")
+    t.add_argument("--reference-only", action="store_true",
+                   help="BK-SDM's reference step alone (gpu-check times train.py itself for minisd's side)")
     args = p.parse_args(argv)
+    if args.command == "train" and args.reference_only and (args.no_reference or args.memory_probe):
+        p.error("--reference-only times the reference step alone: leave out --no-reference and "
+                "--memory-probe")
     if args.size is not None and (args.size < 16 or args.size % 16):
         p.error(f"--size must be a positive multiple of 16, not {args.size}")
     if args.command == "train" and args.memory_probe and not str(args.device).startswith("cuda"):

@@ -8,6 +8,7 @@ samples per second, peak memory, achieved TFLOP/s from the analytic count (teach
 forward and backward, text encoding, VAE encode), its fraction of the device's peak, and on CUDA how
 many times a step made the host wait for the GPU. A third row, "minisd (cached)", is minisd's step
 fed from --cache-latents (VAE posterior and text states precomputed; no VAE encode, no text encoder).
+--reference-only times BK-SDM's step alone (the GPU check times train.py itself against it).
 
 --memory-probe runs minisd's step alone at each --batch and reports whether it fits and its peak
 memory (CUDA only): the largest per-GPU batch without activation checkpointing, or with
@@ -56,7 +57,7 @@ def run(args, device: torch.device, dtype: torch.dtype) -> list[dict]:
 
 def run_one(args, name: str, b: int, device: torch.device, dtype: torch.dtype) -> list[dict]:
     peak_tflops, _ = device_peak(device, dtype, args.peak_tflops)
-    compile = device.type == "cuda" and args.compile != "off"
+    compile = device.type == "cuda" and args.compile != "off" and not args.reference_only
     teacher = random_pipeline(args.family, "sd", small=args.small, device=device)
     size = args.size or teacher.native_size
     common = dict(config=f"{args.family}-{name}" + ("-reduced" if args.small else ""), size=size, batch=b,
@@ -69,8 +70,10 @@ def run_one(args, name: str, b: int, device: torch.device, dtype: torch.dtype) -
     images, cached = make_batches(teacher, b, size)
     if args.memory_probe:
         return [dict(common, lib="minisd", **probe(ours, images, device))]
-    steps = {"minisd": lambda: ours.step(images), "minisd (cached)": lambda: ours.step(cached)}
-    owners = {"minisd": ours, "minisd (cached)": ours}
+    steps, owners = {}, {}
+    if not args.reference_only:  # else ours only gives the reference its student's starting weights
+        steps = {"minisd": lambda: ours.step(images), "minisd (cached)": lambda: ours.step(cached)}
+        owners = {"minisd": ours, "minisd (cached)": ours}
     if not args.no_reference:
         ref = ReferenceKD(teacher, ours.student, name)
         steps["BK-SDM reference"], owners["BK-SDM reference"] = (lambda: ref.step(images)), ref
