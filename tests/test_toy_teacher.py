@@ -4,16 +4,20 @@ captions; the toy metric scores real images perfectly and mismatched captions po
 text tower jointly with a U-Net from scratch (--plain --train-text-encoder), saving it in each checkpoint."""
 
 import json
+import shlex
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
+from PIL import Image
 from safetensors import safe_open
 
+import sample
 from minisd.checkpoints.diffusers import load_text_encoder
 from minisd.pipeline import load_pipeline
+from minisd.toy.checker import check_caption
 from minisd.toy.configs import TOY_GUIDANCE, TOY_UNET, initial_pipeline
 from minisd.toy.dataset import example, heldout_pairs, write_dataset
 from minisd.toy.metric import evaluate_folder
@@ -83,6 +87,23 @@ def test_teacher_draws_heldout_captions(tmp_path):
         assert accuracy[name] >= bound, (name, scores)
     for name in ("shape", "size"):  # above what the same images score against other captions
         assert accuracy[name] > mismatched["accuracy"][name], (name, scores, mismatched)
+
+
+def readme_example() -> list[str]:
+    """The arguments of README.md's offline example, `python sample.py "..." --model weights/...`."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    line = next(x for x in lines if x.startswith("python sample.py ") and "--model weights/" in x)
+    return shlex.split(line)[2:]
+
+
+def test_readme_example_draws_what_it_says(tmp_path):
+    """The README's first offline command, as written (its seed is sample.py's default): the checker finds the
+    caption drawn right in at least 3 of its 4 images."""
+    argv = readme_example()
+    assert sample.main(argv + ["--out", str(tmp_path / "example.png"), "--no-progress"]) == 0
+    images = sorted(tmp_path.glob("example-0*.png"))
+    verdicts = [check_caption(Image.open(path).convert("RGB"), argv[0]) for path in images]
+    assert len(images) == 4 and sum(v["caption_correct"] for v in verdicts) >= 3, (argv, verdicts)
 
 
 def test_metric_scores_real_images(tmp_path):
