@@ -273,7 +273,7 @@ def inputs(tmp_path_factory):
     (tmp / "binary.csv").write_bytes(bytes(range(128, 256)) * 4)
     (tmp / "nul.csv").write_bytes(b"file_name,text\na.png,a\0b\n")
     (tmp / "header.csv").write_text("image,caption\na.png,a\n")
-    (tmp / "uncheckable.csv").write_text("file_name,text\n0.png,a red circle above a blue square\n")
+    (tmp / "uncheckable.csv").write_text("file_name,text\n0.png,a red fox jumping over a fence\n")
     np.savez(tmp / "s256.npz", mu=np.zeros(3), sigma=np.eye(3), size=256)
     write_dataset(tmp / "toy", n=4, seed=0, heldout=0.0, workers=1)
     for name, metadata in (("data-header", "image,caption\n0.png,a\n"), ("data-empty", "file_name,text\n")):
