@@ -1,11 +1,12 @@
-"""PNDM (PLMS), DPM-Solver++(2M) and LCM in numpy, step for step as minisd/schedulers runs them, for the
+"""PNDM (PLMS), DDIM, DPM-Solver++(2M) and LCM in numpy, step for step as minisd/schedulers runs them, for the
 torch-free ONNX runner (minisd/onnx_runner.py); and torch's CPU Gaussian noise, so that a seed gives the
 same latents as in minisd and diffusers.
 
-The equations, their sources and diffusers' quirks are explained in the torch versions (pndm.py, dpm.py,
-lcm.py), which these follow line by line: the same config keys and defaults, the same timesteps, the same
-float32 arithmetic. tests/test_numpy_samplers.py holds each to its torch twin. For all three samplers the U-Net
-sees x as it is (scale_model_input is the identity) and the first x is unit-variance noise.
+The equations, their sources and diffusers' quirks are explained in the torch versions (schedule.py, pndm.py,
+ddim.py, dpm.py, lcm.py), which these follow line by line: the same config keys and defaults, the same
+timesteps, the same float32 arithmetic, zero terminal SNR included. tests/test_numpy_samplers.py holds each to
+its torch twin. For all four samplers the U-Net sees x as it is (scale_model_input is the identity) and the
+first x is unit-variance noise.
 """
 
 import numpy as np
@@ -16,6 +17,7 @@ DEFAULT_BETA_START, DEFAULT_BETA_END = 0.0001, 0.02
 PLMS_WEIGHTS = {2: ((3, -1), 2), 3: ((23, -16, 5), 12), 4: ((55, -59, 37, -9), 24)}  # pndm.py
 SIGMA_DATA, TIMESTEP_SCALING = 0.5, 10.0  # lcm.py
 LCM_DEFAULTS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+FINITE_TERMINAL_ALPHA_BAR = np.float32(2.0**-24)  # schedule.py: a zero alpha_bar_T, for the sigma samplers
 
 
 class TorchCPURandom:
@@ -64,16 +66,28 @@ def box_muller(u: np.ndarray) -> np.ndarray:
 
 # ---- the noise schedule (schedule.py) ------------------------------------------------------------
 
-class Schedule:
-    """alphas_cumprod [T] (float32) of a diffusers scheduler_config.json, and the prediction type."""
+def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+    """Betas whose alpha_bar_T is 0 (schedule.py's, in the same order of float32 operations)."""
+    root = np.sqrt(np.cumprod(1.0 - betas, dtype=np.float64).astype(np.float32))
+    first, last = root[0], root[-1]
+    root = (root - last) * (first / (first - last))
+    alpha_bar = root**2
+    return np.float32(1) - np.concatenate([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])
 
-    def __init__(self, config: dict):
+
+class Schedule:
+    """alphas_cumprod [T] (float32) of a diffusers scheduler_config.json, and the prediction type.
+    finite_sigmas: a zero terminal alpha_bar raised to FINITE_TERMINAL_ALPHA_BAR (DPM-Solver's)."""
+
+    def __init__(self, config: dict, finite_sigmas: bool = False):
         self.prediction_type = config.get("prediction_type", "epsilon")
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"scheduler config prediction_type={self.prediction_type!r} is not supported")
-        if config.get("rescale_betas_zero_snr"):  # not silently sampled on the schedule it was not trained on
-            raise ValueError("scheduler config rescale_betas_zero_snr=True (zero terminal SNR) is not supported "
-                             "by the ONNX runner; sample such a model with sample.py")
+        zero_snr = config.get("rescale_betas_zero_snr", False)
+        if zero_snr and self.prediction_type == "epsilon":
+            raise ValueError("scheduler config rescale_betas_zero_snr=True needs prediction_type "
+                             "'v_prediction': at zero terminal SNR an epsilon model cannot estimate the "
+                             "image")
         if config.get("trained_betas") is not None:
             betas = np.asarray(config["trained_betas"], dtype=np.float32)
         else:
@@ -87,9 +101,14 @@ class Schedule:
                 betas = np.linspace(start**0.5, end**0.5, steps, dtype=np.float32) ** 2
             else:
                 raise ValueError(f"scheduler config beta_schedule={schedule!r} is not supported")
+        if zero_snr:
+            betas = rescale_zero_terminal_snr(betas)
         self.alphas_cumprod = np.cumprod(1.0 - betas, dtype=np.float64).astype(np.float32)
+        if zero_snr and finite_sigmas:
+            self.alphas_cumprod[-1] = FINITE_TERMINAL_ALPHA_BAR
         # Karras' sigma of the same process: sqrt((1 - alpha_bar) / alpha_bar)
-        self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
+        with np.errstate(divide="ignore"):  # infinite at a zero alpha_bar, which only DDIM and LCM visit
+            self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
 
     @property
     def num_train_timesteps(self) -> int:
@@ -115,10 +134,11 @@ def spaced_timesteps(spacing: str, steps: int, num_train_timesteps: int, offset:
 
 
 class Sampler:
-    """What the three share (base.py's Sampler): the schedule, the spacing, add_noise for img2img."""
+    """What the four share (base.py's Sampler): the schedule, the spacing, add_noise for img2img."""
+    finite_sigmas = False  # True where steps divide by Karras' sigma
 
     def __init__(self, config: dict, spacing_default: str):
-        self.schedule = Schedule(config)
+        self.schedule = Schedule(config, self.finite_sigmas)
         self.spacing = config.get("timestep_spacing", spacing_default)
         self.steps_offset = config.get("steps_offset", 0)
         self.timesteps = np.zeros(0, dtype=np.int64)
@@ -151,6 +171,9 @@ class PNDM(Sampler):
 
     def set_timesteps(self, steps: int) -> None:
         t = self.spaced(steps).round().astype(np.int64)
+        if self.schedule.alphas_cumprod[t[0]] == 0:  # its step divides by sqrt(alpha_bar)
+            raise ValueError(f"PNDM cannot start at timestep {t[0]}, where this zero-terminal-SNR schedule "
+                             "has no signal; use 'leading' timestep spacing or another sampler (ddim, dpm)")
         self.timesteps = np.concatenate([t[:2], t[1:]])  # t1 twice: call 1 redoes the first step
         self.stride = self.schedule.num_train_timesteps // steps
         self.eps_history, self.warmup_x = [], None
@@ -182,6 +205,38 @@ class PNDM(Sampler):
         return x_coeff * x - (alpha_bar_prev - alpha_bar) * model_output / eps_denominator
 
 
+# ---- DDIM, eta = 0 (ddim.py) ----------------------------------------------------------------------
+
+class DDIM(Sampler):
+    def __init__(self, config: dict):
+        super().__init__(config, spacing_default="leading")
+        if config.get("thresholding", False):
+            raise ValueError("scheduler config thresholding=True is not supported")
+        self.final_alpha_cumprod = (np.float32(1.0) if config.get("set_alpha_to_one", True)
+                                    else self.schedule.alphas_cumprod[0])
+        self.clip_x0 = config.get("clip_sample_range", 1.0) if config.get("clip_sample", True) else None
+        self.stride = 0
+
+    def set_timesteps(self, steps: int) -> None:
+        self.timesteps = self.spaced(steps).round().astype(np.int64)
+        self.stride = self.schedule.num_train_timesteps // steps
+
+    def step(self, model_output: np.ndarray, i: int, x: np.ndarray, random=None) -> np.ndarray:
+        t = int(self.timesteps[i])
+        alpha_bar = self.schedule.alphas_cumprod[t]
+        alpha_bar_prev = (self.schedule.alphas_cumprod[t - self.stride] if t - self.stride >= 0
+                          else self.final_alpha_cumprod)
+        if self.prediction_type == "epsilon":
+            eps = model_output
+            x0 = (x - (1 - alpha_bar) ** 0.5 * eps) / alpha_bar**0.5
+        else:
+            x0 = alpha_bar**0.5 * x - (1 - alpha_bar) ** 0.5 * model_output
+            eps = alpha_bar**0.5 * model_output + (1 - alpha_bar) ** 0.5 * x
+        if self.clip_x0 is not None:
+            x0 = x0.clip(-self.clip_x0, self.clip_x0)
+        return alpha_bar_prev**0.5 * x0 + (1 - alpha_bar_prev) ** 0.5 * eps
+
+
 # ---- DPM-Solver++(2M) (dpm.py) ------------------------------------------------------------------
 
 def alpha_sigma(sigma: np.float32) -> tuple[np.float32, np.float32]:
@@ -197,6 +252,8 @@ def half_log_snr(alpha_t: np.float32, sigma_t: np.float32) -> np.float32:
 
 
 class DPMSolver(Sampler):
+    finite_sigmas = True
+
     def __init__(self, config: dict):
         super().__init__(config, spacing_default="linspace")
         if config.get("solver_order", 2) != 2 or config.get("algorithm_type", "dpmsolver++") not in (
@@ -282,7 +339,7 @@ class LCM(Sampler):
         return alpha_bar_next**0.5 * x0 + (1 - alpha_bar_next) ** 0.5 * random.randn(x0.shape)
 
 
-SAMPLER_CLASSES = {"pndm": PNDM, "dpm": DPMSolver, "lcm": LCM}
+SAMPLER_CLASSES = {"pndm": PNDM, "ddim": DDIM, "dpm": DPMSolver, "lcm": LCM}
 SAMPLERS = tuple(SAMPLER_CLASSES)
 
 

@@ -15,7 +15,7 @@ modules that import no torch: tokenizer.py, numpy_samplers.py and images.py.
    negative prompts go through in the same batch, first;
 3. initial latents: Gaussian noise drawn from the seed as torch draws it on the CPU, as minisd and diffusers
    draw theirs (numpy_samplers.TorchCPURandom);
-4. the sampler loop (numpy_samplers: PNDM, DPM-Solver++(2M), LCM) around unet.onnx, with CFG:
+4. the sampler loop (numpy_samplers: PNDM, DDIM, DPM-Solver++(2M), LCM) around unet.onnx, with CFG:
    eps = eps_uncond + guidance (eps_cond - eps_uncond); an LCM U-Net with a guidance embedding takes
    w = guidance - 1 as an input instead and runs one pass per step;
 5. latents -> images (vae_decoder.onnx, which divides by the VAE's scaling factor itself) -> PNG.

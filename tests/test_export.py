@@ -39,6 +39,7 @@ from minisd.vae_tiny import AutoencoderTiny, TinyVAEConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = ROOT / "weights" / "toy-sd"
+TOY_NEXT = ROOT / "weights" / "toy-sd-next"  # v-prediction on a zero terminal SNR schedule, DDIM (trailing)
 PROMPTS = ["a red circle above a blue square", "a green triangle"]
 IMAGE_TOLERANCE = 2 / 255  # per pixel, images in [0, 1]
 GRAPH_TOLERANCE = 1e-4  # of the output's scale (max |minisd|)
@@ -102,6 +103,14 @@ def exported(request, exports) -> tuple[Pipeline, Path, dict]:
 def toy(tmp_path_factory) -> tuple[Pipeline, Path]:
     pipe = minisd.load_pipeline(TOY)
     out = tmp_path_factory.mktemp("toy-onnx")
+    export.export_pipeline(pipe, out, log=quiet)
+    return pipe, out
+
+
+@pytest.fixture(scope="module")
+def toy_next(tmp_path_factory) -> tuple[Pipeline, Path]:
+    pipe = minisd.load_pipeline(TOY_NEXT)
+    out = tmp_path_factory.mktemp("toy-next-onnx")
     export.export_pipeline(pipe, out, log=quiet)
     return pipe, out
 
@@ -200,6 +209,18 @@ def test_runner_same_image_as_minisd(toy, scheduler, steps, guidance, num_images
     ours = OnnxPipeline(out, threads=1)(PROMPTS, output="np", **kwargs)
     theirs = pipe(PROMPTS, progress=False, output="np", **kwargs)
     assert ours.shape == theirs.shape == (2 * num_images, 64, 64, 3)
+    assert np.abs(ours - theirs).max() <= IMAGE_TOLERANCE
+
+
+@pytest.mark.parametrize("scheduler, steps", [(None, 25), ("dpm", 10)])
+def test_runner_zero_terminal_snr_same_image_as_minisd(toy_next, scheduler, steps):
+    """The newer toy teacher: v-prediction, a zero terminal SNR schedule, its own DDIM sampler from t = 999
+    (trailing), and DPM-Solver++ on the same schedule with its finite sigma at T."""
+    pipe, out = toy_next
+    kwargs = dict(steps=steps, guidance=4.0, seed=7, scheduler=scheduler, num_images=2)
+    ours = OnnxPipeline(out, threads=1)(PROMPTS, output="np", **kwargs)
+    theirs = pipe(PROMPTS, progress=False, output="np", **kwargs)
+    assert ours.shape == theirs.shape == (4, 64, 64, 3)
     assert np.abs(ours - theirs).max() <= IMAGE_TOLERANCE
 
 
