@@ -24,6 +24,7 @@ from sample import main as sample_main
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = ROOT / "weights" / "toy-sd"
+TOY_NEXT = ROOT / "weights" / "toy-sd-next"  # v-prediction, zero terminal SNR
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +47,12 @@ def flags(photos: Path, out: Path, **options) -> list[str]:
     return [arg for k, v in settings.items() for arg in (f"--{k.replace('_', '-')}", str(v))]
 
 
-def test_prior_preservation_loss_is_the_sum_of_the_halves(photos):
+@pytest.mark.parametrize("model", [TOY, TOY_NEXT], ids=["epsilon", "v-zero-snr"])
+def test_prior_preservation_loss_is_the_sum_of_the_halves(photos, model):
     """One batch of 2 instance + 2 class samples through kd_step equals DreamBooth's loss computed by hand
-    from the same noise and timesteps: the instance half's MSE + 0.5 x the class half's."""
-    pipe = load_pipeline(TOY)
+    from the same noise and timesteps: the instance half's MSE + 0.5 x the class half's (against the noise,
+    or for a v-prediction model against v = sqrt(alpha_bar) noise - sqrt(1 - alpha_bar) x0)."""
+    pipe = load_pipeline(model)
     instance = prompted_folder(photos / "instance", "a sks shape", "--instance-data", 64, True, 0)
     prior = prompted_folder(photos / "class", "a shape", "--class-data", 64, True, 1)
     pairs = PriorPreservation(instance, prior)
@@ -65,7 +68,11 @@ def test_prior_preservation_loss_is_the_sum_of_the_halves(photos):
         latents = (posterior.mean + posterior.std * eps) * pipe.vae.scaling_factor
         context = pipe.text_encoder(pipe.tokenizer(batch["text"]))
         prediction = pipe.unet(schedule.add_noise(latents, noise, t), t, context)
-    expected = F.mse_loss(prediction[:2], noise[:2]) + 0.5 * F.mse_loss(prediction[2:], noise[2:])
+        target = noise
+        if schedule.prediction_type == "v_prediction":
+            alpha_bar = schedule.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+            target = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * latents
+    expected = F.mse_loss(prediction[:2], target[:2]) + 0.5 * F.mse_loss(prediction[2:], target[2:])
     assert got.item() == pytest.approx(expected.item(), rel=1e-5)
     # instance image i goes with class image i mod 3, over max(5, 3) samples
     assert len(pairs) == 5 and pairs[0, 4][1]["pixels"].equal(pairs[0, 1][1]["pixels"])

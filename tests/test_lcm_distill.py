@@ -26,6 +26,7 @@ from minisd.unet import UNet, with_guidance_embedding
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = ROOT / "weights" / "toy-sd"
+TOY_NEXT = ROOT / "weights" / "toy-sd-next"  # v-prediction, zero terminal SNR
 
 
 @pytest.fixture(scope="module")
@@ -42,11 +43,13 @@ def flags(data: Path, out: Path, **options) -> list[str]:
     return [arg for k, v in settings.items() for arg in (f"--{k.replace('_', '-')}", str(v))]
 
 
-def test_lcd_loss_is_the_hand_computation(scenes):
+@pytest.mark.parametrize("teacher", [TOY, TOY_NEXT], ids=["epsilon", "v-zero-snr"])
+def test_lcd_loss_is_the_hand_computation(scenes, teacher):
     """Written out from the LCM paper (Algorithm 1, eq. 9) and the consistency models' boundary scalings, on
     the draws lcd_step makes: the teacher's guided DDIM step, the target's and the student's consistency
-    functions, the pseudo-Huber distance."""
-    pipe = load_pipeline(TOY)
+    functions, the pseudo-Huber distance; for an epsilon teacher, and for a v-prediction one on a zero
+    terminal SNR schedule (where x at t = 999 is pure noise and x0 = -v)."""
+    pipe = load_pipeline(teacher)
     student = with_guidance_embedding(pipe.unet, 16)
     target = UNet(student.config)
     target.load_state_dict({k: v + 0.01 * torch.randn_like(v) for k, v in student.state_dict().items()})
@@ -70,18 +73,21 @@ def test_lcd_loss_is_the_hand_computation(scenes):
 
         x = col(a[start]).sqrt() * z.double() + (1 - col(a[start])).sqrt() * noise.double()
 
-        def x0(eps_hat, x, t):
-            return (x - (1 - col(a[t])).sqrt() * eps_hat.double()) / col(a[t]).sqrt()
+        def x0_eps(out, x, t):  # the model's output -> (x0, eps)
+            out, signal, noise_scale = out.double(), col(a[t]).sqrt(), (1 - col(a[t])).sqrt()
+            if schedule.prediction_type == "v_prediction":  # v = signal eps - noise_scale x0
+                return signal * x - noise_scale * out, signal * out + noise_scale * x
+            return (x - noise_scale * out) / signal, out
 
         def f(model, x, t):
             s = 10.0 * t.double()
             c_skip, c_out = 0.25 / (s**2 + 0.25), s / (s**2 + 0.25).sqrt()
-            return col(c_skip) * x + col(c_out) * x0(model(x.float(), t, context, w=w), x, t)
+            return col(c_skip) * x + col(c_out) * x0_eps(model(x.float(), t, context, w=w), x, t)[0]
 
-        cond = pipe.unet(x.float(), start, context)
-        free = pipe.unet(x.float(), start, uncond.expand_as(context))
-        x0_guided = x0(cond, x, start) + col(w) * (x0(cond, x, start) - x0(free, x, start))
-        eps_guided = cond.double() + col(w) * (cond.double() - free.double())
+        (x0_cond, eps_cond), (x0_free, eps_free) = (
+            x0_eps(pipe.unet(x.float(), start, c), x, start) for c in (context, uncond.expand_as(context)))
+        x0_guided = x0_cond + col(w) * (x0_cond - x0_free)
+        eps_guided = eps_cond + col(w) * (eps_cond - eps_free)
         x_prev = col(a[end]).sqrt() * x0_guided + (1 - col(a[end])).sqrt() * eps_guided
         d = f(student, x, start) - f(target, x_prev, end)
         expected = ((d**2 + 0.001**2).sqrt() - 0.001).mean()
