@@ -99,20 +99,21 @@ def exported(request, exports) -> tuple[Pipeline, Path, dict]:
     return exports(request.param)
 
 
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory) -> tuple[Pipeline, Path]:
-    pipe = minisd.load_pipeline(TOY)
-    out = tmp_path_factory.mktemp("toy-onnx")
+def exported_folder(tmp_path_factory, folder: Path) -> tuple[Pipeline, Path]:
+    pipe = minisd.load_pipeline(folder)
+    out = tmp_path_factory.mktemp(f"{folder.name}-onnx")
     export.export_pipeline(pipe, out, log=quiet)
     return pipe, out
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> tuple[Pipeline, Path]:
+    return exported_folder(tmp_path_factory, TOY)
 
 
 @pytest.fixture(scope="module")
 def toy_next(tmp_path_factory) -> tuple[Pipeline, Path]:
-    pipe = minisd.load_pipeline(TOY_NEXT)
-    out = tmp_path_factory.mktemp("toy-next-onnx")
-    export.export_pipeline(pipe, out, log=quiet)
-    return pipe, out
+    return exported_folder(tmp_path_factory, TOY_NEXT)
 
 
 def run(path: Path, **feeds) -> list[np.ndarray]:

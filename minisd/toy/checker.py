@@ -151,9 +151,10 @@ def find_blobs(image) -> tuple[dict[str, Blob], int]:
 
 
 def check(image, attributes: Attributes) -> dict[str, bool]:
-    """Per-attribute verdicts: colour (each stated colour has a blob), shape, size (of the items whose size is
-    stated; no verdict when none is), position or relation, count (as many blobs as items: nothing missing,
-    nothing extra), and caption_correct (all of them). An item whose colour is missing fails every attribute."""
+    """Per-attribute verdicts: colour (each stated colour has a blob), shape, size (of the items whose size
+    is stated; no verdict when none is), position or relation, count (as many blobs as items: nothing
+    missing, nothing extra), and caption_correct (all of them). An item whose colour is missing fails every
+    attribute."""
     blobs, count = find_blobs(image)
     found = [blobs.get(item.colour) for item in attributes.items]
     verdict = {
