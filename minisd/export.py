@@ -51,7 +51,7 @@ from minisd.checkpoints.lora_files import open_lora
 from minisd.cli import BAD_INPUT, UsageError, check_writable_folder, finite_float
 from minisd.clip import TEXT_ENCODERS
 from minisd.onnx_runner import INSTALL, MANIFEST, import_onnxruntime
-from minisd.pipeline import DTYPES, SAMPLER_OF_CLASS, Pipeline, load_pipeline, load_vae
+from minisd.pipeline import DTYPES, Pipeline, load_pipeline, load_vae, sampler_of
 from minisd.table import VARIANTS
 from minisd.vae_tiny import AutoencoderTiny
 
@@ -276,7 +276,7 @@ def export_pipeline(pipe: Pipeline, out: Path, opset: int = DEFAULT_OPSET,
         vae_scale=scale, latent_channels=pipe.unet.config.in_channels, vae=type(pipe.vae).__name__,
         guidance_embed=pipe.unet.config.guidance_embed_dim is not None,
         prediction_type=pipe.scheduler_config.get("prediction_type", "epsilon"),
-        sampler=SAMPLER_OF_CLASS.get(pipe.scheduler_config.get("_class_name"), "pndm"),
+        sampler=sampler_of(pipe.scheduler_config),
         loras=[[name, scale] for name, scale in pipe.loras], files=FILES, bytes=bytes_,
         max_difference=differences,
         exporter=f"torch {torch.__version__.split('+')[0]} torch.onnx.export (TorchScript)")

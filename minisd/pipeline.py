@@ -53,6 +53,11 @@ SAMPLER_OF_CLASS = {"PNDMScheduler": "pndm", "DDIMScheduler": "ddim", "EulerDisc
                     "LCMScheduler": "lcm"}
 
 
+def sampler_of(scheduler_config: dict) -> str:
+    """The sampler a diffusers scheduler config names, a pipeline's default (PNDM, SD's, if it names none)."""
+    return SAMPLER_OF_CLASS.get(scheduler_config.get("_class_name"), "pndm")
+
+
 def default_dtype(device: str | torch.device, training: bool = False) -> torch.dtype:
     """The precision the scripts run their frozen models in when no --dtype is given.
 
@@ -80,8 +85,7 @@ class Pipeline:
     lora_originals: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
-        self.scheduler = make_sampler(SAMPLER_OF_CLASS.get(self.scheduler_config.get("_class_name"), "pndm"),
-                                      self.scheduler_config)
+        self.scheduler = make_sampler(sampler_of(self.scheduler_config), self.scheduler_config)
 
     @property
     def device(self) -> torch.device:

@@ -34,7 +34,7 @@ from PIL import Image
 from minisd.data import read_metadata
 from minisd.evaluation import generate
 from minisd.images import grid
-from minisd.pipeline import SAMPLER_OF_CLASS, load_pipeline
+from minisd.pipeline import load_pipeline, sampler_of
 from minisd.toy.ablation import labelled_row, train, train_script
 from minisd.toy.metric import ATTRIBUTES, evaluate_folder
 from minisd.unet import count_params
@@ -85,7 +85,7 @@ def lcm_distill(teacher: Path, data: Path, out: Path, form: str, steps: int, bat
 def own_sampler(model: Path) -> str:
     """The sampler a pipeline folder's scheduler/ names, which sample.py uses for it by default."""
     config = json.loads((Path(model) / "scheduler" / "scheduler_config.json").read_text())
-    return SAMPLER_OF_CLASS.get(config.get("_class_name"), "pndm")
+    return sampler_of(config)
 
 
 def sampled_rows(teacher_lcm: bool, lora: bool, guidance: float, self_lcm: bool = True,
