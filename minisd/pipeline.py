@@ -22,6 +22,7 @@ as an input instead, and runs no CFG pass.
 U-Net's and text encoder's weights, so that sampling with it runs at full speed; several add up.
 """
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,11 @@ SAMPLER_OF_CLASS = {"PNDMScheduler": "pndm", "DDIMScheduler": "ddim", "EulerDisc
 def sampler_of(scheduler_config: dict) -> str:
     """The sampler a diffusers scheduler config names, a pipeline's default (PNDM, SD's, if it names none)."""
     return SAMPLER_OF_CLASS.get(scheduler_config.get("_class_name"), "pndm")
+
+
+def own_sampler(folder: str | Path) -> str:
+    """The sampler a pipeline folder's scheduler/ names, which sample.py and evaluate.py use for it by default."""
+    return sampler_of(json.loads((Path(folder) / "scheduler" / "scheduler_config.json").read_text()))
 
 
 def default_dtype(device: str | torch.device, training: bool = False) -> torch.dtype:

@@ -24,7 +24,6 @@ from sample import main as sample_main
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = ROOT / "weights" / "toy-sd"
-TOY_NEXT = ROOT / "weights" / "toy-sd-next"  # v-prediction, zero terminal SNR
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +46,11 @@ def flags(photos: Path, out: Path, **options) -> list[str]:
     return [arg for k, v in settings.items() for arg in (f"--{k.replace('_', '-')}", str(v))]
 
 
-@pytest.mark.parametrize("model", [TOY, TOY_NEXT], ids=["epsilon", "v-zero-snr"])
-def test_prior_preservation_loss_is_the_sum_of_the_halves(photos, model):
+def test_prior_preservation_loss_is_the_sum_of_the_halves(photos, toy_each_schedule):
     """One batch of 2 instance + 2 class samples through kd_step equals DreamBooth's loss computed by hand
     from the same noise and timesteps: the instance half's MSE + 0.5 x the class half's (against the noise,
     or for a v-prediction model against v = sqrt(alpha_bar) noise - sqrt(1 - alpha_bar) x0)."""
-    pipe = load_pipeline(model)
+    pipe = load_pipeline(toy_each_schedule)
     instance = prompted_folder(photos / "instance", "a sks shape", "--instance-data", 64, True, 0)
     prior = prompted_folder(photos / "class", "a shape", "--class-data", 64, True, 1)
     pairs = PriorPreservation(instance, prior)

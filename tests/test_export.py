@@ -39,7 +39,6 @@ from minisd.vae_tiny import AutoencoderTiny, TinyVAEConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = ROOT / "weights" / "toy-sd"
-TOY_NEXT = ROOT / "weights" / "toy-sd-next"  # v-prediction on a zero terminal SNR schedule, DDIM (trailing)
 PROMPTS = ["a red circle above a blue square", "a green triangle"]
 IMAGE_TOLERANCE = 2 / 255  # per pixel, images in [0, 1]
 GRAPH_TOLERANCE = 1e-4  # of the output's scale (max |minisd|)
@@ -107,13 +106,15 @@ def exported_folder(tmp_path_factory, folder: Path) -> tuple[Pipeline, Path]:
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory) -> tuple[Pipeline, Path]:
-    return exported_folder(tmp_path_factory, TOY)
+def toy(tmp_path_factory, toy_epsilon) -> tuple[Pipeline, Path]:
+    """The toy teacher on SD-v1's schedule (PNDM, epsilon): the runner's path for SD-v1 and BK-SDM."""
+    return exported_folder(tmp_path_factory, toy_epsilon)
 
 
 @pytest.fixture(scope="module")
-def toy_next(tmp_path_factory) -> tuple[Pipeline, Path]:
-    return exported_folder(tmp_path_factory, TOY_NEXT)
+def toy_zero_snr(tmp_path_factory) -> tuple[Pipeline, Path]:
+    """The toy teacher as shipped: v-prediction on a zero terminal SNR schedule, DDIM (trailing)."""
+    return exported_folder(tmp_path_factory, TOY)
 
 
 def run(path: Path, **feeds) -> list[np.ndarray]:
@@ -203,7 +204,7 @@ def test_real_size_bk_tiny_unet(tmp_path):
                          [(None, 25, 4.0, 1), ("dpm", 10, 4.0, 2), ("lcm", 4, 1.0, 2)])
 def test_runner_same_image_as_minisd(toy, scheduler, steps, guidance, num_images):
     """Two prompts with negative prompts, images from one seed (the LCM sampler also draws fresh noise at
-    every step from it). None: the toy teacher's own sampler, PNDM, with SD's 25 steps."""
+    every step from it). None: the folder's own sampler, PNDM, with SD's 25 steps."""
     pipe, out = toy
     kwargs = dict(steps=steps, guidance=guidance, seed=7, scheduler=scheduler, num_images=num_images,
                   negative_prompt=["a blue square", ""])
@@ -214,10 +215,10 @@ def test_runner_same_image_as_minisd(toy, scheduler, steps, guidance, num_images
 
 
 @pytest.mark.parametrize("scheduler, steps", [(None, 25), ("dpm", 10)])
-def test_runner_zero_terminal_snr_same_image_as_minisd(toy_next, scheduler, steps):
-    """The newer toy teacher: v-prediction, a zero terminal SNR schedule, its own DDIM sampler from t = 999
-    (trailing), and DPM-Solver++ on the same schedule with its finite sigma at T."""
-    pipe, out = toy_next
+def test_runner_zero_terminal_snr_same_image_as_minisd(toy_zero_snr, scheduler, steps):
+    """The toy teacher as shipped: v-prediction, a zero terminal SNR schedule, its own DDIM sampler from
+    t = 999 (trailing), and DPM-Solver++ on the same schedule with its finite sigma at T."""
+    pipe, out = toy_zero_snr
     kwargs = dict(steps=steps, guidance=4.0, seed=7, scheduler=scheduler, num_images=2)
     ours = OnnxPipeline(out, threads=1)(PROMPTS, output="np", **kwargs)
     theirs = pipe(PROMPTS, progress=False, output="np", **kwargs)

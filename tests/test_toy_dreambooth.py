@@ -77,10 +77,12 @@ def test_caption_check_sees_through_the_pattern(rows):
 
 
 @pytest.mark.slow  # 27 s: 300 images through the toy VAE
-def test_vae_keeps_large_subjects_and_loses_small_ones(rows):
-    """The toy VAE's reconstructions cap what a model can draw. Measured on these 100 scenes: 96% of large
-    subjects still pass the check (and 66% pass with the rest of the caption), no plain square does; the same
-    subjects drawn small (12-16 px) pass 38%, which is why the subject is large only."""
+def test_vae_keeps_the_subject(rows):
+    """The toy VAE's reconstructions cap what a model can draw. Measured on these 100 scenes with the shipped
+    teacher's VAE (its decoder fine-tuned): 100% of large subjects still pass the check (82% with the rest of
+    the caption), no plain square does, and the same subjects drawn small (12-16 px) pass 86%: the subject is
+    large so that a model need not draw fine texture at a few latent pixels. (The first toy teacher's decoder
+    kept 96%, 66% and 38%.) The bounds sit about 3 standard errors below."""
     vae = load_pipeline(TEACHER).vae
 
     def reconstruct(images):
@@ -92,15 +94,15 @@ def test_vae_keeps_large_subjects_and_loses_small_ones(rows):
 
     large = reconstruct([render_subject(scene) for scene, _, _ in rows])
     plain = reconstruct([render(scene) for scene, _, _ in rows])
-    assert np.mean([subject_score(im) >= MIN_SCORE for im in large]) >= 0.85
+    assert np.mean([subject_score(im) >= MIN_SCORE for im in large]) >= 0.95
     assert np.mean([check_subject_caption(im, text)["subject_and_caption"]
-                    for im, (_, text, _) in zip(large, rows)]) >= 0.45
+                    for im, (_, text, _) in zip(large, rows)]) >= 0.7
     assert not any(subject_score(im) >= MIN_SCORE for im in plain)
     rng = np.random.default_rng(0)
     small = [Scene(scene.attributes, scene.centres, tuple(float(rng.uniform(*EXTENTS["small"]))
                                                           for _ in scene.extents),
                    scene.background, scene.texture, scene.texture_seed) for scene, _, _ in rows]
-    assert np.mean([subject_score(im) >= MIN_SCORE for im in reconstruct(map(render_subject, small))]) <= 0.6
+    assert np.mean([subject_score(im) >= MIN_SCORE for im in reconstruct(map(render_subject, small))]) >= 0.75
 
 
 def test_instance_images_and_prompts(rows):
@@ -126,14 +128,15 @@ def test_markdown_table():
     row = dict(instance_subject=1.0, subject=0.5, caption_with_subject=0.25, class_prompt_subject=0.0,
                class_caption=0.4, class_subject=0.125)
     results = dict(model="weights/toy-sd", fingerprint="0123456789ab", date="2026-12-02", steps=3, lr=1e-4,
-                   lora_lr=1e-3, seed=0, prompts=4, repeats=2, class_images=2, sample_steps=2, guidance=4.0,
+                   lora_lr=1e-3, seed=0, prompts=4, repeats=2, class_images=2, sample_steps=2, sampler="ddim",
+                   guidance=4.0,
                    torch="2", seconds=60.0,
                    table=[dict(model="before", prior=None, **row),
                           dict(model="lora", prior=True, seconds=12.3, peak_rss_mib=900.4, **row)])
     text = markdown(results)
     assert "| before | - | 100.0% | 50.0% | 25.0% | 0.0% | 40.0% | 12.5% | - | - |" in text
     assert "| lora | yes | 100.0% | 50.0% | 25.0% | 0.0% | 40.0% | 12.5% | 12 s | 900 MiB |" in text
-    assert "weights 0123456789ab" in text and "2026-12-02" in text
+    assert "weights 0123456789ab" in text and "2026-12-02" in text and "2 DDIM steps" in text
 
 
 @pytest.mark.slow  # six dreambooth.py processes (~15 s each to start) and 7 x 12 images: 2.5 min

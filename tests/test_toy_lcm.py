@@ -11,18 +11,18 @@ from safetensors import safe_open
 
 from minisd.data import read_metadata
 from minisd.evaluation import generate
-from minisd.pipeline import load_pipeline
+from minisd.pipeline import load_pipeline, own_sampler
 from minisd.toy.__main__ import main as toy
 from minisd.toy.dataset import write_dataset
 from minisd.toy import lcm as toy_lcm
-from minisd.toy.lcm import lcm_distill, own_sampler, run_lcm, sampled_rows
+from minisd.toy.lcm import lcm_distill, run_lcm, sampled_rows
 from minisd.toy.metric import evaluate_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER = ROOT / "weights" / "toy-sd"
 
 
-def test_sampled_rows():
+def test_sampled_rows(toy_epsilon):
     rows = sampled_rows(teacher_lcm=True, lora=True, guidance=4.0)
     names = [r["name"] for r in rows]
     assert names[:4] == ["teacher pndm-25", "tiny pndm-25", "tiny pndm-4", "tiny lcm-4"]
@@ -37,7 +37,7 @@ def test_sampled_rows():
     # a teacher sampled with another sampler by default (zero terminal SNR: DDIM) is compared with that one
     ddim = [r["name"] for r in sampled_rows(teacher_lcm=False, lora=False, guidance=4.0, sampler="ddim")]
     assert ddim[:4] == ["teacher ddim-25", "tiny ddim-25", "tiny ddim-4", "tiny lcm-4"]
-    assert own_sampler(TEACHER) == "pndm" and own_sampler(ROOT / "weights" / "toy-sd-next") == "ddim"
+    assert own_sampler(TEACHER) == "ddim" and own_sampler(toy_epsilon) == "pndm"
 
 
 @pytest.mark.slow  # five training runs and 14 rows sampled
@@ -87,12 +87,15 @@ def test_lcm_command_refuses_a_missing_student(toy_data, tmp_path, capsys):
 
 
 # The chain's distillation in small: full LCD of the shipped teacher (STEPS of 16; the teacher needs no
-# train.py run first, as the tiny student does), scored on PROMPTS held-out captions: the LCM in 4 steps
-# against the teacher in 4 and 25 PNDM steps with guidance. Measured with torch 2.14.1 on the CPU: caption
-# accuracy 18.8% (12 of 64) in 4 LCM steps, 4.7% (3) in 4 PNDM steps, 37.5% (24) in 25 PNDM steps: the LCM 14
-# points above 4 PNDM steps, and at 50% of 25 steps. Bounds about half of each.
+# train.py run first, as the tiny student does), scored on PROMPTS held-out captions, at equal U-Net calls: the
+# LCM in 4 steps (w is an input: 4 calls) against the teacher's own sampler (DDIM, trailing) in 2 steps with
+# CFG (4 calls), and against its 25 steps. The teacher in 4 DDIM steps is near its 25 already (the trailing
+# spacing starts at t = 999 and its few steps are large ones), so what an LCM buys shows at the fewest calls.
+# Measured with torch 2.14.1 on the CPU: caption accuracy 73.4% (47 of 64) in 4 LCM steps, 57.8% (37) in 2
+# DDIM steps, 81.3% (52) in 25 (78.1% in 4): the LCM 16 points above 2 steps, and at 90% of 25. Bounds about
+# half of each.
 STEPS, BATCH, PROMPTS = 100, 16, 64
-MARGIN, SHARE = 0.06, 0.25
+MARGIN, SHARE = 0.06, 0.5
 
 
 @pytest.mark.slow  # an LCD run and 3 x 64 images
@@ -102,13 +105,13 @@ def test_lcd_4_step_accuracy(tmp_path):
     lcm = lcm_distill(TEACHER, data, tmp_path / "teacher-lcm", "lcm", STEPS, BATCH, 0)
     captions = read_metadata(data / "heldout" / "metadata.csv")
     assert len(captions) == PROMPTS
-    accuracy, own = {}, own_sampler(TEACHER)  # the teacher's own sampler (PNDM)
-    for name, source, scheduler, steps in (("own-25", TEACHER, own, 25), ("own-4", TEACHER, own, 4),
+    accuracy, own = {}, own_sampler(TEACHER)  # the teacher's own sampler (DDIM, trailing)
+    for name, source, scheduler, steps in (("own-25", TEACHER, own, 25), ("own-2", TEACHER, own, 2),
                                             ("lcm-4", lcm, "lcm", 4)):
         generate(load_pipeline(source), captions, list(range(PROMPTS)), {tmp_path / name: None}, steps=steps,
                  guidance=4.0, seed=0, scheduler=scheduler, batch_size=16, progress=False)
         accuracy[name] = evaluate_folder(tmp_path / name, captions, workers=1)["caption_accuracy"]
-    assert accuracy["lcm-4"] >= accuracy["own-4"] + MARGIN, accuracy
+    assert accuracy["lcm-4"] >= accuracy["own-2"] + MARGIN, accuracy
     assert accuracy["lcm-4"] >= SHARE * accuracy["own-25"], accuracy
 
 

@@ -48,9 +48,10 @@ def test_teacher_reads_position_words(toy_data):
     rows = caption_use(pipe, toy_data / "train", timesteps=(850,), count=48)
     row = rows[0]
     # measured on these 48 images (45 state a position or relation; torch 2.14.1, CPU): the loss rises by
-    # 16.8% with the position words swapped, 99% with another image's caption, 43% with the empty one
+    # 147% with the position words swapped, 265% with another image's caption, 91% with the empty one (the
+    # first toy teacher: 16.8%, 99%, 43%)
     assert row["images"] == sum(mirrored(t) != t for t in captions(toy_data / "train", 48))
-    assert row["swapped"] > 0.05 and row["other"] > row["swapped"] and row["empty"] > 0.1, rows
+    assert row["swapped"] > 0.5 and row["other"] > row["swapped"] and row["empty"] > 0.3, rows
 
 
 def captions(folder: Path, count: int) -> list[str]:
@@ -62,6 +63,7 @@ def captions(folder: Path, count: int) -> list[str]:
 def test_shipped_vae_reconstructions(toy_data, tmp_path):
     scores = vae_reconstructions(load_vae(TEACHER / "vae").float().eval(), toy_data / "train", tmp_path,
                                  count=48, workers=1)
-    # measured: 70.8% of these 48 (its misses are shapes: shape 70.8%, every other attribute 98-100%)
+    # measured: 89.6% of these 48 (the first toy teacher's VAE, before its decoder was fine-tuned: 70.8%, its
+    # misses shapes)
     assert len(list(tmp_path.glob("*.png"))) == 48
-    assert scores["caption_accuracy"] >= 0.6 and scores["accuracy"]["colour"] >= 0.95, scores
+    assert scores["caption_accuracy"] >= 0.8 and scores["accuracy"]["colour"] >= 0.95, scores

@@ -5,7 +5,7 @@ training, or run the distillation ablation, the few-step (LCM) table or DreamBoo
     python -m minisd.toy check --images data/toy/heldout
     python -m minisd.toy check --images results/toy/im512 --metadata data/toy/heldout/metadata.csv
     python -m minisd.toy configs --out data/toy-configs              # vae.json, unet.json, text_encoder.json
-    python -m minisd.toy init --vae weights/toy-vae --out data/toy-init
+    python -m minisd.toy init --vae weights/toy-sd/vae --out data/toy-init
         # random U-Net and text tower + the VAE
     python -m minisd.toy export --checkpoint weights/toy-teacher/checkpoint-0001500 --out weights/toy-sd
     python -m minisd.toy ablation --teacher weights/toy-sd --data data/toy --out results/toy-ablation
@@ -59,10 +59,13 @@ def main(argv: list[str] | None = None) -> None:
     init.add_argument("--seed", type=int, default=0)
     init.add_argument("--widths", type=positive_int, nargs=4, metavar="C",
                       help="the U-Net's four stage widths, multiples of 16 (default: the shipped "
-                           "16 32 64 64)")
-    init.add_argument("--text-layers", type=positive_int, help="the text tower's depth (default: 2)")
-    init.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default="epsilon",
-                      help="what the U-Net learns to predict: the noise (SD-v1) or the velocity (SD-v2)")
+                           "32 64 96 96)")
+    init.add_argument("--text-layers", type=positive_int, help="the text tower's depth (default: 4)")
+    init.add_argument("--sd-schedule", action="store_true",
+                      help="SD-v1's PNDM schedule instead of the toy one (zero terminal SNR, DDIM trailing)")
+    init.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default="v_prediction",
+                      help="what the U-Net learns to predict: the velocity (SD-v2; the only choice on a zero "
+                           "terminal SNR schedule) or, with --sd-schedule, the noise (SD-v1)")
     export = commands.add_parser("export", help="a checkpoint of train.py as a standalone pipeline folder")
     export.add_argument("--checkpoint", type=Path, required=True)
     export.add_argument("--out", type=Path, required=True)
@@ -86,7 +89,8 @@ def main(argv: list[str] | None = None) -> None:
     ablation.add_argument("--prompts", type=positive_int, default=200,
                           help="held-out prompts each model is scored on")
     lcm = commands.add_parser("lcm", help="LCM-distill a tiny student (train_lcm.py), then sample, score and "
-                                          "tabulate it at 1-8 steps beside 25 PNDM steps (minisd/toy/lcm.py)")
+                                          "tabulate it at 1-8 steps beside 25 steps of the teacher's "
+                                          "own sampler (minisd/toy/lcm.py)")
     lcm.add_argument("--teacher", type=Path, default=Path("weights/toy-sd"))
     lcm.add_argument("--data", type=Path, default=Path("data/toy"),
                      help="written by `data` (train/, heldout/)")
@@ -136,7 +140,8 @@ def main(argv: list[str] | None = None) -> None:
     probe.add_argument("--out", type=Path, default=Path("results/toy-vae"),
                        help="with --vae: where the reconstructions go")
     for command in (ablation, dreambooth):  # both sample their models the same way
-        command.add_argument("--sample-steps", type=positive_int, default=25, help="PNDM steps")
+        command.add_argument("--sample-steps", type=positive_int, default=25,
+                             help="steps of the model's own sampler (its scheduler/: DDIM for toy-sd)")
         command.add_argument("--guidance", type=finite_float,
                              help="classifier-free guidance (default: configs.TOY_GUIDANCE)")
     args = parser.parse_args(argv)
@@ -183,11 +188,14 @@ def tools(args) -> None:
         if args.widths and any(w % configs.HEAD_WIDTH for w in args.widths):
             fail(f"--widths {' '.join(map(str, args.widths))}: give multiples of {configs.HEAD_WIDTH} "
                  "(the attention heads are 16 wide)")
+        if args.prediction_type == "epsilon" and not args.sd_schedule:
+            fail("--prediction-type epsilon needs --sd-schedule: on the toy schedule (zero terminal SNR) the "
+                 "noise is undefined at t = T")
         require(args.vae, "config.json",
                 "a VAE folder: train one with train_vae.py --config data/toy-configs/vae.json "
                                           "(see weights/toy-sd/README.md)")
         folder = configs.initial_pipeline(args.vae, args.out, args.seed, args.widths and tuple(args.widths),
-                                          args.text_layers, args.prediction_type)
+                                          args.text_layers, args.sd_schedule, args.prediction_type)
         print(f"random toy pipeline with the VAE of {args.vae}: {folder}")
     elif args.command == "export":
         require(args.checkpoint, "unet", "a train.py checkpoint folder (checkpoint-NNNNNNN)")

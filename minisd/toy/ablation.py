@@ -30,7 +30,7 @@ from minisd.checkpoints.diffusers import unet_config_from_table, write_json
 from minisd.data import read_metadata
 from minisd.evaluation import generate
 from minisd.images import grid
-from minisd.pipeline import load_pipeline
+from minisd.pipeline import load_pipeline, own_sampler
 from minisd.table import variant
 from minisd.toy.metric import evaluate_folder
 from minisd.unet import count_params
@@ -112,13 +112,14 @@ def run_ablation(teacher: Path, data: Path, out: Path, steps: int, batch: int, l
                                    name))
         del pipe
     (out / "results.json").write_text(json.dumps(table, indent=1) + "\n")
-    (out / "results.md").write_text(markdown(table, steps, batch, prompts, sample_steps, guidance))
+    (out / "results.md").write_text(markdown(table, steps, batch, prompts, sample_steps, guidance,
+                                             own_sampler(teacher)))
     grid(sheets, cols=1).save(out / "grid.png")
     return table
 
 
 def markdown(table: list[dict], steps: int, batch: int, prompts: int, sample_steps: int,
-             guidance: float) -> str:
+             guidance: float, sampler: str) -> str:
     columns = ("model", "U-Net params", "caption acc.", "colour", "shape", "size", "count", "position",
                "relation", "toy FID", "s/image (CPU)", "final L_sd", "L_out", "L_feat")
     head = "| " + " | ".join(columns) + " |\n|---" + "|---:" * (len(columns) - 1) + "|\n"
@@ -132,6 +133,6 @@ def markdown(table: list[dict], steps: int, batch: int, prompts: int, sample_ste
                  f"{r['toy_fid']:.2f}", f"{r['s_per_image']:.2f}",
                  *(f"{r[k]:.4f}" if k in r else "-" for k in ("sd", "out", "feat"))]
         lines.append("| " + " | ".join(cells) + " |")
-    note = (f"\n{steps} steps of batch {batch} per student; {prompts} held-out prompts, {sample_steps} PNDM "
-            f"steps, guidance {guidance}, seed i for prompt i; torch {torch.__version__}.\n")
+    note = (f"\n{steps} steps of batch {batch} per student; {prompts} held-out prompts, {sample_steps} "
+            f"{sampler.upper()} steps, guidance {guidance}, seed i for prompt i; torch {torch.__version__}.\n")
     return head + "\n".join(lines) + "\n" + note

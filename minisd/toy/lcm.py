@@ -1,7 +1,8 @@
 """The few-step chain in the toy world (docs/few-step.md, "The toy world's few-step table"): a BK-SDM-Tiny
 student of the toy teacher, made a latent consistency model (LCM, arXiv 2310.04378) with train_lcm.py, and
 sampled in 1, 2, 4 and 8 steps beside the student and the teacher with 25 steps of the teacher's own sampler
-(its scheduler/ folder's: PNDM for toy-sd, DDIM for a zero terminal SNR teacher) and guidance.
+(its scheduler/ folder's: DDIM with trailing spacing for toy-sd's zero terminal SNR schedule, PNDM for SD's)
+and guidance.
 
     python -m minisd.toy lcm --teacher weights/toy-sd --data data/toy --out results/toy-lcm
     python -m minisd.toy lcm --student results/toy-ablation/tiny/checkpoint-0000250 --out results/toy-lcm
@@ -34,7 +35,7 @@ from PIL import Image
 from minisd.data import read_metadata
 from minisd.evaluation import generate
 from minisd.images import grid
-from minisd.pipeline import load_pipeline, sampler_of
+from minisd.pipeline import load_pipeline, own_sampler
 from minisd.toy.ablation import labelled_row, train, train_script
 from minisd.toy.metric import ATTRIBUTES, evaluate_folder
 from minisd.unet import count_params
@@ -80,12 +81,6 @@ def lcm_distill(teacher: Path, data: Path, out: Path, form: str, steps: int, bat
             raise RuntimeError(f"train_lcm.py stopped run {out.name} before step {steps}; run the command "
                                "again to resume")
     return out if form == "lcm" else result
-
-
-def own_sampler(model: Path) -> str:
-    """The sampler a pipeline folder's scheduler/ names, which sample.py uses for it by default."""
-    config = json.loads((Path(model) / "scheduler" / "scheduler_config.json").read_text())
-    return sampler_of(config)
 
 
 def sampled_rows(teacher_lcm: bool, lora: bool, guidance: float, self_lcm: bool = True,

@@ -44,7 +44,7 @@ from PIL import Image
 from minisd.dreambooth import make_class_images
 from minisd.evaluation import generate
 from minisd.images import grid
-from minisd.pipeline import load_pipeline
+from minisd.pipeline import load_pipeline, own_sampler
 from minisd.toy.ablation import labelled_row
 from minisd.toy.checker import check_caption
 from minisd.toy.subject import (
@@ -207,7 +207,8 @@ def run_toy_dreambooth(model: Path, out: Path, steps: int, lr: float, lora_lr: f
     results = {"model": str(model), "fingerprint": fingerprint(model),
                "date": datetime.date.today().isoformat(), "torch": torch.__version__, "steps": steps,
                "lr": lr, "lora_lr": lora_lr, "seed": seed, "prompts": num_prompts, "repeats": repeats,
-               "class_images": class_images, "sample_steps": sample_steps, "guidance": guidance,
+               "class_images": class_images, "sample_steps": sample_steps, "sampler": own_sampler(model),
+               "guidance": guidance,
                "class_images_seconds": class_seconds,
                "grid_prompts": [text for _, text, _ in rows[:grid_prompts]],
                "seconds": time.perf_counter() - start, "table": table}
@@ -239,6 +240,7 @@ def markdown(results: dict) -> str:
             f"steps, lr {results['lr']:g} (full) / {results['lora_lr']:g} (LoRA), seed {results['seed']}, "
             f"{results['class_images']} class images; the instance and class prompts drawn "
             f"{results['repeats']} times each, {results['prompts']} new contexts with and without the "
-            f"identifier; {results['sample_steps']} PNDM steps, guidance {results['guidance']:g}; torch "
+            f"identifier; {results['sample_steps']} {results['sampler'].upper()} steps, guidance "
+            f"{results['guidance']:g}; torch "
             f"{results['torch']}; {results['seconds'] / 60:.1f} min in all.\n")
     return head + "\n".join(lines) + "\n" + note

@@ -5,7 +5,7 @@ fixed timesteps, with each image's own caption, with the position and relation w
 "right", "above" <->"below", ...; the other words kept), with another image's caption and with the empty one.
 A model that places shapes by the words pays for the swap at the noisy timesteps where a scene's layout is
 decided; one that ignores them pays nothing, however well it draws colours and shapes. The shipped teacher
-pays ~20% at t = 850; a teacher after 6,000 uniform-timestep steps paid 0% (weights/toy-sd/README.md).
+pays ~145% at t = 850; teachers trained on SD's schedule paid 0-20% (weights/toy-sd/README.md).
 
 `vae_reconstructions`: how often a VAE's reconstructions of real images pass the caption check, the ceiling of
 any U-Net that draws through it.

@@ -4,8 +4,9 @@ drawn, named by a rare identifier, and a pixel check of whether an image shows i
 The subject is a large red square checkered with yellow: a 2x2 checker whose top-right and bottom-left
 quarters are yellow. Its captions read as the world's, with the identifier before the noun, as DreamBooth's
 "a [V] dog": "a large red sks square on the left"; without the identifier they are ordinary captions of a
-red square, the subject's class. It is large only: drawn small (12-16 px), a quarter is 6-8 px, and the toy
-VAE (one latent per 4x4 px) keeps the checker in 38% of its reconstructions, against 96% for large ones.
+red square, the subject's class. It is large only: drawn small (12-16 px), a quarter is 6-8 px, two latent
+pixels of the toy VAE (one latent per 4x4 px), whose reconstructions keep the checker in 86% of small subjects
+against 100% of large ones (the first toy teacher's VAE, before its decoder was fine-tuned: 38% and 96%).
 
 The check reads the pixels as the toy checker does (checker.unmix): the red pixels and the yellow pixels
 that touch them are one object; around its centroid, each quarter is scored +1 when red, -1 when yellow, and
