@@ -14,8 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TEACHER = ROOT / "weights" / "toy-sd"
 STEPS = 150
 # The last logged window's mean (steps 126-150) over the first's (steps 1-25), measured with torch 2.14.1 on
-# the CPU: output KD 0.36, feature KD 0.14. Bounds 1.7x and 2.9x above. (The first toy teacher: 0.17 and 0.30.)
-MAX_RATIO = {"out": 0.6, "feat": 0.4}
+# the CPU: output KD 0.36, feature KD 0.10. Bounds 1.7x and 3x above. (The first toy teacher: 0.17 and 0.30.)
+MAX_RATIO = {"out": 0.6, "feat": 0.3}
 
 
 @pytest.mark.slow  # 150 KD steps from the toy teacher

@@ -27,13 +27,13 @@ ROOT = Path(__file__).resolve().parents[1]
 TEACHER = ROOT / "weights" / "toy-sd"
 PROMPTS = 48  # held-out captions the accuracy test draws
 # Measured on those 48 (25 steps of the teacher's own sampler, DDIM trailing; guidance TOY_GUIDANCE, seed b for
-# the batch from prompt b; torch 2.14.1 CPU): caption accuracy 75.0% (36 of 48), colour 97.9%, shape 83.3%, size
-# 91.7%, count 97.9%, position 100%; against the next prompt's caption: caption 0%, colour 14.6%, shape 6.3%,
-# size 6.3%. The bounds sit 2-3 standard errors (at 48 prompts) below the measured values. (The first toy
-# teacher: caption 33.3%, colour 89.6%, shape 45.8%, size 72.9%, count 93.8%.)
-MIN_CAPTION, MIN_CAPTION_GAP = 0.55, 0.50
-MIN_COLOUR, MIN_COLOUR_GAP = 0.88, 0.65
-MIN_SHAPE, MIN_SIZE, MIN_COUNT, MIN_POSITION = 0.65, 0.75, 0.88, 0.80
+# the batch from prompt b; torch 2.14.1 CPU): caption accuracy 68.8% (33 of 48; 81.0% on 200 prompts), colour
+# 91.7%, shape 77.1%, size 89.6%, count 87.5%, position 19 of 21; against the next prompt's caption: caption 0%,
+# colour 14.6%, shape 6.3%, size 6.3%. The bounds sit 2-3 standard errors (at 48 prompts) below the measured
+# values. (The first toy teacher: caption 33.3%, colour 89.6%, shape 45.8%, size 72.9%, count 93.8%.)
+MIN_CAPTION, MIN_CAPTION_GAP = 0.50, 0.50
+MIN_COLOUR, MIN_COLOUR_GAP = 0.80, 0.60
+MIN_SHAPE, MIN_SIZE, MIN_COUNT, MIN_POSITION = 0.60, 0.75, 0.75, 0.70
 
 
 def heldout_prompts(count: int) -> list[str]:
@@ -98,16 +98,17 @@ def readme_example() -> list[str]:
 
 
 # The README's example drawn from seeds 0-7, 4 images each, as its command draws them (the batch shares
-# sample.py's seed). Measured on the shipped teacher (torch 2.14.1, CPU): 23 of 32 right (at seed 0, the
-# README's, 2 of 4); the first toy teacher drew 1 of 4 at seed 0. The bound sits 2.5 standard errors below the
-# rate.
-MIN_EXAMPLE_RATE = 0.5
+# sample.py's seed). Measured on the shipped teacher (torch 2.14.1, CPU): 31 of 32 right, 4 of 4 at seed 0 (the
+# README's, where the goal is 3 of 4); the first toy teacher drew 1 of 4 at seed 0. The rate's bound sits well
+# below the measured rate.
+MIN_EXAMPLE_RATE, MIN_AT_README_SEED = 0.75, 3
 
 
 @pytest.mark.slow  # 32 images
 def test_readme_example_draws_what_it_says(tmp_path):
     """The README's first offline command, as written, then the same from seeds 1-7: the checker finds the
-    caption drawn right in at least MIN_EXAMPLE_RATE of the 32 images."""
+    caption drawn right in at least MIN_AT_README_SEED of the 4 images at the README's seed (sample.py's
+    default, 0), and in at least MIN_EXAMPLE_RATE of the 32 images."""
     argv = readme_example()
     right = []
     for seed in range(8):
@@ -116,6 +117,7 @@ def test_readme_example_draws_what_it_says(tmp_path):
         images = sorted(tmp_path.glob(f"seed{seed}-0*.png"))
         assert len(images) == 4
         right += [check_caption(Image.open(p).convert("RGB"), argv[0])["caption_correct"] for p in images]
+    assert "--seed" not in argv and sum(right[:4]) >= MIN_AT_README_SEED, (argv, right)
     assert np.mean(right) >= MIN_EXAMPLE_RATE, (argv, right)
 
 
