@@ -23,20 +23,23 @@ TEACHER = ROOT / "weights" / "toy-sd"
 
 
 def test_sampled_rows(toy_epsilon):
-    rows = sampled_rows(teacher_lcm=True, lora=True, guidance=4.0)
+    rows = sampled_rows(teacher_lcm=True, lora=True, guidance=4.0, sampler="pndm")
     names = [r["name"] for r in rows]
-    assert names[:4] == ["teacher pndm-25", "tiny pndm-25", "tiny pndm-4", "tiny lcm-4"]
-    assert names[4:] == [f"tiny-lcm lcm-{s}" for s in (1, 2, 4, 8)] + ["tiny-lcm-self lcm-4"] + \
+    assert names[:7] == ["teacher pndm-25", "teacher pndm-2", "tiny pndm-25", "tiny pndm-4", "tiny pndm-2",
+                         "tiny pndm-1", "tiny lcm-4"]
+    assert names[7:] == [f"tiny-lcm lcm-{s}" for s in (1, 2, 4, 8)] + ["tiny-lcm-self lcm-4"] + \
         [f"tiny-lcm-lora lcm-{s}" for s in (1, 2, 4, 8)] + ["teacher-lcm lcm-4"]
     calls = {r["name"]: r["unet_calls"] for r in rows}
     # CFG doubles the calls of a plain U-Net; an LCM takes w as an input, an LCM-LoRA is sampled without CFG
     assert calls["tiny pndm-25"] == 50 and calls["tiny lcm-4"] == 8 and calls["tiny-lcm lcm-4"] == 4
     assert calls["tiny-lcm-lora lcm-4"] == 4 and calls["teacher-lcm lcm-4"] == 4
+    # the equal-call rows: 2 guided steps against 4 LCM steps, 1 against 2
+    assert calls["teacher pndm-2"] == calls["tiny pndm-2"] == 4 and calls["tiny pndm-1"] == 2
     assert all(r["guidance"] == 1.0 for r in rows if r["model"] == "tiny-lcm-lora")
-    assert len(sampled_rows(teacher_lcm=False, lora=False, guidance=4.0, self_lcm=False)) == 8
+    assert len(sampled_rows(teacher_lcm=False, lora=False, guidance=4.0, sampler="pndm", self_lcm=False)) == 11
     # a teacher sampled with another sampler by default (zero terminal SNR: DDIM) is compared with that one
     ddim = [r["name"] for r in sampled_rows(teacher_lcm=False, lora=False, guidance=4.0, sampler="ddim")]
-    assert ddim[:4] == ["teacher ddim-25", "tiny ddim-25", "tiny ddim-4", "tiny lcm-4"]
+    assert ddim[:3] == ["teacher ddim-25", "teacher ddim-2", "tiny ddim-25"] and "tiny ddim-1" in ddim
     assert own_sampler(TEACHER) == "ddim" and own_sampler(toy_epsilon) == "pndm"
 
 
@@ -46,7 +49,7 @@ def test_lcm_command(toy_data, tmp_path):
     table = run_lcm(TEACHER, toy_data, out, student_steps=2, lcd_steps=2, batch=4, prompts=4, lora=True,
                     teacher_lcm=True)
     own = own_sampler(TEACHER)
-    assert [r["name"] for r in table] == [r["name"] for r in sampled_rows(True, True, 4.0, sampler=own)]
+    assert [r["name"] for r in table] == [r["name"] for r in sampled_rows(True, True, 4.0, own)]
     assert all(r["images"] == 4 and r["toy_fid"] >= 0 and r["s_per_image"] > 0 for r in table)
     for r in table:
         assert len(list((out / "images" / r["name"].replace(" ", "-")).glob("*.png"))) == 4, r["name"]

@@ -83,14 +83,17 @@ def lcm_distill(teacher: Path, data: Path, out: Path, form: str, steps: int, bat
     return out if form == "lcm" else result
 
 
-def sampled_rows(teacher_lcm: bool, lora: bool, guidance: float, self_lcm: bool = True,
-                 sampler: str = "pndm") -> list[dict]:
+def sampled_rows(teacher_lcm: bool, lora: bool, guidance: float, sampler: str,
+                 self_lcm: bool = True) -> list[dict]:
     """The table's rows: which model, sampled how. The teacher and the student with 25 steps of `sampler` (the
-    teacher's own) and CFG, as the toy models are sampled everywhere else; the student in 4 steps with it and
-    with the LCM sampler alone (CFG, no distillation), to show what the distillation adds; then the LCMs."""
+    teacher's own, pipeline.own_sampler) and CFG, as the toy models are sampled everywhere else; both in as few
+    U-Net calls as the LCMs (CFG doubles each step's calls: 2 steps make the 4 calls of an LCM's 4 steps), and
+    the student with the LCM sampler alone (CFG, no distillation), to show what the distillation adds; then the
+    LCMs."""
     rows = [dict(model="teacher", scheduler=sampler, steps=25, guidance=guidance),
+            dict(model="teacher", scheduler=sampler, steps=2, guidance=guidance),
             dict(model="tiny", scheduler=sampler, steps=25, guidance=guidance),
-            dict(model="tiny", scheduler=sampler, steps=4, guidance=guidance),
+            *(dict(model="tiny", scheduler=sampler, steps=s, guidance=guidance) for s in (4, 2, 1)),
             dict(model="tiny", scheduler="lcm", steps=4, guidance=guidance),
             *(dict(model="tiny-lcm", scheduler="lcm", steps=s, guidance=guidance) for s in LCM_STEPS)]
     if self_lcm:
@@ -132,7 +135,7 @@ def run_lcm(teacher: Path, data: Path, out: Path, student: Path | None = None, s
     start = clock()
     captions = read_metadata(data / "heldout" / "metadata.csv")[:prompts]
     sampler = own_sampler(teacher)
-    table, sheets, rows = [], [], sampled_rows(teacher_lcm, lora, guidance, self_lcm, sampler)
+    table, sheets, rows = [], [], sampled_rows(teacher_lcm, lora, guidance, sampler, self_lcm)
     for row, pipe in zip(rows, pipelines(rows, models)):
         folder = out / "images" / row["name"].replace(" ", "-")
         # image i from seed + i; every image made again (resume=False), so that s/image times this model
