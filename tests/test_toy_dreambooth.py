@@ -176,8 +176,8 @@ def test_fine_tuning_learns_the_subject_and_drifts_without_the_prior(tmp_path, m
     """The real pipeline, reduced to two runs: before, the teacher never draws the subject; after 300 steps of
     full fine-tuning or of LoCon without prior preservation it draws it for the instance prompt, and for the
     class prompt too (language drift). Measured on their first 8 seeds (the runs of docs/personalization.md's
-    full-no-prior and locon-no-prior): 0/8 before; full 8/8 for the instance prompt and 8/8 for the class
-    prompt after, LoCon 5/8 and 5/8."""
+    full-no-prior and locon-no-prior, on the shipped teacher): 0/8 before; full 8/8 for the instance prompt and
+    8/8 for the class prompt after, LoCon 8/8 and 8/8 (on the first toy teacher: 8/8 and 8/8, 5/8 and 5/8)."""
     monkeypatch.chdir(ROOT)
     results = run_toy_dreambooth(TEACHER, tmp_path / "db", steps=300, lr=2e-4, lora_lr=2e-3, seed=1234,
                                  num_prompts=4, repeats=8, class_images=2, sample_steps=25, guidance=4.0,
@@ -187,5 +187,5 @@ def test_fine_tuning_learns_the_subject_and_drifts_without_the_prior(tmp_path, m
     assert before["instance_subject"] <= 0.25 and before["class_prompt_subject"] <= 0.25, before
     assert full["instance_subject"] >= before["instance_subject"] + 0.5, full
     assert full["class_prompt_subject"] >= 0.25, full
-    assert locon["instance_subject"] >= before["instance_subject"] + 0.25, locon
-    assert locon["class_prompt_subject"] >= 0.125, locon
+    assert locon["instance_subject"] >= before["instance_subject"] + 0.5, locon
+    assert locon["class_prompt_subject"] >= 0.25, locon
