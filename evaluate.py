@@ -47,6 +47,7 @@ from minisd.cli import (
     check_writable_folder,
     finite_float,
     positive_int,
+    unit_float,
     write_error,
 )
 from minisd.data import read_metadata
@@ -76,6 +77,8 @@ def parse_args(argv=None):
     p.add_argument("--num", type=positive_int, default=None, help="only the first N prompts")
     p.add_argument("--steps", type=positive_int, default=25)
     p.add_argument("--guidance", type=finite_float, default=7.5)
+    p.add_argument("--guidance-rescale", type=unit_float, default=0.0, metavar="PHI",
+                   help="CFG rescale, as sample.py's (default 0: plain CFG)")
     p.add_argument("--scheduler", choices=SAMPLERS, default=None, help="default: the model's (PNDM for SD)")
     p.add_argument("--size", type=positive_int, default=None,
                    help="generated size, a multiple of 8 (default: the model's, 512 for SD-v1)")
@@ -241,7 +244,8 @@ def main(argv=None) -> int:
     folders = {args.out / "im512": None, args.out / evaluation.SCORE_FOLDER: eval_size}
     try:
         made, seconds = evaluation.generate(pipe, rows, mine, folders, steps=args.steps,
-                                            guidance=args.guidance, seed=args.seed, seed_mode=args.seed_mode,
+                                            guidance=args.guidance, guidance_rescale=args.guidance_rescale,
+                                            seed=args.seed, seed_mode=args.seed_mode,
                                             size=size, batch_size=args.batch_size, scheduler=args.scheduler,
                                             progress=rank == 0 and not args.no_progress)
     except OSError as e:  # a full disk: the images written so far stay, and a re-run makes only the rest
@@ -254,8 +258,8 @@ def main(argv=None) -> int:
         return 0
 
     scores = {"model": str(args.model), "num_images": len(rows), "steps": args.steps,
-              "guidance": args.guidance, "scheduler": args.scheduler or pipe.scheduler.__class__.__name__,
-              "seed": args.seed, "seed_mode": args.seed_mode, "size": size, "eval_size": eval_size,
+              "guidance": args.guidance, "guidance_rescale": args.guidance_rescale,
+              "scheduler": args.scheduler or pipe.scheduler.__class__.__name__, "seed": args.seed, "seed_mode": args.seed_mode, "size": size, "eval_size": eval_size,
               "dtype": args.dtype or
               {v: k for k, v in DTYPES.items()}[dtype], **evaluation.parameter_counts(pipe),
               "generation": evaluation.generation_record(args.out, made, seconds, args.batch_size, world,
@@ -320,6 +324,7 @@ def dreambooth(args, rank: int, world: int) -> int:
 
         size = args.size or pipe.native_size
         scores |= {"model": args.model, "steps": args.steps, "guidance": args.guidance,
+                   "guidance_rescale": args.guidance_rescale,
                    "scheduler": args.scheduler or pipe.scheduler.__class__.__name__, "seed": args.seed,
                    "seed_mode": args.seed_mode, "size": size,
                    "dtype": args.dtype or {v: k for k, v in DTYPES.items()}[dtype],
@@ -329,6 +334,7 @@ def dreambooth(args, rank: int, world: int) -> int:
         try:
             made, seconds = dreambooth_eval.generate(
                 folder, rows, mine, sources, load, models, steps=args.steps, guidance=args.guidance,
+                guidance_rescale=args.guidance_rescale,
                 seed=args.seed, seed_mode=args.seed_mode, size=size, batch_size=args.batch_size,
                 scheduler=args.scheduler, progress=rank == 0 and not args.no_progress)
         except UsageError as e:

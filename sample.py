@@ -31,6 +31,7 @@ from minisd.cli import (
     check_image_path,
     finite_float,
     positive_int,
+    unit_float,
     write_error,
 )
 from minisd.clip import TEXT_ENCODERS
@@ -50,6 +51,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="classifier-free guidance scale; <= 1 turns it off (default 7.5; 1 with --scheduler "
                         "lcm on a U-Net without guidance embedding, e.g. with an LCM-LoRA). An LCM U-Net "
                         "with guidance distilled in takes it as an input and runs no CFG pass")
+    p.add_argument("--guidance-rescale", type=unit_float, default=0.0, metavar="PHI",
+                   help="scale each guided prediction back towards the conditional one's spread, by PHI in "
+                        "[0, 1] (Lin et al. 2023; 0.7 there): against over-exposed colours at high guidance, "
+                        "for zero terminal SNR models (default 0, plain CFG)")
     p.add_argument("--negative-prompt", default=None, help="what the image should not show (default: empty)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seed-mode", choices=["single", "per_image"], default="single",
@@ -157,7 +162,8 @@ def main(argv=None) -> int:
         images = pipe(args.prompt, steps=args.steps, guidance=args.guidance, seed=args.seed,
                       height=args.height, width=args.width, negative_prompt=args.negative_prompt,
                       num_images=args.num_images, scheduler=args.scheduler, seed_mode=args.seed_mode,
-                      init_image=init, strength=args.strength, progress=not args.no_progress)
+                      init_image=init, strength=args.strength, progress=not args.no_progress,
+                      guidance_rescale=args.guidance_rescale)
     except BAD_INPUT as e:
         print(f"sample.py: error: {e}", file=sys.stderr)
         return 2
@@ -178,7 +184,8 @@ def write_images(args, images, scheduler: str) -> None:
         seed = args.seed + i if args.seed_mode == "per_image" else args.seed
         settings = dict(prompt=args.prompt[i // args.num_images], negative_prompt=args.negative_prompt or "",
                         seed=seed, seed_mode=args.seed_mode, batch_index=i, steps=args.steps,
-                        guidance=args.guidance, scheduler=scheduler, model=args.model,
+                        guidance=args.guidance, guidance_rescale=args.guidance_rescale, scheduler=scheduler,
+                        model=args.model,
                         size=f"{image.width}x{image.height}", init_image=args.init_image or "",
                         strength=args.strength if args.init_image else "", vae=args.vae or "",
                         lora=", ".join(f"{p} ({s:g})" for p, s in zip(args.lora, args.lora_scale)))

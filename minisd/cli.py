@@ -82,6 +82,13 @@ def positive_float(text: str) -> float:
     return value
 
 
+def unit_float(text: str) -> float:
+    value = finite_float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a number in [0, 1]")
+    return value
+
+
 def check_device(name: str) -> torch.device:
     """`name` as a torch.device that exists on this machine."""
     try:

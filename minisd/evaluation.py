@@ -32,7 +32,7 @@ SCORE_FOLDER = "im256"  # what the scores read: the protocol scores the 256 px c
 def generate(pipe, rows: list[tuple[str, str]], indices: list[int], folders: dict[Path, int | None], *,
              steps: int, guidance: float, seed: int, seed_mode: str = "per_prompt", size: int | None = None,
              batch_size: int = 1, scheduler: str | None = None, resume: bool = True,
-             progress: bool = True) -> tuple[int, float]:
+             progress: bool = True, guidance_rescale: float = 0.0) -> tuple[int, float]:
     """Make the images of rows[i] for i in `indices`, each saved as folder/file_name in every folder of
     `folders`, resized there to the folder's size (None: as generated; the protocol's copies are squashed
     with PIL's default bicubic resize). Returns (number made, seconds).
@@ -55,7 +55,7 @@ def generate(pipe, rows: list[tuple[str, str]], indices: list[int], folders: dic
         for group in groups:
             images = pipe([rows[i][1] for i in group], steps=steps, guidance=guidance,
                           seed=generator or seed + group[0], seed_mode="per_image", height=size, width=size,
-                          scheduler=scheduler, progress=False)
+                          scheduler=scheduler, progress=False, guidance_rescale=guidance_rescale)
             for i, image in zip(group, images):
                 for folder, copy_size in folders.items():
                     path = folder / rows[i][0]

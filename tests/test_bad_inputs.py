@@ -35,6 +35,7 @@ SAMPLE = [
     ("guidance-inf", ["a", "--guidance", "inf"], 2, ["--guidance", "not a finite number"]),
     ("strength-nan", ["a", "--strength", "nan"], 2, ["--strength", "not a finite number"]),
     ("strength-above-1", ["a", "--strength", "1.5"], 2, ["--strength", "(0, 1]"]),
+    ("guidance-rescale-above-1", ["a", "--guidance-rescale", "1.5"], 2, ["--guidance-rescale", "in [0, 1]"]),
     ("steps-0", ["a", "--steps", "0"], 2, ["--steps", ">= 1"]),
     ("num-images-0", ["a", "--num-images", "0"], 2, ["--num-images", ">= 1"]),
     ("height-not-multiple-of-8", ["a", "--height", "30"], 2, ["--height", "multiple of 8"]),

@@ -144,6 +144,21 @@ def test_img2img_same_image(sd_v1):
     assert np.abs(ours - theirs).max() <= TOLERANCE
 
 
+def test_guidance_rescale_same_image(sd_v1):
+    """CFG rescale (Lin et al. 2023, sec. 3.4) as diffusers' guidance_rescale computes it, at a scale high
+    enough for the rescale to matter."""
+    ref, pipe, _ = sd_v1
+    ref.scheduler = DDIMScheduler.from_config(ref.scheduler.config)
+    kwargs = dict(steps=4, seed=6, height=64, width=64, guidance=12.0, scheduler="ddim", progress=False,
+                  output="np")
+    ours = pipe(PROMPT, guidance_rescale=0.7, **kwargs)
+    theirs = reference_images(ref, PROMPT, 4, 6, 64, guidance_scale=12.0, guidance_rescale=0.7)
+    assert np.abs(ours - theirs).max() <= TOLERANCE
+    assert np.abs(ours - pipe(PROMPT, **kwargs)).max() > 10 * TOLERANCE  # it changes the image
+    with pytest.raises(ValueError, match="guidance_rescale must be in"):
+        pipe(PROMPT, guidance_rescale=1.5)
+
+
 def test_bad_settings_are_refused(sd_v1):
     _, pipe, _ = sd_v1
     with pytest.raises(ValueError, match="multiples of 2"):
