@@ -68,7 +68,7 @@ def test_lcm_command(toy_data, tmp_path):
         assert any(k.startswith("unet.") and "lora" in k for k in f.keys())
     assert (out / "teacher-lcm" / "model_index.json").is_file()
     record = json.loads((out / "results.json").read_text())
-    assert record["rows"][1]["name"] == f"tiny {own}-25"
+    assert record["rows"][2]["name"] == f"tiny {own}-25"  # after the teacher's 25 and 2 steps
     assert set(record["seconds"]) == {"tiny", "tiny-lcm", "tiny-lcm-self", "tiny-lcm-lora", "teacher-lcm",
                                       "sampling and scoring", "all"}
     lines = (out / "results.md").read_text().splitlines()
