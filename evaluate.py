@@ -259,7 +259,8 @@ def main(argv=None) -> int:
 
     scores = {"model": str(args.model), "num_images": len(rows), "steps": args.steps,
               "guidance": args.guidance, "guidance_rescale": args.guidance_rescale,
-              "scheduler": args.scheduler or pipe.scheduler.__class__.__name__, "seed": args.seed, "seed_mode": args.seed_mode, "size": size, "eval_size": eval_size,
+              "scheduler": args.scheduler or pipe.scheduler.__class__.__name__, "seed": args.seed,
+              "seed_mode": args.seed_mode, "size": size, "eval_size": eval_size,
               "dtype": args.dtype or
               {v: k for k, v in DTYPES.items()}[dtype], **evaluation.parameter_counts(pipe),
               "generation": evaluation.generation_record(args.out, made, seconds, args.batch_size, world,

@@ -175,9 +175,7 @@ class Pipeline:
         height, width = height or self.native_size, width or self.native_size
         guidance = self.default_guidance(scheduler) if guidance is None else guidance
         check_settings(steps, height, width, self.vae_scale, strength, seed_mode,
-                       len(negatives) == len(prompts))
-        if not 0.0 <= guidance_rescale <= 1.0:
-            raise ValueError(f"guidance_rescale must be in [0, 1], not {guidance_rescale}")
+                       len(negatives) == len(prompts), guidance_rescale)
         sampler = self.scheduler if scheduler is None else make_sampler(scheduler, self.scheduler_config)
         sampler.set_timesteps(steps, device=self.device)
 
@@ -342,7 +340,7 @@ class Pipeline:
 
 
 def check_settings(steps: int, height: int, width: int, scale: int, strength: float, seed_mode: str,
-                   negatives_match: bool):
+                   negatives_match: bool, guidance_rescale: float = 0.0):
     """Refuse bad settings with a message that says what to change."""
     if steps < 1:
         raise ValueError(f"steps must be at least 1, not {steps}")
@@ -351,6 +349,8 @@ def check_settings(steps: int, height: int, width: int, scale: int, strength: fl
                          f"not {height}x{width}")
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"strength must be in (0, 1], not {strength}")
+    if not 0.0 <= guidance_rescale <= 1.0:
+        raise ValueError(f"guidance_rescale must be in [0, 1], not {guidance_rescale}")
     if seed_mode not in ("single", "per_image"):
         raise ValueError(f"seed_mode must be 'single' or 'per_image', not {seed_mode!r}")
     if not negatives_match:
