@@ -16,7 +16,8 @@ modules that import no torch: tokenizer.py, numpy_samplers.py and images.py.
 3. initial latents: Gaussian noise drawn from the seed as torch draws it on the CPU, as minisd and diffusers
    draw theirs (numpy_samplers.TorchCPURandom);
 4. the sampler loop (numpy_samplers: PNDM, DDIM, DPM-Solver++(2M), LCM) around unet.onnx, with CFG:
-   eps = eps_uncond + guidance (eps_cond - eps_uncond); an LCM U-Net with a guidance embedding takes
+   eps = eps_uncond + guidance (eps_cond - eps_uncond), optionally rescaled towards eps_cond's spread
+   (guidance_rescale, as pipeline.rescale_guidance); an LCM U-Net with a guidance embedding takes
    w = guidance - 1 as an input instead and runs one pass per step;
 5. latents -> images (vae_decoder.onnx, which divides by the VAE's scaling factor itself) -> PNG.
 With an init image, img2img (SDEdit): vae_encoder.onnx gives the image's latents, noised to the level
@@ -147,9 +148,10 @@ class OnnxPipeline:
                  height: int | None = None, width: int | None = None,
                  negative_prompt: str | list[str] | None = None, num_images: int = 1,
                  scheduler: str | None = None, init_image: Image.Image | None = None, strength: float = 0.8,
-                 output: str = "pil"):
+                 output: str = "pil", guidance_rescale: float = 0.0):
         """Images for the prompts, num_images each: PIL images, or (output="np") floats [N, H, W, 3] in
-        [0, 1]. All initial latents come from one generator seeded `seed`, as minisd's seed_mode "single"."""
+        [0, 1]. All initial latents come from one generator seeded `seed`, as minisd's seed_mode "single".
+        guidance_rescale: 0 (plain CFG) to 1, as Pipeline.__call__'s."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = (negative_prompt if isinstance(negative_prompt, list)
                      else [negative_prompt or ""] * len(prompts))
@@ -157,6 +159,8 @@ class OnnxPipeline:
             raise ValueError("give one negative prompt, or one per prompt")
         if steps < 1 or not 0.0 < strength <= 1.0:
             raise ValueError(f"steps must be at least 1 and strength in (0, 1], not {steps} and {strength}")
+        if not 0.0 <= guidance_rescale <= 1.0:
+            raise ValueError(f"guidance_rescale must be in [0, 1], not {guidance_rescale}")
         height, width = self.size(height, width)
         scheduler = scheduler or self.manifest["sampler"]
         if scheduler not in SAMPLERS:
@@ -189,9 +193,19 @@ class OnnxPipeline:
             if use_cfg:
                 out_uncond, out_cond = np.split(out, 2)
                 out = out_uncond + guidance * (out_cond - out_uncond)
+                if guidance_rescale > 0:
+                    out = rescale_guidance(out, out_cond, guidance_rescale)
             latents = sampler.step(out, i, latents, random)
         images = self.run("vae_decoder", latents=latents)["images"]
         return to_images(images, output)
+
+
+def rescale_guidance(guided: np.ndarray, cond: np.ndarray, phi: float) -> np.ndarray:
+    """pipeline.rescale_guidance in numpy (Lin et al. 2023, sec. 3.4): each image's guided prediction
+    [N, C, h, w] scaled to the spread of its conditional one, blended with it by phi."""
+    axes = tuple(range(1, guided.ndim))
+    rescaled = guided * (cond.std(axis=axes, ddof=1, keepdims=True) / guided.std(axis=axes, ddof=1, keepdims=True))
+    return phi * rescaled + (1 - phi) * guided
 
 
 def to_images(images: np.ndarray, output: str = "pil"):
@@ -210,6 +224,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale; <= 1 turns it off (default as sample.py)")
+    p.add_argument("--guidance-rescale", type=float, default=0.0, metavar="PHI",
+                   help="rescale each guided prediction towards the conditional one's spread, by PHI in [0, 1] "
+                        "(default 0, plain CFG; as sample.py's)")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--height", type=int, default=None,
@@ -227,6 +244,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be a whole number >= 1")
     if args.guidance is not None and not math.isfinite(args.guidance):
         p.error(f"--guidance must be a finite number, not {args.guidance}")
+    if not 0 <= args.guidance_rescale <= 1:  # also refuses nan
+        p.error(f"--guidance-rescale must be in [0, 1], not {args.guidance_rescale}")
     if not 0 < args.strength <= 1:  # also refuses nan
         p.error(f"--strength must be in (0, 1], not {args.strength}")
     if args.out.suffix.lower() not in IMAGE_SUFFIXES:
@@ -250,7 +269,8 @@ def main(argv=None) -> int:
         guidance = pipe.default_guidance(scheduler) if args.guidance is None else args.guidance
         images = pipe(args.prompt, steps=args.steps, guidance=guidance, seed=args.seed, height=args.height,
                       width=args.width, negative_prompt=args.negative_prompt, num_images=args.num_images,
-                      scheduler=scheduler, init_image=init, strength=args.strength)
+                      scheduler=scheduler, init_image=init, strength=args.strength,
+                      guidance_rescale=args.guidance_rescale)
     except (ValueError, FileNotFoundError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
@@ -258,7 +278,8 @@ def main(argv=None) -> int:
         args.out.with_name(f"{args.out.stem}-{i:02d}{args.out.suffix}") for i in range(len(images))]
     for i, (image, path) in enumerate(zip(images, paths)):
         settings = dict(prompt=args.prompt[i // args.num_images], negative_prompt=args.negative_prompt or "",
-                        seed=args.seed, steps=args.steps, guidance=guidance, scheduler=scheduler,
+                        seed=args.seed, steps=args.steps, guidance=guidance,
+                        guidance_rescale=args.guidance_rescale, scheduler=scheduler,
                         model=str(args.folder), runner="onnxruntime")
         save_with_settings(image, path, {key: str(value) for key, value in settings.items()})
         print(path)

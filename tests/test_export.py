@@ -226,6 +226,17 @@ def test_runner_zero_terminal_snr_same_image_as_minisd(toy_zero_snr, scheduler, 
     assert np.abs(ours - theirs).max() <= IMAGE_TOLERANCE
 
 
+def test_runner_guidance_rescale_same_image_as_minisd(toy_zero_snr):
+    """CFG rescale (--guidance-rescale) at a guidance high enough for it to change the image."""
+    pipe, out = toy_zero_snr
+    kwargs = dict(steps=10, guidance=12.0, seed=7, num_images=2)
+    runner = OnnxPipeline(out, threads=1)
+    ours = runner(PROMPTS, output="np", guidance_rescale=0.7, **kwargs)
+    assert np.abs(ours - pipe(PROMPTS, progress=False, output="np", guidance_rescale=0.7, **kwargs)).max() \
+        <= IMAGE_TOLERANCE
+    assert np.abs(ours - runner(PROMPTS, output="np", **kwargs)).max() > 10 * IMAGE_TOLERANCE
+
+
 def test_runner_img2img_same_image_as_minisd(toy):
     pipe, out = toy
     init = Image.fromarray((np.random.default_rng(0).random((48, 40, 3)) * 255).astype(np.uint8))
@@ -288,7 +299,8 @@ def test_runner_errors_are_one_line(toy, tmp_path, capsys):
         assert err.startswith("python -m minisd.onnx_runner: error: ") and words in err
         assert "Traceback" not in err and len(err.splitlines()) == 1
     for flags, words in ((["--guidance", "nan"], "--guidance must be"), (["--strength", "nan"], "--strength"),
-                         (["--strength", "0"], "(0, 1]"), (["--threads", "0"], "--threads")):
+                         (["--strength", "0"], "(0, 1]"), (["--threads", "0"], "--threads"),
+                         (["--guidance-rescale", "1.5"], "--guidance-rescale must be")):
         with pytest.raises(SystemExit) as stop:
             runner_main([str(out), "a", *flags])
         err = capsys.readouterr().err
